@@ -1,0 +1,24 @@
+"""effllm: train language models with DeepSeek's efficiency techniques.
+
+The promised API is re-exported here; everything else is reachable by module but may change.
+Importing effllm does no work: no CUDA calls, no compiler flags, no global state.
+"""
+
+from effllm.errors import CheckpointError, ConfigError, DataError, EffllmError, TrainingDiverged
+from effllm.model import ModelConfig, Transformer
+from effllm.train import OptimConfig, TrainConfig, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Transformer",
+    "ModelConfig",
+    "TrainConfig",
+    "OptimConfig",
+    "train",
+    "EffllmError",
+    "ConfigError",
+    "DataError",
+    "CheckpointError",
+    "TrainingDiverged",
+]

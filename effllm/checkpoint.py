@@ -1,0 +1,178 @@
+"""Checkpoints: model weights in safetensors, optimizer and RNG state, a JSON train state.
+
+Layout of a run directory:
+
+    checkpoints/step_00000500/  model.safetensors, optimizer.pt, rng.pt, state.json
+    checkpoints/latest          name of the newest complete checkpoint
+
+A checkpoint is written into a hidden temporary directory, every file flushed to disk, its
+sha256 recorded in state.json (written last), and only then renamed into place; `latest` is
+replaced by an atomic rename after that. A process killed at any moment therefore leaves the
+previous checkpoint and pointer intact. Loading verifies every file's sha256, so a truncated or
+corrupted file is reported as such instead of loading garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from effllm.data import sha256_file
+from effllm.errors import CheckpointError
+
+STATE_FORMAT = "effllm-checkpoint/1"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    extra_files: dict[str, Path] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep` checkpoints."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, tmp / name)
+    files = sorted(p.name for p in tmp.iterdir())
+    for name in files:
+        with open(tmp / name, "rb+") as fh:
+            os.fsync(fh.fileno())
+    state = {"format": STATE_FORMAT, "step": step, **state, "files": {n: sha256_file(tmp / n) for n in files}}
+    _write_file(tmp / "state.json", (json.dumps(state, indent=1) + "\n").encode())
+    _fsync_dir(tmp)
+
+    if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old
+        old = root / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    pointer_tmp = root / ".latest.tmp"
+    _write_file(pointer_tmp, (final.name + "\n").encode())
+    os.replace(pointer_tmp, root / "latest")
+    _fsync_dir(root)
+
+    complete = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+    for stale in complete[: max(0, len(complete) - keep)]:
+        if stale != final:
+            shutil.rmtree(stale)
+    return final
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root` (via `latest`, else the highest step), or None."""
+    root = Path(root)
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / "state.json").is_file():
+            return candidate
+    complete = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a step directory, a checkpoints/ root, or a run directory."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise CheckpointError(f"no checkpoint found at {path}: pass a run directory, its checkpoints/ "
+                          "folder, or one step_* folder inside it")
+
+
+def read_state(ckpt: Path) -> dict:
+    """The JSON train state of checkpoint `ckpt`, with every file's sha256 verified."""
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt / 'state.json'} is unreadable or corrupt ({e}): "
+                              "resume from an earlier checkpoint or start a new run") from None
+    if state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{ckpt} is not an effllm checkpoint of format {STATE_FORMAT}")
+    for name, digest in state["files"].items():
+        path = ckpt / name
+        if not path.is_file() or sha256_file(path) != digest:
+            raise CheckpointError(
+                f"checkpoint file {path} is missing, truncated or corrupt (its sha256 does not match "
+                "state.json): delete this checkpoint directory to fall back to an earlier one, or start a new run"
+            )
+    return state
+
+
+def check_model_config(ckpt: Path, state: dict, model_config: dict) -> None:
+    """Fail, naming the differing fields, if `ckpt` was written for another model config."""
+    saved = state["config"]["model"]
+    diff = {k: (saved.get(k), model_config.get(k)) for k in saved.keys() | model_config.keys()
+            if saved.get(k) != model_config.get(k)}
+    if diff:
+        listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise CheckpointError(f"checkpoint {ckpt} was written for a different model config ({listing}): "
+                              "use the same model settings as that run, or a new out_dir")
+
+
+def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
+    """Load the weights of a verified checkpoint into `model` (strict: every tensor must match)."""
+    try:
+        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"cannot load {ckpt / 'model.safetensors'} ({e}): "
+                              "the checkpoint is damaged or written for another model") from None
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt / 'model.safetensors'} does not match the model "
+                              f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
+
+
+def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Restore optimizer state and RNG states from a verified checkpoint."""
+    device = next(iter(optimizer.param_groups[0]["params"])).device
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

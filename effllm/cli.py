@@ -1,0 +1,161 @@
+"""The `effllm` command: prepare | train | generate | recipes.
+
+Each subcommand parses its own dataclass with tyro, so `effllm <subcommand> --help` lists every
+field with the comment written beside it. `effllm train <recipe>` starts from the recipe's
+TrainConfig and lets any field be overridden: `effllm train dense_tiny --optim.lr 1e-3`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from effllm.errors import ConfigError, EffllmError
+
+USAGE = """usage: effllm <command> [options]
+
+commands:
+  prepare    tokenize the embedded corpus (Python's standard library) or your own text/jsonl
+  train      train a recipe:  effllm train <recipe> [--field value ...]
+  generate   sample from a checkpoint:  effllm generate --checkpoint DIR --prompt "..."
+  recipes    list the recipes
+
+`effllm <command> --help` lists every option.
+"""
+
+
+@dataclass
+class GenerateConfig:
+    """Options of `effllm generate`."""
+
+    checkpoint: str  # a run directory, its checkpoints/ folder, or one step_* folder
+    prompt: str = ""  # text to continue (empty = start from an end-of-text token)
+    max_new_tokens: int = 200  # tokens to sample
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int | None = 50  # sample among the k most likely tokens; None = all
+    seed: int = 0  # seeds the sampler
+    device: str = "auto"  # auto = cuda if available, else cpu
+
+
+def recipe_names() -> list[str]:
+    import effllm.recipes
+
+    return sorted(m.name for m in pkgutil.iter_modules(effllm.recipes.__path__) if not m.name.startswith("_"))
+
+
+def load_recipe(name: str):
+    """The TrainConfig of recipe `name` (a module of effllm.recipes, or a path to a .py file)."""
+    if name.endswith(".py"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {name} does not exist")
+        spec = importlib.util.spec_from_file_location(f"effllm_recipe_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    elif name in recipe_names():
+        module = importlib.import_module(f"effllm.recipes.{name}")
+    else:
+        raise ConfigError(f"unknown recipe {name!r}: choose one of {', '.join(recipe_names())}, "
+                          "or pass a path to a .py file defining config()")
+    if not hasattr(module, "config"):
+        raise ConfigError(f"recipe {name} defines no config() function returning a TrainConfig")
+    return module.config()
+
+
+def run_recipe(default, args: list[str], prog: str) -> dict:
+    """Parse overrides of the TrainConfig `default` from `args` and train."""
+    import tyro
+
+    from effllm.train import TrainConfig, train
+
+    cfg = tyro.cli(TrainConfig, default=default, args=args, prog=prog,
+                   description="Train a model. Every field below can be overridden on the command line.")
+    return train(cfg)
+
+
+def cmd_prepare(args: list[str]) -> None:
+    import tyro
+
+    from effllm.data import PrepareConfig, prepare
+
+    cfg = tyro.cli(PrepareConfig, args=args, prog="effllm prepare",
+                   description="Tokenize text into train/val shards with a manifest of sources and licences.")
+    out = prepare(cfg)
+    import json
+
+    totals = json.loads((out / "manifest.json").read_text())["totals"]
+    print(f"prepared {out}: {totals['files']} files, {totals['train_tokens']:,} train and "
+          f"{totals['val_tokens']:,} val tokens; unigram val loss {totals['unigram_val_loss']:.3f}")
+
+
+def cmd_train(args: list[str]) -> None:
+    if not args or args[0].startswith("-"):
+        if args and args[0] in ("-h", "--help"):
+            print("usage: effllm train <recipe> [--field value ...]\n\nrecipes: " + ", ".join(recipe_names())
+                  + "\n\n`effllm train <recipe> --help` lists every field and the recipe's values.")
+            return
+        raise ConfigError("name a recipe: effllm train <recipe>; recipes: " + ", ".join(recipe_names()))
+    run_recipe(load_recipe(args[0]), args[1:], prog=f"effllm train {args[0]}")
+
+
+def cmd_generate(args: list[str]) -> None:
+    import tyro
+
+    cfg = tyro.cli(GenerateConfig, args=args, prog="effllm generate",
+                   description="Sample text from a trained checkpoint.")
+    print(generate_text(cfg))
+
+
+def generate_text(cfg: GenerateConfig) -> str:
+    """Load the checkpoint `cfg.checkpoint` and continue `cfg.prompt`."""
+    import torch
+
+    from effllm import checkpoint as ckpt_io
+    from effllm.data import load_tokenizer
+    from effllm.model import ModelConfig, Transformer
+    from effllm.train import resolve_device
+
+    ckpt = ckpt_io.resolve_checkpoint(cfg.checkpoint)
+    state = ckpt_io.read_state(ckpt)
+    device = resolve_device(cfg.device)
+    model = Transformer(ModelConfig(**state["config"]["model"])).to(device)
+    ckpt_io.load_weights(ckpt, model)
+    model.eval()
+    tokenizer = load_tokenizer(ckpt, state["tokenizer"])
+    ids = tokenizer.encode(cfg.prompt) or [tokenizer.eot_id]
+    budget = model.cfg.max_seq_len - len(ids)
+    if budget <= 0:
+        raise ConfigError(f"the prompt is {len(ids)} tokens, the model's limit is {model.cfg.max_seq_len}: shorten it")
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    prompt = torch.tensor([ids], device=device)
+    out = model.generate(prompt, min(cfg.max_new_tokens, budget), cfg.temperature, cfg.top_k, generator=gen)
+    return tokenizer.decode(out[0].tolist())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate,
+                "recipes": lambda a: print("\n".join(recipe_names()))}
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] not in commands:
+        print(f"effllm: unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        commands[argv[0]](argv[1:])
+    except EffllmError as e:
+        print(f"effllm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("effllm: interrupted; the last checkpoint written is intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""Data: text sources -> tokenizer -> train/val token shards + manifest; a resumable batch loader.
+
+`prepare()` reads the embedded default corpus (the Python standard library's own .py files, PSF
+licence) or a user's text / jsonl files and folders, tokenizes them (bytes, or a BPE trained here
+with the `tokenizers` package), and writes into one directory:
+
+    train.bin, val.bin   flat token ids (uint16 when the vocabulary fits, else uint32), one
+                         end-of-text token after each document
+    manifest.json        every source file (path, sha256, bytes, tokens, split, licence), the
+                         tokenizer, the split rule and the totals
+    tokenizer.json       the trained BPE (BPE only)
+
+The output is a pure function of the input files and options: re-running gives byte-identical
+files. `TokenDataset` opens such a directory; `TokenDataset.train_batch` is deterministic in
+(seed, step, rank, micro-step), so a resumed run sees exactly the batches of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+
+from effllm.errors import DataError
+
+MANIFEST_FORMAT = "effllm-tokens/1"
+EOT_TEXT = "<|endoftext|>"
+# Directories of the standard library that hold tests, or third-party packages with licences of
+# their own (site-packages sits inside the stdlib directory of many installs).
+STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+STDLIB_LICENSE = "PSF-2.0"
+DEFAULT_EXTENSIONS = (".txt", ".md", ".jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256; byte 0 (NUL) marks the end of a document.
+
+    NUL characters are removed from the text before encoding, so id 0 only ever means
+    end-of-text; decoding replaces invalid UTF-8 (a sample cut mid-character) with U+FFFD.
+    """
+
+    kind = "byte"
+    vocab_size = 256
+    eot_id = 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.replace("\x00", "").encode("utf-8"))
+
+    def encode_array(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.replace("\x00", "").encode("utf-8"), dtype=np.uint8) for t in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
+
+    def save(self, directory: Path) -> None:
+        """The byte tokenizer has no file: its spec in the manifest is all it needs."""
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2 style pre-tokenization) from the `tokenizers` package.
+
+    `<|endoftext|>` is id 0 and marks the end of a document.
+    """
+
+    kind = "bpe"
+    eot_id = 0
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Iterator[str], vocab_size: int) -> "BPETokenizer":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT_TEXT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: Path) -> "BPETokenizer":
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def encode_array(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int64) for e in self._tok.encode_batch(texts)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode([i for i in ids if i != self.eot_id])
+
+    def save(self, directory: Path) -> None:
+        self._tok.save(str(directory / "tokenizer.json"))
+
+
+def load_tokenizer(directory: str | Path, spec: dict):
+    """The tokenizer a manifest (or checkpoint) `spec` describes, reading its file from `directory`."""
+    if spec["kind"] == "byte":
+        return ByteTokenizer()
+    if spec["kind"] == "bpe":
+        path = Path(directory) / spec["file"]
+        if not path.is_file():
+            raise DataError(f"tokenizer file {path} is missing: re-run `effllm prepare` for this data")
+        return BPETokenizer.load(path)
+    raise DataError(f"unknown tokenizer kind {spec['kind']!r} in {directory}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class PrepareConfig:
+    """Options of `effllm prepare`."""
+
+    sources: tuple[str, ...] = ()  # text/jsonl files or folders; empty = the embedded stdlib corpus
+    out: str = "data/stdlib"  # output directory
+    license: str | None = None  # licence of your sources (SPDX id or words); required with sources
+    tokenizer: Literal["byte", "bpe"] = "byte"  # byte-level (vocab 256) or a BPE trained on the train split
+    vocab_size: int = 4096  # BPE vocabulary size (ignored for byte)
+    val_fraction: float = 0.02  # share of documents held out for validation
+    text_field: str = "text"  # the field of each jsonl record that holds its text
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS  # which files of a folder are read
+    overwrite: bool = False  # replace an existing prepared directory
+
+
+@dataclass
+class SourceFile:
+    source: int  # index into the manifest's sources
+    path: Path  # absolute path
+    rel: str  # path relative to its source root, as the manifest records it
+    jsonl: bool = False
+
+
+@dataclass
+class Source:
+    kind: str  # "stdlib" or "files"
+    root: Path
+    license: str
+    files: list[SourceFile] = field(default_factory=list)
+
+
+def stdlib_source() -> Source:
+    """The standard library's .py files of the running Python, tests and site-packages excluded."""
+    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    src = Source("stdlib", root, STDLIB_LICENSE)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
+        for name in sorted(filenames):
+            if name.endswith(".py") and not name.startswith("test_"):
+                path = Path(dirpath) / name
+                src.files.append(SourceFile(0, path, path.relative_to(root).as_posix()))
+    src.files.sort(key=lambda f: f.rel)
+    return src
+
+
+def user_sources(cfg: PrepareConfig) -> list[Source]:
+    """The files named by `cfg.sources` (folders read recursively, filtered by extension)."""
+    if not cfg.license:
+        raise DataError(
+            "your sources need a licence in the manifest: pass --license with an SPDX id or words "
+            "(e.g. --license CC-BY-4.0, or --license 'unknown, private use only')"
+        )
+    sources = []
+    for i, name in enumerate(cfg.sources):
+        path = Path(name).resolve()
+        if path.is_file():
+            src = Source("files", path.parent, cfg.license)
+            src.files.append(SourceFile(i, path, path.name, path.suffix == ".jsonl"))
+        elif path.is_dir():
+            src = Source("files", path, cfg.license)
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames.sort()
+                for fname in sorted(filenames):
+                    if Path(fname).suffix in cfg.extensions:
+                        p = Path(dirpath) / fname
+                        src.files.append(SourceFile(i, p, p.relative_to(path).as_posix(), p.suffix == ".jsonl"))
+            src.files.sort(key=lambda f: f.rel)
+            if not src.files:
+                raise DataError(f"folder {path} holds no files ending in {', '.join(cfg.extensions)}: "
+                                "point at other files or pass --extensions")
+        else:
+            raise DataError(f"source {name} does not exist: pass existing files or folders")
+        sources.append(src)
+    return sources
+
+
+def read_documents(f: SourceFile, raw: bytes, text_field: str) -> list[tuple[str, str]]:
+    """(document id, text) pairs of one file: the whole file, or one per jsonl record."""
+    text = raw.decode("utf-8")
+    if not f.jsonl:
+        return [(f.rel, text)]
+    docs = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{f.path}:{n} is not valid JSON ({e.msg}): fix or remove the line") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise DataError(f"{f.path}:{n} has no string field {text_field!r}: pass --text-field NAME")
+        docs.append((f"{f.rel}:{n}", record[text_field]))
+    return docs
+
+
+def split_of(doc_id: str, val_fraction: float) -> str:
+    """'val' for a stable val_fraction share of document ids, chosen by hash, else 'train'."""
+    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
+    return "val" if h < val_fraction * 2**64 else "train"
+
+
+SPLIT_RULE = "a document is in val when the first 8 bytes of sha256(document id), big-endian, are < val_fraction * 2**64"
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare
+
+
+def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
+    """Tokenize the sources of `cfg` into `cfg.out`; returns the output directory."""
+    if not 0 < cfg.val_fraction < 1:
+        raise DataError(f"val_fraction must lie in (0, 1), got {cfg.val_fraction}")
+    if cfg.tokenizer == "bpe" and not 256 < cfg.vocab_size < 2**31:
+        raise DataError(f"BPE vocab_size must exceed the 256 byte symbols, got {cfg.vocab_size}")
+    out = Path(cfg.out)
+    if (out / "manifest.json").exists() and not cfg.overwrite:
+        raise DataError(f"{out} already holds prepared data: pass --overwrite to replace it, or another --out")
+    sources = user_sources(cfg) if cfg.sources else [stdlib_source()]
+    files = [f for s in sources for f in s.files]
+    if not files:
+        raise DataError("no source files found")
+
+    from tqdm import tqdm
+
+    # Read every file once: sha256 over its bytes, documents split by id.
+    entries, docs = [], {"train": [], "val": []}
+    skipped = []
+    for f in tqdm(files, desc="reading", unit="file", disable=not progress or None):
+        raw = f.path.read_bytes()
+        try:
+            file_docs = read_documents(f, raw, cfg.text_field)
+        except UnicodeDecodeError as e:
+            skipped.append({"source": f.source, "path": f.rel, "reason": f"not UTF-8 ({e.reason} at byte {e.start})"})
+            continue
+        entry = {"source": f.source, "path": f.rel, "sha256": hashlib.sha256(raw).hexdigest(),
+                 "bytes": len(raw), "documents": len(file_docs), "tokens": {"train": 0, "val": 0}}
+        entries.append(entry)
+        for doc_id, text in file_docs:
+            docs[split_of(doc_id, cfg.val_fraction)].append((len(entries) - 1, text))
+    for split in ("train", "val"):
+        if not docs[split]:
+            raise DataError(f"the {split} split is empty ({sum(map(len, docs.values()))} documents): "
+                            "add documents or change --val-fraction")
+
+    if cfg.tokenizer == "byte":
+        tokenizer = ByteTokenizer()
+    else:
+        tokenizer = BPETokenizer.train((text for _, text in docs["train"]), cfg.vocab_size)
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    totals = {}
+    eot = np.array([tokenizer.eot_id], dtype=dtype)
+    for split in ("train", "val"):
+        n = 0
+        with open(tmp / f"{split}.bin", "wb") as fh:
+            chunk = 256
+            items = docs[split]
+            for start in tqdm(range(0, len(items), chunk), desc=f"tokenizing {split}", unit="chunk",
+                              disable=not progress or None):
+                batch = items[start : start + chunk]
+                for (idx, _), ids in zip(batch, tokenizer.encode_array([t for _, t in batch])):
+                    ids = np.concatenate((ids.astype(dtype), eot))
+                    fh.write(ids.tobytes())
+                    entries[idx]["tokens"][split] += len(ids)
+                    n += len(ids)
+                    if split == "train":
+                        counts += np.bincount(ids, minlength=tokenizer.vocab_size)
+        totals[f"{split}_tokens"] = n
+    tokenizer.save(tmp)
+
+    # Cross-entropy of the val split under the train split's unigram distribution (add-one
+    # smoothed): the loss a model gets from token frequencies alone, the bar training must clear.
+    val = np.fromfile(tmp / "val.bin", dtype=dtype)
+    logp = np.log((counts + 1) / (counts.sum() + len(counts)))
+    unigram = float(-np.mean(logp[val]))
+
+    tok_spec = {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}
+    if tokenizer.kind == "bpe":
+        tok_spec |= {"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "sources": [
+            {"kind": s.kind, "root": str(s.root), "license": s.license}
+            | ({"python": sys.version.split()[0], "note": "Python standard library source, tests excluded"}
+               if s.kind == "stdlib" else {})
+            for s in sources
+        ],
+        "tokenizer": tok_spec,
+        "dtype": np.dtype(dtype).name,
+        "split": {"rule": SPLIT_RULE, "val_fraction": cfg.val_fraction, "document_id": "path relative to "
+                  "its source root, plus ':line' for a jsonl record"},
+        "totals": {"files": len(entries), "documents": sum(map(len, docs.values())),
+                   "bytes": sum(e["bytes"] for e in entries), **totals,
+                   "unigram_val_loss": round(unigram, 6)},
+        "files": entries,
+        "skipped": skipped,
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    replace_dir(tmp, out)
+    return out
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put directory `new` at `target`, replacing what was there only once `new` is complete."""
+    if target.exists():
+        old = target.with_name(target.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, target)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class TokenDataset:
+    """A prepared directory: manifest, tokenizer, and memory-mapped train / val tokens."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        manifest = self.dir / "manifest.json"
+        if not self.dir.is_dir():
+            raise DataError(f"data directory {self.dir} does not exist: run `effllm prepare --out {self.dir}` first")
+        if not manifest.is_file():
+            raise DataError(f"data directory {self.dir} holds no manifest.json: "
+                            f"run `effllm prepare --out {self.dir}` to prepare it")
+        self.manifest = json.loads(manifest.read_text())
+        if self.manifest.get("format") != MANIFEST_FORMAT:
+            raise DataError(f"{manifest} is not an effllm manifest of format {MANIFEST_FORMAT}: re-run `effllm prepare`")
+        self.manifest_sha256 = sha256_file(manifest)
+        self.tokenizer = load_tokenizer(self.dir, self.manifest["tokenizer"])
+        dtype = np.dtype(self.manifest["dtype"])
+        self.splits = {}
+        for split in ("train", "val"):
+            path = self.dir / f"{split}.bin"
+            expected = self.manifest["totals"][f"{split}_tokens"]
+            if not path.is_file() or path.stat().st_size != expected * dtype.itemsize:
+                raise DataError(f"{path} is missing or not the size the manifest states "
+                                f"({expected} tokens): re-run `effllm prepare --overwrite`")
+            if expected == 0:
+                raise DataError(f"the {split} split of {self.dir} is empty: prepare more data")
+            self.splits[split] = np.memmap(path, dtype=dtype, mode="r")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Fail early when a split is too short for one window of seq_len + 1 tokens."""
+        for split, data in self.splits.items():
+            if len(data) < seq_len + 1:
+                raise DataError(f"the {split} split has {len(data)} tokens, fewer than seq_len + 1 = "
+                                f"{seq_len + 1}: lower seq_len or prepare more data")
+
+    def train_batch(self, batch_size: int, seq_len: int, seed: int, step: int, rank: int = 0,
+                    micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input, target) windows, each (batch_size, seq_len) int64, at random offsets drawn from
+        a generator seeded by (seed, step, rank, micro) alone: the same call always gives the
+        same batch, whatever ran before it."""
+        data = self.splits["train"]
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, step, rank, micro])))
+        offsets = rng.integers(0, len(data) - seq_len, size=batch_size)
+        return windows(data, offsets, seq_len)
+
+    def val_batches(self, batch_size: int, seq_len: int, max_tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive non-overlapping windows from the start of the val split, up to `max_tokens`
+        input tokens: the same windows at every evaluation."""
+        data = self.splits["val"]
+        n_windows = min((len(data) - 1) // seq_len, max(1, max_tokens // seq_len))
+        for start in range(0, n_windows, batch_size):
+            offsets = np.arange(start, min(start + batch_size, n_windows)) * seq_len
+            yield windows(data, offsets, seq_len)
+
+
+def windows(data: np.ndarray, offsets: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = np.stack([np.asarray(data[o : o + seq_len + 1], dtype=np.int64) for o in offsets])
+    t = torch.from_numpy(rows)
+    return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+

@@ -1,0 +1,24 @@
+"""The errors effllm raises for bad input: each names the problem and the fix.
+
+The CLI prints them as one line, without a traceback; library users can catch `EffllmError`.
+"""
+
+
+class EffllmError(Exception):
+    """Base class of effllm's user-facing errors."""
+
+
+class ConfigError(EffllmError, ValueError):
+    """A configuration that cannot work (raised before any allocation)."""
+
+
+class DataError(EffllmError):
+    """Prepared data that is missing, empty, corrupt or inconsistent."""
+
+
+class CheckpointError(EffllmError):
+    """A checkpoint that is missing, corrupt, truncated or written for another model."""
+
+
+class TrainingDiverged(EffllmError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

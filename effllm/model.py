@@ -1,0 +1,218 @@
+"""The Transformer: token embedding, blocks of (attention, feed-forward), final norm, output head.
+
+The model only assembles layers chosen by `ModelConfig`; the layers live in their own files.
+Shape letters: B batch, T sequence, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effllm.attention import Attention, RotaryEmbedding
+from effllm.errors import ConfigError
+from effllm.layers import RMSNorm, SwiGLU
+
+
+@dataclass
+class ModelConfig:
+    """Shape and layer choice of a `Transformer`. Checked on construction."""
+
+    vocab_size: int = 256  # token ids lie in [0, vocab_size); at least the tokenizer's vocabulary
+    dim: int = 256  # width D of the residual stream
+    n_layers: int = 4  # number of transformer blocks
+    n_heads: int = 4  # query heads; dim must be a multiple of n_heads
+    n_kv_heads: int | None = None  # key/value heads; None = n_heads (MHA), fewer = GQA
+    ffn_hidden_dim: int | None = None  # SwiGLU hidden width; None = 8/3·dim rounded up to ffn_multiple_of
+    ffn_multiple_of: int = 64  # rounding of the default SwiGLU width (keeps GEMMs aligned)
+    max_seq_len: int = 512  # longest sequence: RoPE tables and generation caches are this long
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = True  # share the token embedding with the output head
+    attention: Literal["mha"] = "mha"  # attention kind: "mha" (MHA/GQA with RoPE)
+    ffn: Literal["dense"] = "dense"  # feed-forward kind: "dense" (SwiGLU)
+    init_std: float = 0.02  # std of the normal init; residual projections get init_std/sqrt(2·n_layers)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_multiple_of"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ConfigError(
+                f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: "
+                "pick n_heads that divides dim (head size = dim / n_heads)"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head size dim/n_heads = {self.head_dim} is odd; RoPE needs an even head size")
+        kv = self.kv_heads
+        if kv <= 0 or self.n_heads % kv:
+            raise ConfigError(
+                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={kv}: "
+                "pick n_kv_heads that divides n_heads (n_kv_heads = n_heads is plain MHA)"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        m = self.ffn_multiple_of
+        return m * math.ceil(8 * self.dim / 3 / m)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_attention(cfg: ModelConfig, layer: int) -> nn.Module:
+    """The attention module of block `layer`, of the kind `cfg.attention` names."""
+    if cfg.attention == "mha":
+        return Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim)
+    raise ConfigError(f"unknown attention kind {cfg.attention!r}; choose one of: 'mha'")
+
+
+def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
+    """The feed-forward module of block `layer`, of the kind `cfg.ffn` names."""
+    if cfg.ffn == "dense":
+        return SwiGLU(cfg.dim, cfg.hidden_dim)
+    raise ConfigError(f"unknown ffn kind {cfg.ffn!r}; choose one of: 'dense'")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = build_attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = build_ffn(cfg, layer)
+
+    def forward(self, x: torch.Tensor, rope, cache=None, pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache, pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """A decoder-only language model assembled from `ModelConfig`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for linears and embeddings; residual projections are scaled by
+        1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth (GPT-2)."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for module in self.modules():
+            for proj in getattr(module, "residual_projections", list)():
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (B, T) int64
+        targets: torch.Tensor | None = None,  # (B, T) int64; -1 = ignore
+        caches: list | None = None,  # one per block, from new_caches()
+        pos: int = 0,  # position of tokens[:, 0] (decoding with caches)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) and, when targets are given, their mean cross-entropy."""
+        B, T = tokens.shape
+        if pos + T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence reaches position {pos + T - 1} but model.max_seq_len={self.cfg.max_seq_len}: "
+                "shorten the input or build the model with a larger max_seq_len"
+            )
+        rope = self.rope(pos, T)
+        x = self.tok_emb(tokens)  # (B, T, D)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if caches is None else caches[i], pos)
+        logits = self.head(self.norm(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    def new_caches(self, batch: int, max_len: int | None = None) -> list:
+        """One empty decoding cache per block, each as its attention kind defines it."""
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        return [block.attn.new_cache(batch, max_len) for block in self.blocks]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokens: torch.Tensor,  # (B, T0) prompt
+        max_new_tokens: int,
+        temperature: float = 1.0,  # 0 = greedy
+        top_k: int | None = None,  # sample from the k most likely tokens only
+        use_cache: bool = True,  # False recomputes the whole sequence each step (the reference)
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend `tokens` by `max_new_tokens` sampled tokens; returns (B, T0 + max_new_tokens)."""
+        total = tokens.shape[1] + max_new_tokens
+        if total > self.cfg.max_seq_len:
+            raise ValueError(
+                f"prompt ({tokens.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                f"model.max_seq_len={self.cfg.max_seq_len}: shorten the prompt or ask for fewer tokens"
+            )
+        caches = self.new_caches(tokens.shape[0], total) if use_cache else None
+        out, pos, step_in = tokens, 0, tokens
+        for _ in range(max_new_tokens):
+            logits, _ = self(step_in, caches=caches, pos=pos)
+            nxt = sample_next(logits[:, -1, :].float(), temperature, top_k, generator)  # (B, 1)
+            out = torch.cat((out, nxt), dim=1)
+            if use_cache:
+                pos, step_in = pos + step_in.shape[1], nxt
+            else:
+                step_in = out
+        return out
+
+    def param_counts(self) -> dict[str, int]:
+        """Total and active parameters (shared tensors counted once).
+
+        Active = total minus what a token never touches: layers report that through an
+        `inactive_param_count()` method (a mixture-of-experts layer's unchosen experts).
+        """
+        total = sum(p.numel() for p in self.parameters())
+        inactive = sum(m.inactive_param_count() for m in self.modules() if hasattr(m, "inactive_param_count"))
+        embedding = self.tok_emb.weight.numel()
+        return {"total": total, "active": total - inactive, "embedding": embedding}
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token (B, 1) from last-position logits (B, V): argmax at temperature 0, else sampled."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)

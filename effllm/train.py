@@ -1,0 +1,296 @@
+"""TrainConfig and the training loop: the one place that knows about steps.
+
+One optimizer step = `grad_accum` micro-batches of `batch_size` sequences of `seq_len` tokens.
+Batches come from `TokenDataset.train_batch(seed, step, rank, micro)`, so the data a step sees
+depends on nothing but its number: with the model, optimizer and RNG states restored from a
+checkpoint, a resumed run repeats the uninterrupted run's losses exactly (on CPU, bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from effllm import checkpoint as ckpt_io
+from effllm.data import TokenDataset
+from effllm.errors import CheckpointError, ConfigError, TrainingDiverged
+from effllm.flops import device_name, mfu, peak_bf16_flops, train_flops_per_token
+from effllm.model import ModelConfig, Transformer
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    schedule: Literal["cosine", "wsd"] = "cosine"  # warmup+cosine, or warmup-stable-decay
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    decay_fraction: float = 0.2  # wsd only: share of max_steps spent in the final linear decay
+    weight_decay: float = 0.1  # decoupled weight decay on matrices and embeddings (not norms)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global grad norm to this; 0 = no clipping
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; recipes are instances of it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)  # the model to train
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
+    data_dir: str = "data/stdlib"  # a directory written by `effllm prepare`
+    out_dir: str = "runs/default"  # metrics.jsonl, summary.json and checkpoints/ go here
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 256  # tokens per sequence (at most model.max_seq_len)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000  # optimizer steps of the whole run
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"  # auto = cuda if available, else cpu
+    compile: bool = False  # wrap the model in torch.compile
+    seed: int = 1337  # seeds the init and the data order
+    log_interval: int = 10  # steps between metrics lines
+    eval_interval: int = 200  # steps between validation losses (and at the end)
+    eval_tokens: int = 65536  # validation tokens per evaluation (the same windows every time)
+    ckpt_interval: int = 500  # steps between checkpoints (and at the end); 0 = only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    resume: bool = False  # continue from the latest checkpoint in out_dir
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "log_interval", "eval_interval",
+                     "eval_tokens", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}: "
+                              "lower --seq-len or raise --model.max-seq-len")
+        if self.optim.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
+        if not 0 < self.optim.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction must lie in (0, 1], got {self.optim.decay_fraction}")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine or
+    warmup-stable-decay (Hu et al., MiniCPM 2024) down to lr * min_lr_ratio."""
+    o = cfg.optim
+    peak, floor = o.lr, o.lr * o.min_lr_ratio
+    if step < o.warmup_steps:
+        return peak * (step + 1) / o.warmup_steps
+    if o.schedule == "cosine":
+        span = max(1, cfg.max_steps - o.warmup_steps)
+        progress = min(1.0, (step - o.warmup_steps) / span)
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = cfg.max_steps - max(1, round(o.decay_fraction * cfg.max_steps))
+    if step < decay_start:
+        return peak
+    progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+    return peak + (floor - peak) * progress
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on tensors of 2+ dims (matrices, embeddings) only."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} asked for but no CUDA GPU is visible: pass --device cpu")
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak CUDA memory allocated by tensors on a GPU; peak resident memory of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@torch.no_grad()
+def evaluate(model, data: TokenDataset, cfg: TrainConfig, device, amp: torch.dtype | None) -> float:
+    """Mean cross-entropy over the fixed validation windows."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in data.val_batches(cfg.batch_size, cfg.seq_len, cfg.eval_tokens):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.item() * y.numel()
+        count += y.numel()
+    model.train()
+    return total / count
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metrics lines past `last_step` (written by a run that died after its last checkpoint)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train `cfg.model` on `cfg.data_dir`; writes metrics, checkpoints and a summary into
+    `cfg.out_dir` and returns the summary."""
+    # Every check that can fail runs before the model is allocated.
+    data = TokenDataset(cfg.data_dir)
+    if cfg.model.vocab_size < data.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({data.vocab_size}) of {cfg.data_dir}: pass --model.vocab-size {data.vocab_size}")
+    data.check_seq_len(cfg.seq_len)
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
+    resume_from = ckpt_io.latest_checkpoint(ckpt_root)
+    if cfg.resume and resume_from is None:
+        raise CheckpointError(f"--resume given but {ckpt_root} holds no checkpoint: drop --resume to start afresh")
+    if not cfg.resume and resume_from is not None:
+        raise CheckpointError(f"{out} already holds checkpoints: pass --resume to continue that run, "
+                              "or choose another --out-dir")
+    state = None
+    if cfg.resume:
+        state = ckpt_io.read_state(resume_from)
+        ckpt_io.check_model_config(resume_from, state, asdict(cfg.model))
+        if state["data_manifest_sha256"] != data.manifest_sha256:
+            raise CheckpointError(f"{cfg.data_dir} is not the data {resume_from} was trained on (manifest sha256 "
+                                  "differs): resume with the same data_dir, or start a new run")
+        if state["step"] >= cfg.max_steps:
+            raise ConfigError(f"checkpoint {resume_from} is at step {state['step']} already, max_steps={cfg.max_steps}: "
+                              "raise --max-steps to train further")
+
+    torch.manual_seed(cfg.seed)
+    model = Transformer(cfg.model).to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    start_step, elapsed_before, tokens_before = 0, 0.0, 0
+    if state is not None:
+        ckpt_io.load_weights(resume_from, model)
+        ckpt_io.load_training_state(resume_from, optimizer)
+        start_step, elapsed_before, tokens_before = state["step"], state["elapsed_s"], state["tokens_seen"]
+    step_fn = torch.compile(model) if cfg.compile else model
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if cfg.resume:
+        truncate_metrics(metrics_path, start_step)
+    else:
+        metrics_path.write_text("")
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    tokenizer_file = {"tokenizer.json": data.dir / "tokenizer.json"} if data.tokenizer.kind == "bpe" else {}
+
+    counts = model.param_counts()
+    flops_per_token = train_flops_per_token(cfg.model, cfg.seq_len)
+    dev_name = device_name(device)
+    peak = peak_bf16_flops(dev_name) if amp is torch.bfloat16 else None
+    unigram = data.manifest["totals"]["unigram_val_loss"]
+
+    def save(step: int, tokens_seen: int, elapsed: float, val_loss: float | None) -> Path:
+        return ckpt_io.save_checkpoint(
+            ckpt_root, step, model, optimizer, keep=cfg.keep_checkpoints, extra_files=tokenizer_file,
+            state={"tokens_seen": tokens_seen, "elapsed_s": elapsed, "val_loss": val_loss, "config": asdict(cfg),
+                   "data_manifest_sha256": data.manifest_sha256, "tokenizer": data.manifest["tokenizer"]},
+        )
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", disable=not cfg.progress or None,
+               dynamic_ncols=True)
+    say = bar.write if cfg.progress else print
+    say(f"effllm: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
+        f"{flops_per_token / 1e6:.1f} MFLOPs/token, {dev_name}, {amp or torch.float32}, "
+        f"{cfg.tokens_per_step} tokens/step, unigram val loss {unigram:.3f}"
+        + (f", resuming at step {start_step}" if start_step else ""))
+
+    tokens_seen, val_loss, last_loss = tokens_before, state.get("val_loss") if state else None, float("nan")
+    run_start = time.perf_counter()
+    window_start, window_tokens = run_start, 0
+    model.train()
+    for step in range(start_step, cfg.max_steps):
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            x, y = data.train_batch(cfg.batch_size, cfg.seq_len, cfg.seed, step, 0, micro)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                _, loss = step_fn(x, y)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+        last_loss = loss_sum.item() / cfg.grad_accum
+        if not math.isfinite(last_loss):
+            bar.close()
+            kept = ckpt_io.latest_checkpoint(ckpt_root)
+            raise TrainingDiverged(
+                f"loss is {last_loss} at step {step + 1}; training stopped before the optimizer step. "
+                + (f"The last good checkpoint {kept} is kept: " if kept else "No checkpoint was written yet: ")
+                + "lower --optim.lr, raise --optim.warmup-steps or check the data, then "
+                + ("--resume." if kept else "start again.")
+            )
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                     if cfg.optim.grad_clip > 0 else None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        tokens_seen += cfg.tokens_per_step
+        window_tokens += cfg.tokens_per_step
+        elapsed = elapsed_before + time.perf_counter() - run_start
+
+        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            val_loss = evaluate(step_fn, data, cfg, device, amp)
+            say(f"step {done}: val loss {val_loss:.4f} (train {last_loss:.4f}, unigram {unigram:.3f})")
+        if done % cfg.log_interval == 0 or done == cfg.max_steps:
+            now = time.perf_counter()
+            tok_s = window_tokens / (now - window_start)
+            record = {"step": done, "loss": last_loss, "lr": lr,
+                      "grad_norm": None if grad_norm is None else grad_norm.item(),
+                      "tokens_per_s": tok_s, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
+                      "peak_mem_bytes": peak_memory_bytes(device)}
+            if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+                record["val_loss"] = val_loss
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            window_start, window_tokens = now, 0
+        if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == cfg.max_steps:
+            save(done, tokens_seen, elapsed, val_loss)
+        bar.update(1)
+    bar.close()
+
+    elapsed = elapsed_before + time.perf_counter() - run_start
+    tok_s = (tokens_seen - tokens_before) / max(1e-9, time.perf_counter() - run_start)
+    summary = {
+        "steps": cfg.max_steps, "tokens_seen": tokens_seen, "final_train_loss": last_loss, "final_val_loss": val_loss,
+        "unigram_val_loss": unigram, "elapsed_s": elapsed, "tokens_per_s": tok_s, "params": counts,
+        "train_flops_per_token": flops_per_token, "mfu": mfu(tok_s, flops_per_token, peak), "device": dev_name,
+        "precision": str(amp or torch.float32), "peak_mem_bytes": peak_memory_bytes(device),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    say(f"done: val loss {val_loss:.4f} vs unigram {unigram:.3f}, {tokens_seen:,} tokens in {elapsed:.0f}s "
+        f"({tok_s:,.0f} tokens/s); checkpoint in {ckpt_root}")
+    return summary
