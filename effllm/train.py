@@ -91,13 +91,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < o.warmup_steps:
         return peak * (step + 1) / o.warmup_steps
     if o.schedule == "cosine":
-        span = max(1, cfg.max_steps - o.warmup_steps)
+        span = max(1, cfg.max_steps - 1 - o.warmup_steps)  # the last step lands on the floor
         progress = min(1.0, (step - o.warmup_steps) / span)
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     decay_start = cfg.max_steps - max(1, round(o.decay_fraction * cfg.max_steps))
     if step < decay_start:
         return peak
-    progress = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+    progress = min(1.0, (step - decay_start) / max(1, cfg.max_steps - 1 - decay_start))
     return peak + (floor - peak) * progress
 
 

@@ -1,0 +1,47 @@
+"""Shared fixtures: a small real corpus (one package of the standard library) prepared once."""
+
+from __future__ import annotations
+
+import sysconfig
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from effllm.data import PrepareConfig, prepare
+from effllm.model import ModelConfig
+from effllm.train import OptimConfig, TrainConfig
+
+# The `email` package of the running Python: ~0.4 MB of real text, ~30 files, PSF licence.
+SMALL_CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "email"
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    # Small tensors: one thread avoids oversubscription when the suite runs beside other work.
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="session")
+def small_prepare_config() -> PrepareConfig:
+    return PrepareConfig(sources=(str(SMALL_CORPUS),), license="PSF-2.0", extensions=(".py",), val_fraction=0.15)
+
+
+@pytest.fixture(scope="session")
+def byte_data(tmp_path_factory, small_prepare_config) -> Path:
+    out = tmp_path_factory.mktemp("data") / "email-byte"
+    return prepare(replace(small_prepare_config, out=str(out)), progress=False)
+
+
+def tiny_train_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
+    """A model and run small enough to take a second or two per few steps on one core."""
+    fields = dict(
+        model=ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
+        optim=OptimConfig(lr=3e-3, warmup_steps=2),
+        data_dir=str(data_dir), out_dir=str(out_dir), batch_size=4, seq_len=32, max_steps=8,
+        log_interval=1, eval_interval=4, eval_tokens=256, ckpt_interval=4, progress=False,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)

@@ -1,0 +1,85 @@
+"""The `effllm` command as a user runs it: help, recipes, prepare -> train -> generate, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from effllm.cli import load_recipe, recipe_names
+from effllm.errors import ConfigError
+from effllm.flops import train_flops_per_token
+from effllm.model import Transformer
+from effllm.train import TrainConfig
+
+from conftest import SMALL_CORPUS
+
+
+def effllm(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "effllm", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+def test_help_lists_commands_and_every_train_field():
+    top = effllm("--help")
+    assert top.returncode == 0 and all(c in top.stdout for c in ("prepare", "train", "generate"))
+    helptext = effllm("train", "dense_tiny", "--help")
+    assert helptext.returncode == 0
+    for name in TrainConfig.__dataclass_fields__:
+        if name not in ("model", "optim"):
+            assert f"--{name.replace('_', '-')}" in helptext.stdout, name
+    for flag in ("--model.n-heads", "--model.n-kv-heads", "--optim.lr", "--optim.schedule"):
+        assert flag in helptext.stdout
+    assert "dense_tiny" in effllm("recipes").stdout
+
+
+def test_unknown_recipe_is_a_clear_error():
+    result = effllm("train", "no_such_recipe")
+    assert result.returncode == 2
+    assert "unknown recipe 'no_such_recipe'" in result.stderr and "dense_tiny" in result.stderr
+    assert "Traceback" not in result.stderr
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        load_recipe("nope")
+
+
+def test_heads_that_do_not_divide_dim_fail_before_any_work(tmp_path):
+    result = effllm("train", "dense_tiny", "--model.n-heads", "5", "--out-dir", str(tmp_path / "run"))
+    assert result.returncode != 0
+    assert "not divisible by model.n_heads=5" in result.stdout + result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipes_are_valid_configs():
+    for name in recipe_names():
+        cfg = load_recipe(name)
+        assert isinstance(cfg, TrainConfig)
+        model = Transformer(cfg.model)
+        assert model.param_counts()["total"] > 0 and train_flops_per_token(cfg.model, cfg.seq_len) > 0
+
+
+def test_prepare_train_resume_generate_end_to_end(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    result = effllm("prepare", "--sources", str(SMALL_CORPUS), "--license", "PSF-2.0", "--extensions", ".py",
+                    "--val-fraction", "0.15", "--out", str(data))
+    assert result.returncode == 0, result.stderr
+    assert "unigram val loss" in result.stdout
+    common = ["--data-dir", str(data), "--out-dir", str(run), "--model.dim", "32", "--model.n-layers", "1",
+              "--model.n-heads", "2", "--model.max-seq-len", "32", "--seq-len", "32", "--batch-size", "2",
+              "--eval-tokens", "64", "--eval-interval", "2", "--log-interval", "1", "--no-progress"]
+    first = effllm("train", "dense_tiny", *common, "--max-steps", "3")
+    assert first.returncode == 0, first.stderr
+    again = effllm("train", "dense_tiny", *common, "--max-steps", "3")
+    assert again.returncode == 2 and "--resume" in again.stderr  # never silently overwrites a run
+    resumed = effllm("train", "dense_tiny", *common, "--max-steps", "5", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    out = effllm("generate", "--checkpoint", str(run), "--prompt", "class ", "--max-new-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("class ")
+    missing = effllm("generate", "--checkpoint", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "no checkpoint found" in missing.stderr

@@ -1,0 +1,181 @@
+"""prepare(): determinism, a complete manifest, licences, tokenizers; the loader; bad data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from effllm.data import (
+    STDLIB_EXCLUDED_DIRS,
+    PrepareConfig,
+    TokenDataset,
+    load_tokenizer,
+    prepare,
+    stdlib_source,
+)
+from effllm.errors import DataError
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_prepare_is_byte_identical_when_rerun(tmp_path, small_prepare_config, tokenizer):
+    outs = []
+    for name in ("a", "b"):
+        cfg = replace(small_prepare_config, out=str(tmp_path / name), tokenizer=tokenizer, vocab_size=600)
+        outs.append(files_of(prepare(cfg, progress=False)))
+    expected = {"manifest.json", "train.bin", "val.bin"} | ({"tokenizer.json"} if tokenizer == "bpe" else set())
+    assert set(outs[0]) == expected
+    assert outs[0] == outs[1]
+
+
+def test_manifest_records_every_file_with_hash_licence_and_tokens(byte_data, small_prepare_config):
+    manifest = json.loads((byte_data / "manifest.json").read_text())
+    root = Path(small_prepare_config.sources[0])
+    on_disk = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py"))
+    assert [f["path"] for f in manifest["files"]] == on_disk
+    assert manifest["sources"] == [{"kind": "files", "root": str(root.resolve()), "license": "PSF-2.0"}]
+    for f in manifest["files"]:
+        raw = (root / f["path"]).read_bytes()
+        assert f["sha256"] == hashlib.sha256(raw).hexdigest() and f["bytes"] == len(raw)
+        # Byte tokens: one per UTF-8 byte, plus the end-of-text token.
+        assert f["tokens"]["train"] + f["tokens"]["val"] == len(raw) + 1
+    totals = manifest["totals"]
+    assert totals["train_tokens"] == sum(f["tokens"]["train"] for f in manifest["files"])
+    assert totals["val_tokens"] == sum(f["tokens"]["val"] for f in manifest["files"]) > 0
+    assert (byte_data / "train.bin").stat().st_size == 2 * totals["train_tokens"]
+    assert manifest["tokenizer"] == {"kind": "byte", "vocab_size": 256, "eot_id": 0}
+    assert "sha256(document id)" in manifest["split"]["rule"] and manifest["split"]["val_fraction"] == 0.15
+    assert 0 < totals["unigram_val_loss"] < np.log(256)
+
+
+def test_byte_shards_decode_back_to_the_source_text(byte_data, small_prepare_config):
+    manifest = json.loads((byte_data / "manifest.json").read_text())
+    root = Path(small_prepare_config.sources[0])
+    val_files = [f["path"] for f in manifest["files"] if f["tokens"]["val"]]
+    expected = b"".join((root / p).read_bytes() + b"\x00" for p in val_files)
+    assert np.fromfile(byte_data / "val.bin", dtype=np.uint16).astype(np.uint8).tobytes() == expected
+
+
+def test_embedded_corpus_is_the_stdlib_without_tests_or_third_party_code(tmp_path):
+    src = stdlib_source()
+    assert src.license == "PSF-2.0" and len(src.files) > 100
+    for f in src.files:
+        assert f.rel.endswith(".py") and not Path(f.rel).name.startswith("test_")
+        assert not set(Path(f.rel).parts[:-1]) & STDLIB_EXCLUDED_DIRS, f.rel
+    assert any(f.rel == "json/decoder.py" for f in src.files)
+    out = prepare(PrepareConfig(out=str(tmp_path / "stdlib")), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sources"][0]["kind"] == "stdlib" and manifest["sources"][0]["license"] == "PSF-2.0"
+    assert manifest["totals"]["files"] + len(manifest["skipped"]) == len(src.files)
+    assert manifest["totals"]["train_tokens"] > 5_000_000
+
+
+def test_bpe_tokenizer_round_trips_and_is_saved(tmp_path, small_prepare_config):
+    out = prepare(replace(small_prepare_config, out=str(tmp_path / "bpe"), tokenizer="bpe", vocab_size=700),
+                  progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    spec = manifest["tokenizer"]
+    assert spec["kind"] == "bpe" and 256 < spec["vocab_size"] <= 700 and spec["eot_id"] == 0
+    assert spec["sha256"] == hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()
+    tok = load_tokenizer(out, spec)
+    text = "def parse(self, fp):\n    return self._parse(fp.read())  # ünïcode\n"
+    assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode(text)) < len(text.encode()) / 1.5  # merges learned from the corpus
+    ds = TokenDataset(out)
+    assert ds.splits["train"].dtype == np.uint16 and ds.splits["train"].max() < spec["vocab_size"]
+
+
+def test_jsonl_records_become_documents(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    records = [{"text": f"document number {i} " * 20, "meta": i} for i in range(40)]
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    out = prepare(PrepareConfig(sources=(str(path),), out=str(tmp_path / "out"), license="CC0-1.0", val_fraction=0.2),
+                  progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (entry,) = manifest["files"]
+    assert entry["documents"] == 40 and manifest["totals"]["documents"] == 40
+    assert entry["tokens"]["train"] + entry["tokens"]["val"] == sum(len(r["text"]) + 1 for r in records)
+    assert manifest["sources"][0]["license"] == "CC0-1.0"
+
+
+def test_bad_jsonl_names_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2 is not valid JSON"):
+        prepare(PrepareConfig(sources=(str(path),), out=str(tmp_path / "o"), license="x"), progress=False)
+    path.write_text('{"body": "no text field"}\n')
+    with pytest.raises(DataError, match="--text-field"):
+        prepare(PrepareConfig(sources=(str(path),), out=str(tmp_path / "o"), license="x"), progress=False)
+
+
+def test_user_sources_need_a_licence_and_must_exist(tmp_path):
+    (tmp_path / "a.txt").write_text("hello")
+    with pytest.raises(DataError, match="--license"):
+        prepare(PrepareConfig(sources=(str(tmp_path / "a.txt"),), out=str(tmp_path / "o")), progress=False)
+    with pytest.raises(DataError, match="does not exist"):
+        prepare(PrepareConfig(sources=(str(tmp_path / "nope"),), out=str(tmp_path / "o"), license="x"), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no files"):
+        prepare(PrepareConfig(sources=(str(tmp_path / "empty"),), out=str(tmp_path / "o"), license="x"), progress=False)
+
+
+def test_prepare_refuses_to_overwrite_without_asking(byte_data, small_prepare_config):
+    with pytest.raises(DataError, match="--overwrite"):
+        prepare(replace(small_prepare_config, out=str(byte_data)), progress=False)
+
+
+def test_train_batches_depend_only_on_seed_step_rank_micro(byte_data):
+    ds = TokenDataset(byte_data)
+    a = ds.train_batch(4, 16, seed=1, step=7, rank=0, micro=1)
+    ds.train_batch(4, 16, seed=1, step=3)  # an unrelated draw in between changes nothing
+    b = TokenDataset(byte_data).train_batch(4, 16, seed=1, step=7, rank=0, micro=1)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    x, y = a
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+    for other in (dict(seed=2, step=7), dict(seed=1, step=8), dict(seed=1, step=7, rank=1), dict(seed=1, step=7, micro=0)):
+        assert not torch.equal(ds.train_batch(4, 16, **other)[0], x), other
+
+
+def test_val_batches_are_fixed_and_bounded(byte_data):
+    ds = TokenDataset(byte_data)
+    first = list(ds.val_batches(3, 32, 320))
+    second = list(ds.val_batches(3, 32, 320))
+    assert sum(x.shape[0] for x, _ in first) == 10
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+    val = torch.from_numpy(ds.splits["val"][:321].astype(np.int64))
+    assert torch.equal(torch.cat([x for x, _ in first]).flatten(), val[:320])
+
+
+def test_missing_or_empty_data_directory_says_to_prepare(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*effllm prepare"):
+        TokenDataset(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no manifest.json.*effllm prepare"):
+        TokenDataset(tmp_path / "empty")
+
+
+def test_truncated_shard_is_detected(tmp_path, byte_data):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(byte_data, copy)
+    with open(copy / "train.bin", "r+b") as fh:
+        fh.truncate(100)
+    with pytest.raises(DataError, match="not the size the manifest states"):
+        TokenDataset(copy)
+
+
+def test_seq_len_longer_than_a_split_is_refused(byte_data):
+    ds = TokenDataset(byte_data)
+    with pytest.raises(DataError, match="lower seq_len"):
+        ds.check_seq_len(len(ds.splits["val"]))
