@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 10 quick, 50 gpu)")
     parser.add_argument("--no-compile", action="store_true", help="time eager mode only")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    parser.add_argument("--commit", default=None, help="git commit to record (default: ask git; for copies without .git)")
     args = parser.parse_args()
 
     size = "quick" if args.quick else "gpu"
@@ -167,7 +168,7 @@ def main() -> None:
     name = device_name(device)
     result = {
         "bench": "train_step", "size": size, "device": name, "device_type": device.type,
-        "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit(),
+        "torch": torch.__version__, "triton": triton.__version__, "commit": args.commit or git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "config": {"model": asdict(spec["model"]), "batch_size": spec["batch_size"], "seq_len": spec["seq_len"],
                    "tokens": "random ids, 4 batches in rotation"},

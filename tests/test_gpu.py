@@ -17,15 +17,16 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_bf16_training_on_cuda(byte_data, tmp_path, compile):
-    cfg = tiny_train_config(byte_data, tmp_path / "run", device="cuda", max_steps=60, eval_interval=60,
-                            batch_size=8, seq_len=64, compile=compile,
-                            model=ModelConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+    # The CPU learning test's run (test_train.py), on CUDA in bf16: 150 steps of 512 tokens.
+    cfg = tiny_train_config(byte_data, tmp_path / "run", device="cuda", max_steps=150, eval_interval=150,
+                            eval_tokens=4096, ckpt_interval=0, batch_size=8, seq_len=64, compile=compile,
+                            model=ModelConfig(vocab_size=256, dim=96, n_layers=2, n_heads=4, n_kv_heads=2,
                                               max_seq_len=64))
     summary = train(cfg)
     assert summary["precision"] == "torch.bfloat16" and summary["device"].startswith("NVIDIA")
     curve = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.0
-    assert summary["final_val_loss"] < summary["unigram_val_loss"]
+    assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.5
+    assert summary["final_val_loss"] < summary["unigram_val_loss"] - 0.2
     if "H100" in summary["device"] or "H200" in summary["device"]:
         assert summary["mfu"] is not None and 0 < summary["mfu"] < 1
 
