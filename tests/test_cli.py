@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +85,16 @@ def test_prepare_train_resume_generate_end_to_end(tmp_path):
     assert out.stdout.startswith("class ")
     missing = effllm("generate", "--checkpoint", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "no checkpoint found" in missing.stderr
+
+
+def test_wheel_ships_kernels_and_recipes_inside_the_package(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = tmp_path.glob("effllm-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "effllm/kernels/__init__.py" in names and "effllm/recipes/dense_tiny.py" in names
+    assert not [n for n in names if n.split("/")[0] in ("kernels", "recipes", "tests", "benchmarks")]
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "effllm = effllm.cli:main" in entry_points
