@@ -15,18 +15,32 @@ from conftest import tiny_train_config
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_bf16_training_on_cuda(byte_data, tmp_path, compile):
-    # The CPU learning test's run (test_train.py), on CUDA in bf16: 150 steps of 512 tokens.
-    cfg = tiny_train_config(byte_data, tmp_path / "run", device="cuda", max_steps=150, eval_interval=150,
-                            eval_tokens=4096, ckpt_interval=0, batch_size=8, seq_len=64, compile=compile,
+def cuda_run(byte_data, out, **overrides) -> tuple[dict, list[float]]:
+    # The CPU learning test's run (test_train.py) on CUDA: 150 steps of 512 tokens.
+    cfg = tiny_train_config(byte_data, out, device="cuda", max_steps=150, eval_interval=150, eval_tokens=4096,
+                            ckpt_interval=0, batch_size=8, seq_len=64,
                             model=ModelConfig(vocab_size=256, dim=96, n_layers=2, n_heads=4, n_kv_heads=2,
-                                              max_seq_len=64))
+                                              max_seq_len=64), **overrides)
     summary = train(cfg)
+    curve = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return summary, curve
+
+
+@pytest.fixture(scope="module")
+def fp32_cuda_run(byte_data, tmp_path_factory):
+    return cuda_run(byte_data, tmp_path_factory.mktemp("fp32") / "run", precision="fp32")
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_bf16_training_on_cuda_learns_like_fp32(byte_data, tmp_path, compile, fp32_cuda_run):
+    summary, curve = cuda_run(byte_data, tmp_path / "run", compile=compile)
+    reference, _ = fp32_cuda_run
     assert summary["precision"] == "torch.bfloat16" and summary["device"].startswith("NVIDIA")
-    curve = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.5
-    assert summary["final_val_loss"] < summary["unigram_val_loss"] - 0.2
+    assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.0
+    assert summary["final_val_loss"] < summary["unigram_val_loss"] - 0.1
+    # Mixed precision must not cost learning: seen on an H100, bf16 eager 2.88 (and the CPU's
+    # fp32 2.76) after 77k tokens; the fp32 CUDA run is the reference measured here.
+    assert abs(summary["final_val_loss"] - reference["final_val_loss"]) < 0.15
     if "H100" in summary["device"] or "H200" in summary["device"]:
         assert summary["mfu"] is not None and 0 < summary["mfu"] < 1
 
