@@ -23,29 +23,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from effllm.data import sha256_file
 from effllm.errors import CheckpointError
+from effllm.fsutil import fsync_dir, replace_dir, sha256_file, write_file_synced
 
 STATE_FORMAT = "effllm-checkpoint/1"
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def save_checkpoint(
@@ -78,21 +63,14 @@ def save_checkpoint(
         with open(tmp / name, "rb+") as fh:
             os.fsync(fh.fileno())
     state = {"format": STATE_FORMAT, "step": step, **state, "files": {n: sha256_file(tmp / n) for n in files}}
-    _write_file(tmp / "state.json", (json.dumps(state, indent=1) + "\n").encode())
-    _fsync_dir(tmp)
+    write_file_synced(tmp / "state.json", (json.dumps(state, indent=1) + "\n").encode())
+    fsync_dir(tmp)
 
-    if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old
-        old = root / f".old-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    replace_dir(tmp, final)  # the same step may be saved again after a resume
     pointer_tmp = root / ".latest.tmp"
-    _write_file(pointer_tmp, (final.name + "\n").encode())
+    write_file_synced(pointer_tmp, (final.name + "\n").encode())
     os.replace(pointer_tmp, root / "latest")
-    _fsync_dir(root)
+    fsync_dir(root)
 
     complete = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file())
     for stale in complete[: max(0, len(complete) - keep)]:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from effllm.errors import DataError
+from effllm.fsutil import replace_dir, sha256_file
 
 MANIFEST_FORMAT = "effllm-tokens/1"
 EOT_TEXT = "<|endoftext|>"
@@ -337,26 +338,6 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     replace_dir(tmp, out)
     return out
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Put directory `new` at `target`, replacing what was there only once `new` is complete."""
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(new, target)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

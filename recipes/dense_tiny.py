@@ -25,7 +25,8 @@ def config() -> TrainConfig:
 
 
 if __name__ == "__main__":
-    from effllm.cli import run_recipe
     import sys
+
+    from effllm.cli import run_recipe
 
     run_recipe(config(), sys.argv[1:], prog="python recipes/dense_tiny.py")

@@ -10,14 +10,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_CORPUS
 
 from effllm.cli import load_recipe, recipe_names
 from effllm.errors import ConfigError
 from effllm.flops import train_flops_per_token
 from effllm.model import Transformer
 from effllm.train import TrainConfig
-
-from conftest import SMALL_CORPUS
 
 
 def effllm(*args: str, cwd=None) -> subprocess.CompletedProcess:

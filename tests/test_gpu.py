@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_train_config
 
 from effllm.model import ModelConfig, Transformer
 from effllm.train import train
-
-from conftest import tiny_train_config
 
 pytestmark = pytest.mark.gpu
 

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_train_config
 
 from effllm import checkpoint as ckpt_io
 from effllm.cli import GenerateConfig, generate_text
 from effllm.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from effllm.model import ModelConfig, Transformer
 from effllm.train import OptimConfig, TrainConfig, lr_at, train
-
-from conftest import tiny_train_config
 
 # `effllm.train` the attribute is the train() function re-exported by the package; the module:
 train_mod = sys.modules["effllm.train"]
@@ -190,3 +189,22 @@ def test_generate_from_a_checkpoint(byte_data, tmp_path):
     greedy = [generate_text(GenerateConfig(checkpoint=str(tmp_path / "run"), prompt="def ", max_new_tokens=10,
                                            temperature=0.0)) for _ in range(2)]
     assert greedy[0] == greedy[1]
+
+
+def test_bpe_data_trains_and_generates_from_the_checkpoint_alone(tmp_path, small_prepare_config):
+    from effllm.data import prepare
+
+    data = prepare(replace(small_prepare_config, out=str(tmp_path / "bpe"), tokenizer="bpe", vocab_size=600),
+                   progress=False)
+    with pytest.raises(ConfigError, match="--model.vocab-size 600"):
+        train(tiny_train_config(data, tmp_path / "run"))
+    cfg = tiny_train_config(data, tmp_path / "run", max_steps=2,
+                            model=ModelConfig(vocab_size=600, dim=64, n_layers=2, n_heads=4, max_seq_len=64))
+    train(cfg)
+    ckpt = ckpt_io.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert (ckpt / "tokenizer.json").read_bytes() == (data / "tokenizer.json").read_bytes()
+    import shutil
+
+    shutil.rmtree(data)  # the checkpoint carries its tokenizer
+    text = generate_text(GenerateConfig(checkpoint=str(ckpt), prompt="from email import ", max_new_tokens=8))
+    assert text.startswith("from email import ")
