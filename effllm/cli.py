@@ -8,6 +8,7 @@ TrainConfig and lets any field be overridden: `effllm train dense_tiny --optim.l
 from __future__ import annotations
 
 import importlib
+import json
 import importlib.util
 import pkgutil
 import sys
@@ -85,8 +86,6 @@ def cmd_prepare(args: list[str]) -> None:
     cfg = tyro.cli(PrepareConfig, args=args, prog="effllm prepare",
                    description="Tokenize text into train/val shards with a manifest of sources and licences.")
     out = prepare(cfg)
-    import json
-
     totals = json.loads((out / "manifest.json").read_text())["totals"]
     print(f"prepared {out}: {totals['files']} files, {totals['train_tokens']:,} train and "
           f"{totals['val_tokens']:,} val tokens; unigram val loss {totals['unigram_val_loss']:.3f}")

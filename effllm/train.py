@@ -213,6 +213,9 @@ def train(cfg: TrainConfig) -> dict:
         return ckpt_io.save_checkpoint(
             ckpt_root, step, model, optimizer, keep=cfg.keep_checkpoints, extra_files=tokenizer_file,
             state={"tokens_seen": tokens_seen, "elapsed_s": elapsed, "val_loss": val_loss, "config": asdict(cfg),
+                   # Where the data stream stands: batches are a pure function of these numbers.
+                   "data": {"next_step": step, "seed": cfg.seed, "rank": 0, "micro_steps": cfg.grad_accum,
+                            "rule": "TokenDataset.train_batch(batch_size, seq_len, seed, step, rank, micro)"},
                    "data_manifest_sha256": data.manifest_sha256, "tokenizer": data.manifest["tokenizer"]},
         )
 

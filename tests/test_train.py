@@ -126,6 +126,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(byte_data, tmp
     model = Transformer(cfg.model)
     ckpt_io.load_weights(ckpt_io.latest_checkpoint(root), model)
     assert state["step"] == 4 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert state["data"]["next_step"] == 4 and state["data"]["seed"] == cfg.seed
+    assert set(state["files"]) == {"model.safetensors", "optimizer.pt", "rng.pt"}
 
 
 def test_resume_with_another_model_config_names_the_difference(byte_data, tmp_path):
