@@ -258,54 +258,62 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
 
     from tqdm import tqdm
 
-    # Read every file once: sha256 over its bytes, documents split by id.
-    entries, docs = [], {"train": [], "val": []}
-    skipped = []
-    for f in tqdm(files, desc="reading", unit="file", disable=not progress or None):
+    def documents(f: SourceFile) -> tuple[str, list[tuple[str, str]]]:
         raw = f.path.read_bytes()
+        return hashlib.sha256(raw).hexdigest(), read_documents(f, raw, cfg.text_field)
+
+    # Pass 1: hash every file and assign each document to a split. Only one file's text is held
+    # in memory at a time, here and below, so corpora larger than memory prepare fine.
+    kept, entries, skipped = [], [], []
+    n_docs = {"train": 0, "val": 0}
+    for f in tqdm(files, desc="reading", unit="file", disable=not progress or None):
         try:
-            file_docs = read_documents(f, raw, cfg.text_field)
+            digest, file_docs = documents(f)
         except UnicodeDecodeError as e:
             skipped.append({"source": f.source, "path": f.rel, "reason": f"not UTF-8 ({e.reason} at byte {e.start})"})
             continue
-        entry = {"source": f.source, "path": f.rel, "sha256": hashlib.sha256(raw).hexdigest(),
-                 "bytes": len(raw), "documents": len(file_docs), "tokens": {"train": 0, "val": 0}}
-        entries.append(entry)
-        for doc_id, text in file_docs:
-            docs[split_of(doc_id, cfg.val_fraction)].append((len(entries) - 1, text))
-    for split in ("train", "val"):
-        if not docs[split]:
-            raise DataError(f"the {split} split is empty ({sum(map(len, docs.values()))} documents): "
+        kept.append(f)
+        entries.append({"source": f.source, "path": f.rel, "sha256": digest, "bytes": f.path.stat().st_size,
+                        "documents": len(file_docs), "tokens": {"train": 0, "val": 0}})
+        for doc_id, _ in file_docs:
+            n_docs[split_of(doc_id, cfg.val_fraction)] += 1
+    for split, n in n_docs.items():
+        if not n:
+            raise DataError(f"the {split} split is empty ({sum(n_docs.values())} documents): "
                             "add documents or change --val-fraction")
 
+    def texts_of(f: SourceFile, entry: dict, split: str | None = None) -> list[tuple[str, str]]:
+        digest, file_docs = documents(f)
+        if digest != entry["sha256"]:
+            raise DataError(f"{f.path} changed while being prepared: run `effllm prepare` again")
+        return [(doc_id, text) for doc_id, text in file_docs if split in (None, split_of(doc_id, cfg.val_fraction))]
+
+    # Pass 2 (BPE only): learn merges from the train split alone, so val stays unseen.
     if cfg.tokenizer == "byte":
         tokenizer = ByteTokenizer()
     else:
-        tokenizer = BPETokenizer.train((text for _, text in docs["train"]), cfg.vocab_size)
+        train_texts = (text for f, e in zip(kept, entries) for _, text in texts_of(f, e, "train"))
+        tokenizer = BPETokenizer.train(train_texts, cfg.vocab_size)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
 
+    # Pass 3: tokenize file by file, appending each document and an end-of-text token to its split.
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    totals = {}
     eot = np.array([tokenizer.eot_id], dtype=dtype)
-    for split in ("train", "val"):
-        n = 0
-        with open(tmp / f"{split}.bin", "wb") as fh:
-            chunk = 256
-            items = docs[split]
-            for start in tqdm(range(0, len(items), chunk), desc=f"tokenizing {split}", unit="chunk",
-                              disable=not progress or None):
-                batch = items[start : start + chunk]
-                for (idx, _), ids in zip(batch, tokenizer.encode_array([t for _, t in batch])):
-                    ids = np.concatenate((ids.astype(dtype), eot))
-                    fh.write(ids.tobytes())
-                    entries[idx]["tokens"][split] += len(ids)
-                    n += len(ids)
-                    if split == "train":
-                        counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-        totals[f"{split}_tokens"] = n
+    with open(tmp / "train.bin", "wb") as train_fh, open(tmp / "val.bin", "wb") as val_fh:
+        handles = {"train": train_fh, "val": val_fh}
+        for f, entry in tqdm(list(zip(kept, entries)), desc="tokenizing", unit="file", disable=not progress or None):
+            file_docs = texts_of(f, entry)
+            for (doc_id, _), ids in zip(file_docs, tokenizer.encode_array([t for _, t in file_docs])):
+                split = split_of(doc_id, cfg.val_fraction)
+                ids = np.concatenate((ids.astype(dtype), eot))
+                handles[split].write(ids.tobytes())
+                entry["tokens"][split] += len(ids)
+                if split == "train":
+                    counts += np.bincount(ids, minlength=tokenizer.vocab_size)
+    totals = {f"{split}_tokens": sum(e["tokens"][split] for e in entries) for split in ("train", "val")}
     tokenizer.save(tmp)
 
     # Cross-entropy of the val split under the train split's unigram distribution (add-one
@@ -329,7 +337,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
         "dtype": np.dtype(dtype).name,
         "split": {"rule": SPLIT_RULE, "val_fraction": cfg.val_fraction, "document_id": "path relative to "
                   "its source root, plus ':line' for a jsonl record"},
-        "totals": {"files": len(entries), "documents": sum(map(len, docs.values())),
+        "totals": {"files": len(entries), "documents": sum(n_docs.values()),
                    "bytes": sum(e["bytes"] for e in entries), **totals,
                    "unigram_val_loss": round(unigram, 6)},
         "files": entries,
