@@ -6,6 +6,7 @@ Importing effllm does no work: no CUDA calls, no compiler flags, no global state
 
 from effllm.errors import CheckpointError, ConfigError, DataError, EffllmError, TrainingDiverged
 from effllm.model import ModelConfig, Transformer
+from effllm.moe import MoE, MoEConfig
 from effllm.train import OptimConfig, TrainConfig, train
 
 __version__ = "0.1.0"
@@ -13,6 +14,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Transformer",
     "ModelConfig",
+    "MoE",
+    "MoEConfig",
     "TrainConfig",
     "OptimConfig",
     "train",

@@ -89,9 +89,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.wo = nn.Linear(n_heads * head_dim, dim, bias=False)
 
-    def residual_projections(self) -> list[nn.Linear]:
-        """The linears that write into the residual stream (their init is scaled by depth)."""
-        return [self.wo]
+    def residual_projections(self) -> list[torch.Tensor]:
+        """The weights that write into the residual stream (their init is scaled by depth)."""
+        return [self.wo.weight]
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache for decoding up to `max_len` positions."""

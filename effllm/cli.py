@@ -121,7 +121,7 @@ def generate_text(cfg: GenerateConfig) -> str:
     ckpt = ckpt_io.resolve_checkpoint(cfg.checkpoint)
     state = ckpt_io.read_state(ckpt)
     device = resolve_device(cfg.device)
-    model = Transformer(ModelConfig(**state["config"]["model"])).to(device)
+    model = Transformer(ModelConfig.from_dict(state["config"]["model"])).to(device)
     ckpt_io.load_weights(ckpt, model)
     model.eval()
     tokenizer = load_tokenizer(ckpt, state["tokenizer"])

@@ -27,7 +27,11 @@ def attention_flops(cfg: ModelConfig, seq_len: int) -> float:
 
 def ffn_flops(cfg: ModelConfig, layer: int) -> float:
     """Forward FLOPs per token of the feed-forward of block `layer` (active parameters only)."""
-    if cfg.ffn == "dense":
+    if cfg.is_moe_layer(layer):
+        m = cfg.moe
+        experts = 2 * 3 * cfg.dim * m.expert_dim * (m.top_k + m.n_shared_experts)  # chosen + shared
+        return experts + 2 * cfg.dim * m.n_routed_experts  # + the router
+    if cfg.ffn in ("dense", "moe"):
         return 2 * 3 * cfg.dim * cfg.hidden_dim
     raise ValueError(f"no FLOPs formula for ffn kind {cfg.ffn!r}")
 

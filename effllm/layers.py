@@ -43,6 +43,6 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-    def residual_projections(self) -> list[nn.Linear]:
-        """The linears that write into the residual stream (their init is scaled by depth)."""
-        return [self.w2]
+    def residual_projections(self) -> list[torch.Tensor]:
+        """The weights that write into the residual stream (their init is scaled by depth)."""
+        return [self.w2.weight]

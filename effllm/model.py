@@ -7,7 +7,7 @@ Shape letters: B batch, T sequence, D model dim, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 from effllm.attention import Attention, RotaryEmbedding
 from effllm.errors import ConfigError
 from effllm.layers import RMSNorm, SwiGLU
+from effllm.moe import MoE, MoEConfig
 
 
 @dataclass
@@ -35,7 +36,9 @@ class ModelConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_embeddings: bool = True  # share the token embedding with the output head
     attention: Literal["mha"] = "mha"  # attention kind: "mha" (MHA/GQA with RoPE)
-    ffn: Literal["dense"] = "dense"  # feed-forward kind: "dense" (SwiGLU)
+    ffn: Literal["dense", "moe"] = "dense"  # feed-forward kind: "dense" (SwiGLU) or "moe" (DeepSeekMoE)
+    moe: MoEConfig = field(default_factory=MoEConfig)  # the MoE layers' shape and routing (ffn="moe")
+    first_k_dense: int = 0  # with ffn="moe": the first k blocks keep a dense SwiGLU (DeepSeek: 1-3)
     init_std: float = 0.02  # std of the normal init; residual projections get init_std/sqrt(2·n_layers)
 
     def __post_init__(self) -> None:
@@ -49,6 +52,8 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head size dim/n_heads = {self.head_dim} is odd; RoPE needs an even head size")
+        if not 0 <= self.first_k_dense <= self.n_layers:
+            raise ConfigError(f"model.first_k_dense={self.first_k_dense} must lie in [0, n_layers={self.n_layers}]")
         kv = self.kv_heads
         if kv <= 0 or self.n_heads % kv:
             raise ConfigError(
@@ -74,6 +79,14 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Inverse of to_dict (checkpoints store the config as JSON)."""
+        return cls(**{**d, "moe": MoEConfig(**d.get("moe", {}))})
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.ffn == "moe" and layer >= self.first_k_dense
+
 
 def build_attention(cfg: ModelConfig, layer: int) -> nn.Module:
     """The attention module of block `layer`, of the kind `cfg.attention` names."""
@@ -84,9 +97,11 @@ def build_attention(cfg: ModelConfig, layer: int) -> nn.Module:
 
 def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
     """The feed-forward module of block `layer`, of the kind `cfg.ffn` names."""
-    if cfg.ffn == "dense":
+    if cfg.is_moe_layer(layer):
+        return MoE(cfg.dim, cfg.moe, cfg.init_std)
+    if cfg.ffn in ("dense", "moe"):
         return SwiGLU(cfg.dim, cfg.hidden_dim)
-    raise ConfigError(f"unknown ffn kind {cfg.ffn!r}; choose one of: 'dense'")
+    raise ConfigError(f"unknown ffn kind {cfg.ffn!r}; choose one of: 'dense', 'moe'")
 
 
 class Block(nn.Module):
@@ -121,17 +136,19 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for linears and embeddings; residual projections are scaled by
-        1/sqrt(2·n_layers) so the residual stream's variance does not grow with depth (GPT-2)."""
+        """Normal(0, init_std) for every matrix (linears, embeddings, routers, expert stacks), ones for
+        norms; residual projections get std/sqrt(2·n_layers) so the residual stream's variance does
+        not grow with depth (GPT-2)."""
         std = self.cfg.init_std
+        for p in self.parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, mean=0.0, std=std)
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
+            if isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         for module in self.modules():
-            for proj in getattr(module, "residual_projections", list)():
-                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+            for weight in getattr(module, "residual_projections", list)():
+                nn.init.normal_(weight, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
 
     def forward(
         self,
@@ -152,10 +169,19 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, rope, None if caches is None else caches[i], pos)
         logits = self.head(self.norm(x))  # (B, T, V)
-        loss = None
+        loss = None  # the MoE layers' balance losses are not in it: see moe_aux_loss()
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
+
+    def moe_layers(self) -> dict[str, MoE]:
+        """The MoE layers by module name (e.g. "blocks.1.ffn")."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, MoE)}
+
+    def moe_aux_loss(self) -> torch.Tensor | None:
+        """Sum of the MoE layers' sequence-wise balance losses from the last training forward."""
+        losses = [m.aux_loss for m in self.moe_layers().values() if m.aux_loss is not None]
+        return sum(losses) if losses else None
 
     def new_caches(self, batch: int, max_len: int | None = None) -> list:
         """One empty decoding cache per block, each as its attention kind defines it."""

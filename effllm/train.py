@@ -208,6 +208,7 @@ def train(cfg: TrainConfig) -> dict:
     dev_name = device_name(device)
     peak = peak_bf16_flops(dev_name) if amp is torch.bfloat16 else None
     unigram = data.manifest["totals"]["unigram_val_loss"]
+    moe_layers = model.moe_layers()
 
     def save(step: int, tokens_seen: int, elapsed: float, val_loss: float | None) -> Path:
         return ckpt_io.save_checkpoint(
@@ -238,13 +239,18 @@ def train(cfg: TrainConfig) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
+        aux_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             x, y = data.train_batch(cfg.batch_size, cfg.seq_len, cfg.seed, step, 0, micro)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 _, loss = step_fn(x, y)
-            (loss / cfg.grad_accum).backward()
+            aux = model.moe_aux_loss()  # MoE balance losses; the logged loss stays pure cross-entropy
+            total = loss if aux is None else loss + aux
+            (total / cfg.grad_accum).backward()
             loss_sum += loss.detach()
+            if aux is not None:
+                aux_sum += aux.detach()
         last_loss = loss_sum.item() / cfg.grad_accum
         if not math.isfinite(last_loss):
             bar.close()
@@ -259,6 +265,7 @@ def train(cfg: TrainConfig) -> dict:
                      if cfg.optim.grad_clip > 0 else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        moe_stats = {name: layer.update_bias() for name, layer in moe_layers.items()}  # after the step (V3)
         done = step + 1
         tokens_seen += cfg.tokens_per_step
         window_tokens += cfg.tokens_per_step
@@ -274,6 +281,9 @@ def train(cfg: TrainConfig) -> dict:
                       "grad_norm": None if grad_norm is None else grad_norm.item(),
                       "tokens_per_s": tok_s, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
                       "peak_mem_bytes": peak_memory_bytes(device)}
+            if moe_stats:
+                record["moe_aux_loss"] = aux_sum.item() / cfg.grad_accum
+                record["moe_load"] = moe_stats  # per layer: max/mean tokens per expert, coefficient of variation
             if done % cfg.eval_interval == 0 or done == cfg.max_steps:
                 record["val_loss"] = val_loss
             with open(metrics_path, "a") as fh:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sysconfig
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter. triton.jit reads this variable when
+# a kernel is decorated, so it must be set before effllm.kernels is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from effllm.data import PrepareConfig, prepare
 from effllm.model import ModelConfig

@@ -1,0 +1,217 @@
+"""DeepSeekMoE: fine-grained routed experts plus always-on shared experts, dropless dispatch.
+
+Shape legend: T tokens (batch x sequence, flattened), D model dim, E routed experts, K experts per
+token, F hidden dim of one expert, G expert groups, M = T*K token-expert pairs.
+
+Routing follows DeepSeek-V3 (technical report §2.1.2): sigmoid (or V2's softmax) affinities; the
+top-K experts are chosen on affinity + a per-expert bias, optionally within each token's best
+`topk_group` of `n_group` expert groups; the gate weights are the *unbiased* affinities of the
+chosen experts, renormalised to sum to 1 and scaled by `route_scale`. The bias is a buffer that
+the optimizer never sees: after each optimizer step it moves by `bias_update_rate` towards
+balance (auxiliary-loss-free load balancing). An optional sequence-wise balance loss (eq. 17-20)
+is exposed as `aux_loss` for the trainer to add.
+
+Dispatch is dropless: the M (token, expert) pairs are sorted by expert and every expert runs as
+one group of a grouped GEMM (kernels/grouped_gemm.py); outputs are weighted and scatter-added
+back per token in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effllm.errors import ConfigError
+from effllm.kernels.grouped_gemm import grouped_mm, pick_backend
+from effllm.layers import SwiGLU
+
+
+@dataclass
+class MoEConfig:
+    """Shape and routing of a `MoE` layer. Checked on construction."""
+
+    n_routed_experts: int = 8  # E fine-grained routed experts
+    n_shared_experts: int = 1  # always-on experts (run as one SwiGLU of n_shared·expert_dim)
+    top_k: int = 2  # K routed experts per token
+    expert_dim: int = 256  # hidden width F of each expert
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"  # affinities: sigmoid (V3) or softmax (V2)
+    route_scale: float = 1.0  # gate weights are multiplied by this (V3's routed_scaling_factor)
+    norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1 (V3: yes)
+    n_group: int = 1  # expert groups for group-limited routing (1 = off)
+    topk_group: int = 1  # groups each token may route into
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing step u (V3: 1e-3); 0 = bias frozen
+    seq_aux_loss_weight: float = 0.0  # sequence-wise balance loss weight alpha (V3: 1e-4); 0 = off
+    grouped_gemm: Literal["auto", "torch", "triton", "loop"] = "auto"  # expert GEMM backend
+
+    def __post_init__(self) -> None:
+        for name in ("n_routed_experts", "top_k", "expert_dim", "n_group", "topk_group"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"moe.{name} must be positive, got {getattr(self, name)}")
+        if self.n_shared_experts < 0 or self.bias_update_rate < 0 or self.seq_aux_loss_weight < 0:
+            raise ConfigError("moe.n_shared_experts, moe.bias_update_rate and moe.seq_aux_loss_weight must be >= 0")
+        E, G = self.n_routed_experts, self.n_group
+        if self.top_k > E:
+            raise ConfigError(f"moe.top_k={self.top_k} exceeds moe.n_routed_experts={E}: "
+                              "a token cannot pick more experts than exist")
+        if E % G:
+            raise ConfigError(f"moe.n_routed_experts={E} is not divisible by moe.n_group={G}: "
+                              "groups must hold equal numbers of experts")
+        if self.topk_group > G:
+            raise ConfigError(f"moe.topk_group={self.topk_group} exceeds moe.n_group={G}: "
+                              "a token cannot keep more groups than exist")
+        if self.top_k > self.topk_group * (E // G):
+            raise ConfigError(f"moe.top_k={self.top_k} exceeds the {self.topk_group * (E // G)} experts in the "
+                              f"moe.topk_group={self.topk_group} groups a token keeps: raise topk_group")
+        if G > 1 and self.score_func == "sigmoid" and E // G < 2:
+            raise ConfigError("with sigmoid routing a group's score is the sum of its top-2 experts: "
+                              "each group needs at least 2 experts (lower moe.n_group)")
+
+
+class Router(nn.Module):
+    """The gate: affinities, biased group-limited top-k selection, unbiased gate weights; fp32."""
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, dim))  # (E, D)
+        # Balancing bias: a buffer, so checkpoints hold it and the optimizer never touches it.
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_routed_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, D) -> gate weights (T, K) fp32, expert ids (T, K), affinities (T, E) fp32."""
+        cfg = self.cfg
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())  # (T, E)
+        scores = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores.detach() + self.expert_bias  # selection only: no gradient through top-k
+        if cfg.n_group > 1:
+            T, E, G = choice.shape[0], cfg.n_routed_experts, cfg.n_group
+            grouped = choice.view(T, G, E // G)
+            if cfg.score_func == "sigmoid":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (T, G)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            kept = group_scores.topk(cfg.topk_group, dim=-1).indices
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
+            choice = choice.masked_fill(dropped.repeat_interleave(E // G, dim=1), float("-inf"))
+        indices = choice.topk(cfg.top_k, dim=-1).indices  # (T, K)
+        weights = scores.gather(1, indices)  # unbiased affinities of the chosen experts
+        if cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * cfg.route_scale, indices, scores
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked weights, run as grouped GEMMs over expert-sorted rows."""
+
+    def __init__(self, dim: int, hidden: int, n: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n, hidden, dim))  # gate (E, F, D)
+        self.w3 = nn.Parameter(torch.empty(n, hidden, dim))  # up   (E, F, D)
+        self.w2 = nn.Parameter(torch.empty(n, dim, hidden))  # down (E, D, F), the residual projection
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
+        """x (M, D) sorted by expert, offsets (E,) int32 cumulative ends -> (M, D)."""
+        w1, w3, w2 = (w.to(x.dtype) for w in (self.w1, self.w3, self.w2))  # autocast's cast, by hand
+        h = F.silu(grouped_mm(x, w1, offsets, backend)) * grouped_mm(x, w3, offsets, backend)  # (M, F)
+        return grouped_mm(h, w2, offsets, backend)
+
+
+class MoE(nn.Module):
+    """A DeepSeekMoE feed-forward: shared experts + top-k of E fine-grained routed experts.
+
+    `MoE(dim, MoEConfig(...))` maps (..., D) to (..., D) and drops in where a dense MLP was. After
+    each forward, `last_load` holds tokens per expert and `aux_loss` the sequence-wise balance loss
+    (None when off or in eval). Call `update_bias()` after each optimizer step.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig | None = None, init_std: float = 0.02):
+        super().__init__()
+        self.cfg = cfg = cfg or MoEConfig()
+        self.dim = dim
+        self.router = Router(dim, cfg)
+        self.experts = RoutedExperts(dim, cfg.expert_dim, cfg.n_routed_experts)
+        self.shared = SwiGLU(dim, cfg.n_shared_experts * cfg.expert_dim) if cfg.n_shared_experts else None
+        self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        # Load summed over the forwards since the last update_bias(): the whole (accumulated) batch.
+        self.register_buffer("step_load", torch.zeros(cfg.n_routed_experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+        with torch.no_grad():
+            for p in self.parameters():
+                nn.init.normal_(p, std=init_std)
+
+    def residual_projections(self) -> list[torch.Tensor]:
+        """The weights that write into the residual stream (their init is scaled by depth)."""
+        return [self.experts.w2] + (self.shared.residual_projections() if self.shared else [])
+
+    def inactive_param_count(self) -> int:
+        """Parameters of the E-K routed experts a token does not use."""
+        per_expert = 3 * self.dim * self.cfg.expert_dim
+        return (self.cfg.n_routed_experts - self.cfg.top_k) * per_expert
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, E, K = x.shape, self.cfg.n_routed_experts, self.cfg.top_k
+        tokens = x.reshape(-1, self.dim)  # (T, D)
+        weights, indices, scores = self.router(tokens)  # (T, K), (T, K), (T, E)
+
+        flat = indices.flatten()  # (M,) expert of each pair, pairs in token-major order
+        order = flat.argsort(stable=True)  # pairs sorted by expert
+        counts = torch.bincount(flat, minlength=E)  # (E,) tokens per expert
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        token_of = order // K  # (M,) source token of each sorted pair
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        backend = pick_backend(x.device, dtype, self.cfg.grouped_gemm, (self.dim, self.cfg.expert_dim))
+        y = self.experts(tokens[token_of].to(dtype), offsets, backend)  # (M, D)
+        y = y.float() * weights.flatten()[order].unsqueeze(1)
+        out = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, y)
+        out = out.to(x.dtype)
+        if self.shared is not None:
+            out = out + self.shared(tokens)
+
+        with torch.no_grad():
+            self.last_load.copy_(counts)
+            if self.training:
+                self.step_load += counts
+        self.aux_loss = None
+        if self.training and self.cfg.seq_aux_loss_weight > 0:
+            seqs = shape[0] if x.dim() == 3 else 1
+            self.aux_loss = self.sequence_balance_loss(scores.view(seqs, -1, E), indices.view(seqs, -1, K))
+        return out.view(shape)
+
+    def sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3 eq. 17-20 per sequence, averaged: alpha * sum_i f_i * P_i, with f_i the
+        expert's share of the sequence's selections (x E/K) and P_i its mean normalised affinity."""
+        B, S, E = scores.shape
+        K = indices.shape[-1]
+        chosen = torch.zeros(B, E, device=scores.device).scatter_add_(
+            1, indices.reshape(B, -1), torch.ones(B, S * K, device=scores.device))
+        f = chosen * E / (K * S)  # (B, E), no gradient
+        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # (B, E)
+        return self.cfg.seq_aux_loss_weight * (f * p).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self) -> dict[str, float]:
+        """Aux-loss-free balancing after an optimizer step: b_i += u * sign(mean load - load_i), with
+        the load summed over the step's forwards (and over ranks when distributed). Returns the
+        step's load statistics and resets the count."""
+        load = self.step_load.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        stats = load_stats(load)
+        if self.cfg.bias_update_rate > 0 and load.sum() > 0:
+            self.router.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
+        self.step_load.zero_()
+        return stats
+
+
+def load_stats(load: torch.Tensor) -> dict[str, float]:
+    """max/mean and coefficient of variation (std/mean) of per-expert token counts."""
+    load = load.double()
+    mean = load.mean()
+    if mean == 0:
+        return {"max_over_mean": 0.0, "cv": 0.0}
+    return {"max_over_mean": (load.max() / mean).item(), "cv": (load.std(unbiased=False) / mean).item()}

@@ -1,0 +1,131 @@
+"""The grouped GEMM: every backend equals the per-group reference, forward and both gradients.
+
+Without a GPU the Triton kernels run on the CPU under TRITON_INTERPRET=1 (set by conftest.py).
+The interpreter cannot run a bfloat16 tl.dot (it multiplies the raw bit patterns; Triton issue
+#11584, "not supported yet"), so bf16 is checked on a GPU (test_gpu_kernels) and fp32/fp16 here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from effllm.kernels.grouped_gemm import (
+    grouped_mm,
+    grouped_mm_reference,
+    pick_backend,
+    tile_schedule,
+    torch_fits,
+    triton_grouped_mm,
+    triton_grouped_wgrad,
+)
+
+# Relative error bounds by dtype (||out - ref|| / ||ref||, ref in fp64): fp32 accumulates in fp32
+# (IEEE dots), fp16/bf16 round the inputs and the output.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# (group sizes, K, N): ragged, empty groups first / middle / last, odd feature sizes, all empty.
+SHAPES = [
+    ([3, 0, 17, 1, 9], 40, 24),
+    ([0, 0, 5], 33, 17),
+    ([16, 16], 16, 16),
+    ([7, 20, 0], 70, 45),
+    ([0, 0, 0, 0], 24, 8),
+    ([1], 5, 3),
+]
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make(sizes, k, n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    m = sum(sizes)
+    offsets = torch.tensor(sizes).cumsum(0).to(torch.int32)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(len(sizes), n, k, generator=g) / k**0.5).to(dtype)
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    return [t.to(device()) for t in (x, w, dy, offsets)]
+
+
+def test_tile_schedule_covers_every_row_once():
+    offsets = torch.tensor([3, 3, 20, 21, 30], dtype=torch.int32)
+    group, row = tile_schedule(offsets, 30, 8)
+    covered = []
+    for g, r in zip(group.tolist(), row.tolist()):
+        if g >= 0:
+            end = offsets[g].item()
+            assert (offsets[g - 1].item() if g else 0) <= r < end
+            covered += list(range(r, min(r + 8, end)))
+    assert sorted(covered) == list(range(30))
+    assert group.numel() == 30 // 8 + 1 + 5  # the launch's upper bound: cdiv(M, BLOCK_M) + G
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("sizes,k,n", SHAPES)
+def test_triton_kernels_equal_reference(sizes, k, n, dtype):
+    x, w, dy, offsets = make(sizes, k, n, dtype, seed=sum(sizes) + k)
+    ref = grouped_mm_reference(x.double(), w.double(), offsets)
+    y = triton_grouped_mm(x, w, offsets)
+    assert y.shape == (sum(sizes), n) and y.dtype == dtype
+    if sum(sizes):
+        assert rel_err(y, ref) < TOL[dtype]
+        dx = triton_grouped_mm(dy, w, offsets, trans_w=False)
+        assert rel_err(dx, grouped_mm_reference(dy.double(), w.double().transpose(1, 2), offsets)) < TOL[dtype]
+    dw = triton_grouped_wgrad(dy, x, offsets)
+    bounds = [0] + offsets.tolist()
+    for g in range(len(sizes)):
+        rows = slice(bounds[g], bounds[g + 1])
+        if sizes[g] == 0:
+            assert torch.equal(dw[g], torch.zeros_like(dw[g]))  # empty experts get exact zeros
+        else:
+            assert rel_err(dw[g], dy[rows].double().T @ x[rows].double()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "loop"])
+@pytest.mark.parametrize("sizes,k,n", SHAPES[:4])
+def test_autograd_function_matches_reference_gradients(backend, sizes, k, n):
+    if backend == "torch" and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this PyTorch has no torch._grouped_mm")
+    x, w, dy, offsets = make(sizes, k, n, torch.float32, seed=7)
+    if backend == "torch" and not torch_fits(torch.float32, k, n):
+        with pytest.raises(ValueError, match="multiples of 16 bytes"):
+            grouped_mm(x, w, offsets, backend)
+        return
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    grouped_mm_reference(xr, wr, offsets).backward(dy.double())
+    xt, wt = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = grouped_mm(xt, wt, offsets, backend)
+    y.backward(dy)
+    assert rel_err(y, grouped_mm_reference(x.double(), w.double(), offsets)) < 1e-5
+    assert rel_err(xt.grad, xr.grad) < 1e-5
+    assert rel_err(wt.grad, wr.grad) < 1e-5
+
+
+def test_bad_input_is_refused():
+    x, w, _, offsets = make([2, 3], 8, 4, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="int32"):
+        grouped_mm(x, w, offsets.long())
+    with pytest.raises(ValueError, match="inner sizes differ"):
+        grouped_mm(x[:, :5], w, offsets)
+    with pytest.raises(ValueError, match="unknown grouped GEMM backend"):
+        grouped_mm(x, w, offsets, "cutlass")
+    with pytest.raises(ValueError, match="unknown grouped GEMM backend"):
+        pick_backend(torch.device("cpu"), torch.float32, "fast")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choice")
+def test_auto_backend_on_cpu():
+    expected = "torch" if hasattr(torch, "_grouped_mm") else "loop"
+    assert pick_backend(torch.device("cpu"), torch.float32, features=(64, 128)) == expected
+    assert pick_backend(torch.device("cpu"), torch.float32, features=(64, 33)) == "loop"
+    assert os.environ["TRITON_INTERPRET"] == "1"  # and under the interpreter, Triton runs on the CPU
+    assert pick_backend(torch.device("cpu"), torch.float32, "triton") == "triton"
