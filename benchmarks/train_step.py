@@ -14,17 +14,13 @@ report.md, rebuilt from every JSON file there.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import re
-import statistics
-import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from common import environment, time_fn, write_result
 
 from effllm.flops import device_name, mfu, peak_bf16_flops, tokens_per_device_hour, train_flops_per_token
 from effllm.model import ModelConfig, Transformer
@@ -40,11 +36,6 @@ SIZES = {
     "gpu": dict(model=ModelConfig(vocab_size=256, dim=768, n_layers=12, n_heads=12, max_seq_len=1024),
                 batch_size=32, seq_len=1024),
 }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_case(model_cfg: ModelConfig, batch_size: int, seq_len: int, compile: bool, device: torch.device,
@@ -68,45 +59,23 @@ def time_case(model_cfg: ModelConfig, batch_size: int, seq_len: int, compile: bo
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        step(i)
-    sync(device)
-    warmup_s = time.perf_counter() - t0
-    times = []
-    for i in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        step(i)
-        sync(device)
-        times.append(time.perf_counter() - t)
+    counter = iter(range(10**9))
+    timing = time_fn(lambda: step(next(counter)), device, warmup, repeats)
     tokens = batch_size * seq_len
-    median = statistics.median(times)
-    q = statistics.quantiles(times, n=10)
+    median = timing["median_s"]
     flops = train_flops_per_token(model_cfg, seq_len)
     tok_s = tokens / median
     peak = peak_bf16_flops(device_name(device)) if amp is torch.bfloat16 else None
     return {
         "case": "compile" if compile else "eager",
         "precision": str(amp or torch.float32),
-        "step_s_median": median, "step_s_p10": q[0], "step_s_p90": q[-1], "repeats": repeats,
-        "warmup_steps": warmup, "warmup_s": warmup_s,
+        "step_s_median": median, "step_s_p10": timing["p10_s"], "step_s_p90": timing["p90_s"], "repeats": repeats,
+        "warmup_steps": warmup,
         "tokens_per_s": tok_s, "tokens_per_device_hour": tokens_per_device_hour(tok_s),
         "train_flops_per_token": flops, "mfu": mfu(tok_s, flops, peak),
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "params": model.param_counts(),
     }
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except OSError:
-        return "unknown"
 
 
 def write_report(folder: Path = RESULTS) -> Path:
@@ -163,21 +132,14 @@ def main() -> None:
     ratios = {}
     if len(rows) == 2:
         ratios["compile / eager tokens/s"] = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
-    import triton
-
-    name = device_name(device)
     result = {
-        "bench": "train_step", "size": size, "device": name, "device_type": device.type,
-        "torch": torch.__version__, "triton": triton.__version__, "commit": args.commit or git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "bench": "train_step", "size": size, **environment(device, args.commit),
         "config": {"model": asdict(spec["model"]), "batch_size": spec["batch_size"], "seq_len": spec["seq_len"],
                    "tokens": "random ids, 4 batches in rotation"},
         "rows": rows, "ratios": ratios,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() + f"-{size}"
-    (args.out / f"{slug}.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out / (slug + '.json')} and {write_report(args.out)}")
+    path = write_result(args.out, result, size)
+    print(f"wrote {path} and {write_report(args.out)}")
 
 
 if __name__ == "__main__":

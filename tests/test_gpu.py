@@ -14,12 +14,13 @@ from effllm.train import train
 pytestmark = pytest.mark.gpu
 
 
-def cuda_run(byte_data, out, **overrides) -> tuple[dict, list[float]]:
+SMALL = ModelConfig(vocab_size=256, dim=96, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+
+
+def cuda_run(byte_data, out, model=SMALL, **overrides) -> tuple[dict, list[float]]:
     # The CPU learning test's run (test_train.py) on CUDA: 150 steps of 512 tokens.
     cfg = tiny_train_config(byte_data, out, device="cuda", max_steps=150, eval_interval=150, eval_tokens=4096,
-                            ckpt_interval=0, batch_size=8, seq_len=64,
-                            model=ModelConfig(vocab_size=256, dim=96, n_layers=2, n_heads=4, n_kv_heads=2,
-                                              max_seq_len=64), **overrides)
+                            ckpt_interval=0, batch_size=8, seq_len=64, model=model, **overrides)
     summary = train(cfg)
     curve = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     return summary, curve
@@ -60,3 +61,16 @@ def test_cuda_forward_matches_cpu_and_cached_decoding_matches_uncached():
     a = gpu.generate(prompt, 40, temperature=0.0, use_cache=True)
     b = gpu.generate(prompt, 40, temperature=0.0, use_cache=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_moe_training_on_cuda(byte_data, tmp_path, compile):
+    from effllm.moe import MoEConfig
+
+    moe = MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_dim=64, seq_aux_loss_weight=1e-4)
+    model = ModelConfig(**{**SMALL.__dict__, "ffn": "moe", "moe": moe})
+    summary, curve = cuda_run(byte_data, tmp_path / "run", model=model, compile=compile)
+    assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.0
+    assert summary["final_val_loss"] < summary["unigram_val_loss"] - 0.1
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["moe_aux_loss"] > 0 and set(last["moe_load"]) == {"blocks.0.ffn", "blocks.1.ffn"}

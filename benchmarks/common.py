@@ -1,0 +1,67 @@
+"""Shared pieces of the benchmark scripts: timing, environment record, result files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from effllm.flops import device_name
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device: torch.device, warmup: int, repeats: int) -> dict:
+    """Run `fn` `warmup` times untimed, then time each of `repeats` calls alone, the device
+    synchronised around it. Returns median and 10th/90th percentiles in seconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    return {"median_s": statistics.median(times), "p10_s": q[0], "p90_s": q[-1], "repeats": repeats,
+            "warmup": warmup}
+
+
+def git_commit() -> str:
+    here = Path(__file__).parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here).stdout.strip()
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+
+
+def environment(device: torch.device, commit: str | None) -> dict:
+    """Device, versions, commit and date: the header of every result file."""
+    import triton
+
+    return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+            "triton": triton.__version__, "commit": commit or git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def write_result(folder: Path, result: dict, size: str) -> Path:
+    """`folder/<device>-<size>.json`; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", result["device"]).strip("-").lower() + f"-{size}"
+    path = folder / f"{slug}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path

@@ -1,0 +1,149 @@
+"""MoE layer forward+backward against a per-expert loop and a dense MLP of equal active FLOPs.
+
+    python benchmarks/moe_layer.py --quick     # CPU-sized, a minute
+    python benchmarks/moe_layer.py             # GPU-sized: dim 2048, 64 experts of 1408, top-6,
+                                               # 2 shared, 16k tokens, bf16 (DeepSeek-V2-Lite's shape)
+
+Cases, all in one run on the same inputs:
+- moe[<backend>]: the MoE layer with each grouped GEMM backend this device has;
+- loop: the same layer with one matmul per expert (the reference path);
+- dense: a SwiGLU whose hidden width is (top_k + n_shared) x expert_dim, so its FLOPs per token
+  equal the MoE's active expert FLOPs (the router's 2·D·E FLOPs per token, 0.5% here, are not matched).
+Every case times forward + backward of the layer on random inputs (a fresh random router, so the
+load is near uniform, as aux-loss-free balancing keeps it), median over repeats after warm-up.
+Results: benchmarks/results/moe_layer/<device>-<size>.json, and report.md rebuilt from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from common import environment, time_fn, write_result
+
+from effllm.kernels.grouped_gemm import BACKENDS, pick_backend, torch_fits
+from effllm.layers import SwiGLU
+from effllm.moe import MoE, MoEConfig
+
+RESULTS = Path(__file__).resolve().parent / "results" / "moe_layer"
+
+SIZES = {
+    "quick": dict(dim=256, tokens=2048, dtype=torch.float32,
+                  moe=MoEConfig(n_routed_experts=16, n_shared_experts=1, top_k=4, expert_dim=128)),
+    "gpu": dict(dim=2048, tokens=16384, dtype=torch.bfloat16,
+                moe=MoEConfig(n_routed_experts=64, n_shared_experts=2, top_k=6, expert_dim=1408)),
+}
+
+
+def available_backends(device: torch.device, dtype: torch.dtype, features: tuple[int, ...]) -> list[str]:
+    out = []
+    for b in BACKENDS:
+        if b == "loop":
+            continue
+        if b == "torch" and not (hasattr(torch, "_grouped_mm") and torch_fits(dtype, *features)):
+            continue
+        if b == "torch" and device.type == "cuda" and pick_backend(device, dtype, "auto", features) != "torch":
+            continue  # torch._grouped_mm on CUDA is bf16 on Hopper+ only
+        if b == "triton" and device.type != "cuda":
+            continue
+        out.append(b)
+    return out
+
+
+def run_case(module: torch.nn.Module, x: torch.Tensor, device, warmup: int, repeats: int) -> dict:
+    dy = torch.randn_like(x)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).backward(dy)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    row = time_fn(step, device, warmup, repeats)
+    row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    row["tokens_per_s"] = x.shape[0] / row["median_s"]
+    return row
+
+
+def write_report(folder: Path) -> Path:
+    lines = ["# MoE layer: forward + backward", "",
+             "Written by `benchmarks/moe_layer.py` from the JSON files beside it. Median over repeats after warm-up;"
+             " `dense` is a SwiGLU with the MoE's active expert FLOPs per token.", ""]
+    for path in sorted(folder.glob("*.json")):
+        r = json.loads(path.read_text())
+        c = r["config"]
+        m = c["moe"]
+        lines += [f"## {r['device']}, {r['size']} ({r['date']})", "",
+                  f"torch {r['torch']}, triton {r['triton']}, commit `{r['commit']}`; dim {c['dim']}, {c['tokens']} tokens, "
+                  f"{c['dtype']}; {m['n_routed_experts']} experts of {m['expert_dim']}, top-{m['top_k']}, "
+                  f"{m['n_shared_experts']} shared; dense hidden {c['dense_hidden']}.", "",
+                  "| case | median (ms) | p10-p90 (ms) | tokens/s | peak mem (GiB) |", "|---|---|---|---|---|"]
+        for name, row in r["rows"].items():
+            mem = "-" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**30:.2f}"
+            lines.append(f"| {name} | {1e3 * row['median_s']:.2f} | {1e3 * row['p10_s']:.2f}-{1e3 * row['p90_s']:.2f} "
+                         f"| {row['tokens_per_s']:,.0f} | {mem} |")
+        lines += ["", "Ratios (same run): " + ", ".join(f"{k} = {v:.2f}" for k, v in r["ratios"].items()), ""]
+    report = folder / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU-sized case")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 10 quick, 30 gpu)")
+    parser.add_argument("--loop-repeats", type=int, default=None, help="timed runs of the slow loop case")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--commit", default=None, help="git commit to record (for copies without .git)")
+    args = parser.parse_args()
+
+    size = "quick" if args.quick else "gpu"
+    spec = SIZES[size]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if size == "gpu" and device.type != "cuda":
+        sys.exit("the GPU-sized case needs a CUDA GPU; run with --quick on a CPU")
+    repeats = args.repeats or (10 if args.quick else 30)
+    loop_repeats = args.loop_repeats or (5 if args.quick else 10)
+    dim, dtype, cfg = spec["dim"], spec["dtype"], spec["moe"]
+    dense_hidden = (cfg.top_k + cfg.n_shared_experts) * cfg.expert_dim
+    torch.manual_seed(0)
+    x = torch.randn(spec["tokens"], dim, device=device, dtype=dtype, requires_grad=True)
+
+    rows, load = {}, None
+    for backend in available_backends(device, dtype, (dim, cfg.expert_dim)) + ["loop"]:
+        torch.manual_seed(0)
+        layer = MoE(dim, MoEConfig(**{**asdict(cfg), "grouped_gemm": backend})).to(device, dtype)
+        name = "loop" if backend == "loop" else f"moe[{backend}]"
+        rows[name] = run_case(layer, x, device, args.warmup, loop_repeats if backend == "loop" else repeats)
+        load = layer.last_load.tolist()
+        print(f"{name:14s} {1e3 * rows[name]['median_s']:9.2f} ms", flush=True)
+    torch.manual_seed(0)
+    dense = SwiGLU(dim, dense_hidden).to(device, dtype)
+    rows["dense"] = run_case(dense, x, device, args.warmup, repeats)
+    print(f"{'dense':14s} {1e3 * rows['dense']['median_s']:9.2f} ms", flush=True)
+
+    best = min((r["median_s"], n) for n, r in rows.items() if n.startswith("moe["))
+    ratios = {f"{best[1]} / dense time": best[0] / rows["dense"]["median_s"],
+              f"loop / {best[1]} time": rows["loop"]["median_s"] / best[0]}
+    for n, r in rows.items():
+        if n.startswith("moe[") and n != best[1]:
+            ratios[f"{n} / {best[1]} time"] = r["median_s"] / best[0]
+    result = {"bench": "moe_layer", "size": size, **environment(device, args.commit),
+              "config": {"dim": dim, "tokens": spec["tokens"], "dtype": str(dtype), "dense_hidden": dense_hidden,
+                         "moe": asdict(cfg), "inputs": "randn tokens, fresh random router and experts",
+                         "last_load": load},
+              "rows": rows, "ratios": ratios}
+    path = write_result(args.out, result, size)
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}")
+    print(f"wrote {path} and {write_report(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
