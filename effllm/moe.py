@@ -12,8 +12,8 @@ balance (auxiliary-loss-free load balancing). An optional sequence-wise balance 
 is exposed as `aux_loss` for the trainer to add.
 
 Dispatch is dropless: the M (token, expert) pairs are sorted by expert and every expert runs as
-one group of a grouped GEMM (kernels/grouped_gemm.py); outputs are weighted and scatter-added
-back per token in fp32.
+one group of a grouped GEMM (kernels/grouped_gemm.py); each token then sums its K weighted
+outputs in fp32 (kernels/moe_combine.py: a Triton kernel on CUDA, PyTorch ops elsewhere).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 
 from effllm.errors import ConfigError
 from effllm.kernels.grouped_gemm import grouped_mm, pick_backend
+from effllm.kernels.moe_combine import combine
 from effllm.layers import SwiGLU
 
 
@@ -166,9 +167,10 @@ class MoE(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         backend = pick_backend(x.device, dtype, self.cfg.grouped_gemm, (self.dim, self.cfg.expert_dim))
         y = self.experts(tokens[token_of].to(dtype), offsets, backend)  # (M, D)
-        y = y.float() * weights.flatten()[order].unsqueeze(1)
-        out = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device).index_add_(0, token_of, y)
-        out = out.to(x.dtype)
+        pos = torch.empty_like(order)
+        pos[order] = torch.arange(order.numel(), device=x.device)  # sorted row of each (token, k) pair
+        # Weighted sum of each token's K outputs in fp32, gathered in a fixed order (deterministic).
+        out = combine(y, weights, pos.view(-1, K), x.dtype, use_triton=x.device.type == "cuda")
         if self.shared is not None:
             out = out + self.shared(tokens)
 

@@ -139,3 +139,28 @@ def test_auto_backend_on_cpu():
     assert pick_backend(torch.device("cpu"), torch.float32, features=(64, 33)) == "loop"
     assert os.environ["TRITON_INTERPRET"] == "1"  # and under the interpreter, Triton runs on the CPU
     assert pick_backend(torch.device("cpu"), torch.float32, "triton") == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t,k,d", [(7, 3, 40), (1, 1, 5), (16, 6, 130), (0, 2, 8)])
+def test_combine_kernel_equals_reference_forward_and_backward(t, k, d, dtype):
+    """No tl.dot in the combine kernels, so bf16 runs under the interpreter too."""
+    from effllm.kernels.moe_combine import combine, combine_reference
+
+    g = torch.Generator().manual_seed(t * 100 + d)
+    y = torch.randn(t * k, d, generator=g).to(dtype).to(device())
+    w = torch.rand(t, k, generator=g).to(device())
+    pos = torch.randperm(t * k, generator=g).view(t, k).to(device())
+    dout = torch.randn(t, d, generator=g).to(device())
+    yr, wr = y.double().requires_grad_(), w.double().requires_grad_()
+    ref = (yr[pos.flatten()].view(t, k, d) * wr.unsqueeze(-1)).sum(1)  # the formula, in fp64
+    ref.backward(dout.double())
+    yt, wt = y.clone().requires_grad_(), w.clone().requires_grad_()
+    out = combine(yt, wt, pos, torch.float32, use_triton=True)
+    out.backward(dout)
+    assert out.dtype == torch.float32 and yt.grad.dtype == dtype and wt.grad.dtype == torch.float32
+    if t:
+        assert rel_err(out, ref) < 1e-6  # fp32 accumulation of the exact inputs
+        assert rel_err(wt.grad, wr.grad) < 1e-6
+        assert rel_err(yt.grad, yr.grad) < TOL[dtype]  # w * dout rounded to y's dtype
+        torch.testing.assert_close(combine_reference(y, w, pos, torch.float32), out, rtol=1e-6, atol=1e-6)
