@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 from common import environment, time_fn, write_result
-
 from effllm.kernels.grouped_gemm import BACKENDS, pick_backend, torch_fits
+
 from effllm.layers import SwiGLU
 from effllm.moe import MoE, MoEConfig
 

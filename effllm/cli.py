@@ -8,8 +8,8 @@ TrainConfig and lets any field be overridden: `effllm train dense_tiny --optim.l
 from __future__ import annotations
 
 import importlib
-import json
 import importlib.util
+import json
 import pkgutil
 import sys
 from dataclasses import dataclass

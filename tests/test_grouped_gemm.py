@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-
 from effllm.kernels.grouped_gemm import (
     grouped_mm,
     grouped_mm_reference,

@@ -32,10 +32,11 @@ def reference_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, c
         allowed = list(range(E))
         if G > 1:
             size = E // G
-            def group_score(g):
+            group_scores = []
+            for g in range(G):
                 members = sorted(biased[g * size : (g + 1) * size], reverse=True)
-                return sum(members[:2]) if cfg.score_func == "sigmoid" else members[0]
-            groups = sorted(range(G), key=group_score, reverse=True)[: cfg.topk_group]
+                group_scores.append(sum(members[:2]) if cfg.score_func == "sigmoid" else members[0])
+            groups = sorted(range(G), key=group_scores.__getitem__, reverse=True)[: cfg.topk_group]
             allowed = [e for g in groups for e in range(g * size, (g + 1) * size)]
         chosen = sorted(allowed, key=lambda e: biased[e], reverse=True)[: cfg.top_k]
         gates = {e: s[e].item() for e in chosen}
