@@ -6,9 +6,38 @@ G key/value heads (H % G == 0), hs head size.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def yarn_inv_freq(head_dim: int, theta: float, factor: float, original_max_position: int,
+                  beta_fast: float, beta_slow: float) -> torch.Tensor:
+    """RoPE inverse frequencies with YaRN scaling (Peng et al., 2023, as DeepSeek-V2/V3 use it),
+    in fp64. Dimensions that rotate more than beta_fast times over the original context keep their
+    frequency; those rotating fewer than beta_slow times are divided by `factor`; a linear ramp
+    blends the ones between. factor = 1 gives plain RoPE exactly."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if factor == 1.0:
+        return inv_freq
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1 for fast-rotating (high-frequency) dimensions
+    return inv_freq / factor * (1 - keep) + inv_freq * keep
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature correction; 1 when factor = 1."""
+    return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 class RotaryEmbedding(nn.Module):
@@ -16,15 +45,17 @@ class RotaryEmbedding(nn.Module):
 
     Uses the "rotate half" layout (Llama / Hugging Face convention): the first and second halves of
     each head are the two coordinates of each rotated pair. The tables are non-persistent buffers,
-    rebuilt at construction, so they never enter a checkpoint.
+    rebuilt at construction, so they never enter a checkpoint. `inv_freq` replaces the plain RoPE
+    frequencies (YaRN: `yarn_inv_freq`).
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0, inv_freq: torch.Tensor | None = None):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary head dim must be even, got {head_dim}: pick an even head size")
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (T, hs/2)
+        if inv_freq is None:
+            inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq.double())  # (T, hs/2)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 

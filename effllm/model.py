@@ -17,6 +17,7 @@ from torch import nn
 from effllm.attention import Attention, RotaryEmbedding
 from effllm.errors import ConfigError
 from effllm.layers import RMSNorm, SwiGLU
+from effllm.mla import MLA, MLAConfig
 from effllm.moe import MoE, MoEConfig
 
 
@@ -35,7 +36,8 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base frequency
     norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_embeddings: bool = True  # share the token embedding with the output head
-    attention: Literal["mha"] = "mha"  # attention kind: "mha" (MHA/GQA with RoPE)
+    attention: Literal["mha", "mla"] = "mha"  # attention kind: "mha" (MHA/GQA with RoPE) or "mla" (latent)
+    mla: MLAConfig = field(default_factory=MLAConfig)  # the MLA layers' shape (attention="mla")
     ffn: Literal["dense", "moe"] = "dense"  # feed-forward kind: "dense" (SwiGLU) or "moe" (DeepSeekMoE)
     moe: MoEConfig = field(default_factory=MoEConfig)  # the MoE layers' shape and routing (ffn="moe")
     first_k_dense: int = 0  # with ffn="moe": the first k blocks keep a dense SwiGLU (DeepSeek: 1-3)
@@ -45,6 +47,13 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_multiple_of"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.first_k_dense <= self.n_layers:
+            raise ConfigError(f"model.first_k_dense={self.first_k_dense} must lie in [0, n_layers={self.n_layers}]")
+        if self.attention == "mla":
+            if self.mla.n_heads != self.n_heads:
+                raise ConfigError(f"model.n_heads={self.n_heads} but model.mla.n_heads={self.mla.n_heads}: "
+                                  "set both to the same number of heads")
+            return  # MLA's head sizes are its own (mla.*_head_dim); dim need not divide by heads
         if self.dim % self.n_heads:
             raise ConfigError(
                 f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: "
@@ -52,8 +61,6 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head size dim/n_heads = {self.head_dim} is odd; RoPE needs an even head size")
-        if not 0 <= self.first_k_dense <= self.n_layers:
-            raise ConfigError(f"model.first_k_dense={self.first_k_dense} must lie in [0, n_layers={self.n_layers}]")
         kv = self.kv_heads
         if kv <= 0 or self.n_heads % kv:
             raise ConfigError(
@@ -82,7 +89,13 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Inverse of to_dict (checkpoints store the config as JSON)."""
-        return cls(**{**d, "moe": MoEConfig(**d.get("moe", {}))})
+        return cls(**{**d, "moe": MoEConfig(**d.get("moe", {})), "mla": MLAConfig(**d.get("mla", {}))})
+
+    def rotary(self) -> RotaryEmbedding:
+        """The RoPE tables the attention kind needs (MLA: its rotary dims, with YaRN)."""
+        if self.attention == "mla":
+            return self.mla.rotary(self.max_seq_len)
+        return RotaryEmbedding(self.head_dim, self.max_seq_len, self.rope_theta)
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.ffn == "moe" and layer >= self.first_k_dense
@@ -92,7 +105,9 @@ def build_attention(cfg: ModelConfig, layer: int) -> nn.Module:
     """The attention module of block `layer`, of the kind `cfg.attention` names."""
     if cfg.attention == "mha":
         return Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim)
-    raise ConfigError(f"unknown attention kind {cfg.attention!r}; choose one of: 'mha'")
+    if cfg.attention == "mla":
+        return MLA(cfg.dim, cfg.mla)
+    raise ConfigError(f"unknown attention kind {cfg.attention!r}; choose one of: 'mha', 'mla'")
 
 
 def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
@@ -126,7 +141,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.rope = cfg.rotary()
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
