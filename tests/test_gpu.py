@@ -74,3 +74,25 @@ def test_moe_training_on_cuda(byte_data, tmp_path, compile):
     assert summary["final_val_loss"] < summary["unigram_val_loss"] - 0.1
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["moe_aux_loss"] > 0 and set(last["moe_load"]) == {"blocks.0.ffn", "blocks.1.ffn"}
+
+
+@pytest.mark.parametrize("decode", ["naive", "absorbed"])
+def test_mla_decoding_on_cuda_equals_training_path(decode):
+    from effllm.mla import MLAConfig
+
+    mla = MLAConfig(n_heads=8, q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                    v_head_dim=32, decode=decode)
+    cfg = ModelConfig(vocab_size=256, dim=128, n_layers=2, n_heads=8, attention="mla", mla=mla, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg).cuda().eval()
+    tokens = torch.randint(0, 256, (2, 40), device="cuda")
+    full, _ = model(tokens)
+    caches, pieces, pos = model.new_caches(2), [], 0
+    for length in (9,) + (1,) * 31:
+        logits, _ = model(tokens[:, pos : pos + length], caches=caches, pos=pos)
+        pieces.append(logits)
+        pos += length
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-3, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = model.generate(tokens[:, :8], 24, temperature=0.0)
+        assert low.shape == (2, 32)
