@@ -113,7 +113,8 @@ class MLA(nn.Module):
     """Multi-head latent attention: `MLA(dim, MLAConfig(...))`, causal, (B, T, D) -> (B, T, D).
 
     `forward(x, rope, cache, pos)` takes the (cos, sin) tables of `cfg.rotary(max_len)` for positions
-    pos..pos+T-1; with a `LatentCache` it decodes by `cfg.decode` (absorbed or naive).
+    pos..pos+T-1; with a `LatentCache` it decodes single tokens by `cfg.decode` (absorbed or naive)
+    and prefills through the expanded path.
     """
 
     def __init__(self, dim: int, cfg: MLAConfig | None = None):
@@ -153,7 +154,9 @@ class MLA(nn.Module):
         if cache is not None:
             kv = cache.update(latent, k_rope, pos)  # (B, S, C+R)
             latent, k_rope = kv[..., :C], kv[..., C:]
-        if cache is not None and cfg.decode == "absorbed":
+        if cache is not None and cfg.decode == "absorbed" and T == 1:
+            # Decoding one token. A prefill takes the expanded path: its T x S scores with a 576-wide
+            # absorbed head fit no fused SDPA kernel (the math fallback asked an H100 for 64 GiB).
             y = self._absorbed(q_nope, q_rope, kv, pos)
         else:
             y = self._expanded(q_nope, q_rope, latent, k_rope, pos)
