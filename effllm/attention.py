@@ -11,6 +11,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Backends for one-token decode steps on CUDA. cuDNN attention is left out: it builds a plan for
+# every new key length, and decoding changes the length at every step. (Measured on an H100,
+# torch 2.11: MHA decode at batch 16 cost ~39 ms per step at any context before this choice.)
+DECODE_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 def yarn_inv_freq(head_dim: int, theta: float, factor: float, original_max_position: int,
@@ -158,7 +164,10 @@ def causal_sdpa(
     T, S = q.shape[-2], k.shape[-2]
     kwargs = {"enable_gqa": True} if enable_gqa else {}
     if T == 1:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, **kwargs)
+        if q.device.type != "cuda":
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, **kwargs)
+        with sdpa_kernel(list(DECODE_BACKENDS)):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, **kwargs)
     if pos == 0 and S == T:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **kwargs)
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
