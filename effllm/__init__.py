@@ -5,6 +5,7 @@ Importing effllm does no work: no CUDA calls, no compiler flags, no global state
 """
 
 from effllm.errors import CheckpointError, ConfigError, DataError, EffllmError, TrainingDiverged
+from effllm.mla import MLA, MLAConfig
 from effllm.model import ModelConfig, Transformer
 from effllm.moe import MoE, MoEConfig
 from effllm.train import OptimConfig, TrainConfig, train
@@ -15,6 +16,8 @@ __all__ = [
     "Transformer",
     "ModelConfig",
     "MoE",
+    "MLA",
+    "MLAConfig",
     "MoEConfig",
     "TrainConfig",
     "OptimConfig",
