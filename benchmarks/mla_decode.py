@@ -83,6 +83,16 @@ def sdpa_backends(device: torch.device, dtype: torch.dtype, spec: dict) -> dict:
     return out
 
 
+@torch.no_grad()
+def time_decode(model: Transformer, batch: int, ctx: int, steps: int, device: torch.device) -> tuple[dict, list]:
+    """Prefill `ctx` random tokens, then time single-token decode steps; returns (timing, caches)."""
+    caches = model.new_caches(batch, ctx + steps + 2)
+    model(torch.randint(0, 256, (batch, ctx), device=device), caches=caches)
+    token = torch.randint(0, 256, (batch, 1), device=device)
+    pos = iter(range(ctx, ctx + steps + 2))
+    return time_fn(lambda: model(token, caches=caches, pos=next(pos)), device, warmup=2, repeats=steps), caches
+
+
 def write_report(folder: Path) -> Path:
     lines = ["# Decode: MHA vs GQA vs MLA", "",
              "Written by `benchmarks/mla_decode.py` from the JSON files beside it. Median single-token decode step "
@@ -128,17 +138,7 @@ def main() -> None:
         model = Transformer(cfg).to(device, dtype).eval()
         row = {"params": model.param_counts(), "contexts": {}}
         for ctx in spec["contexts"]:
-            with torch.no_grad():
-                caches = model.new_caches(B, ctx + spec["steps"] + 2)
-                model(torch.randint(0, 256, (B, ctx), device=device), caches=caches)
-                token = torch.randint(0, 256, (B, 1), device=device)
-                state = {"pos": ctx}
-
-                def step():
-                    model(token, caches=caches, pos=state["pos"])
-                    state["pos"] += 1
-
-                t = time_fn(step, device, warmup=2, repeats=spec["steps"])
+            t, caches = time_decode(model, B, ctx, spec["steps"], device)
             row["cache_bytes_per_token"] = cache_bytes_per_token(model, caches)
             row["contexts"][str(ctx)] = {**t, "tokens_per_s": B / t["median_s"]}
             print(f"{name:13s} ctx {ctx:5d}: {1e3 * t['median_s']:8.3f} ms/step  {B / t['median_s']:10,.0f} tokens/s",
