@@ -1,0 +1,248 @@
+"""FP8 (E4M3) quantization with DeepSeek-V3's fine-grained scales (technical report §3.3.1).
+
+Shape letters: M rows (tokens), K the quantized row length (features), N output features.
+
+- `quant_rows(x)`: one fp32 scale per 1x128 tile along the last dim (activations in the forward
+  pass, output gradients for dgrad). x (M, K) -> q (M, K) e4m3, s (M, K/128).
+- `quant_rows_and_cols(x)`: the same, plus the tiles of 128 rows along the token dimension,
+  stored transposed for the wgrad GEMM (it sums over tokens). One read of x gives both:
+  q (M, K), s (M, K/128), qt (K, M), st (K, ceil(M/128)).
+- `quant_blocks(w)`: one scale per 128x128 block (weights). w (N, K) -> q (N, K), s (N/128, K/128).
+
+scale = amax / 448, with amax clamped to >= 1e-12 so an all-zero tile gives zeros and a finite
+scale, never NaN; `pow2=True` rounds each scale up to a power of two (exact rescaling, as some
+recipes prefer). The value x / scale is clamped to +-448 and rounded to nearest-even onto the E4M3
+grid in fp32 before the cast, so the cast itself is exact. Rounding in fp32 first matters twice:
+- Triton's interpreter drops the carry when rounding overflows the mantissa (126.8 became 64; an
+  open Triton pull request, #11897, describes it);
+- the compiled fp32->e4m3 cast was reported to round through fp16 and send ~0.4% of values one
+  step toward zero on sm_89.
+Each kernel has a PyTorch reference beside it (torch's own RNE cast), and the tests require them
+to agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0  # largest finite E4M3 (fn) value
+TILE = 128  # quantization tile along a row, and the weight block edge
+AMAX_FLOOR = 1e-12  # keeps the scale of an all-zero tile finite
+FP8 = torch.float8_e4m3fn
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """Round fp32 v (|v| <= 448) to the nearest E4M3 value, ties to even, staying in fp32; the
+    sign bit is carried over as is, so -0.0 and values rounding to zero from below stay -0.0."""
+    bits = v.to(tl.int32, bitcast=True)
+    a = tl.abs(v)
+    exponent = ((bits >> 23) & 0xFF) - 127
+    ulp_exp = tl.maximum(exponent, -6) - 3  # 3 mantissa bits; subnormals below 2^-6 step by 2^-9
+    ulp = ((ulp_exp + 127) << 23).to(tl.float32, bitcast=True)
+    y = a / ulp  # exact: ulp is a power of two
+    f = tl.floor(y)
+    d = y - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    r = (f + tl.where((d > 0.5) | ((d == 0.5) & odd), 1.0, 0.0)) * ulp
+    return (r.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_of(amax, POW2: tl.constexpr):
+    s = tl.maximum(amax, 1e-12) / 448.0
+    if POW2:  # the next power of two >= s, from the bits (no log2 rounding)
+        bits = s.to(tl.int32, bitcast=True)
+        up = (((bits >> 23) & 0xFF) + 1) << 23
+        s = tl.where((bits & 0x7FFFFF) == 0, s, up.to(tl.float32, bitcast=True))
+    return s
+
+
+@triton.jit
+def _quant(x, s):
+    return _round_to_e4m3(tl.clamp(x / s, -448.0, 448.0))
+
+
+@triton.jit
+def _quant_rows_kernel(
+    # pointers
+    x_ptr, q_ptr, s_ptr,
+    # sizes
+    M, K,
+    # strides
+    stride_xm, stride_qm, stride_sm,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr,
+):
+    """BLOCK_M rows x one 128-wide tile: a scale per row of the tile."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * TILE_K + tl.arange(0, TILE_K)
+    mask = (rows < M)[:, None] & (cols < K)[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = _scale_of(tl.max(tl.abs(x), axis=1), POW2)  # (BLOCK_M,)
+    q = _quant(x, s[:, None])
+    tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + rows64 * stride_sm + tl.program_id(1), s, mask=rows < M)
+
+
+@triton.jit
+def _quant_rows_and_cols_kernel(
+    # pointers
+    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
+    # sizes
+    M, K,
+    # strides
+    stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk,
+    # meta-parameters
+    TILE_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr,
+):
+    """One 128x128 tile read once: row scales (1x128 along K) and column scales (128x1 along M),
+    the column-quantized tile stored transposed."""
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = pid_m * TILE_M + tl.arange(0, TILE_M)
+    cols = pid_k * TILE_K + tl.arange(0, TILE_K)
+    row_ok, col_ok = rows < M, cols < K
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols64[None, :], mask=mask, other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    s_row = _scale_of(tl.max(ax, axis=1), POW2)  # (TILE_M,)
+    s_col = _scale_of(tl.max(ax, axis=0), POW2)  # (TILE_K,)
+    q = _quant(x, s_row[:, None])
+    qt = _quant(x, s_col[None, :])
+    tl.store(q_ptr + rows64[:, None] * stride_qm + cols64[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + rows64 * stride_sm + pid_k, s_row, mask=row_ok)
+    tl.store(qt_ptr + cols64[None, :] * stride_qtk + rows64[:, None], qt.to(qt_ptr.dtype.element_ty), mask=mask)
+    tl.store(st_ptr + cols64 * stride_stk + pid_m, s_col, mask=col_ok)
+
+
+@triton.jit
+def _quant_blocks_kernel(
+    # pointers
+    w_ptr, q_ptr, s_ptr,
+    # sizes
+    N, K,
+    # strides
+    stride_wn, stride_qn, stride_sn,
+    # meta-parameters
+    TILE: tl.constexpr, POW2: tl.constexpr,
+):
+    """One 128x128 block, one scale."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = (pid_n * TILE + tl.arange(0, TILE)).to(tl.int64)
+    cols = pid_k * TILE + tl.arange(0, TILE)
+    mask = (rows < N)[:, None] & (cols < K)[None, :]
+    w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
+    q = _quant(w, s)
+    tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + pid_n * stride_sn + pid_k, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _check_2d(x: torch.Tensor, name: str, k_multiple: bool = True) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
+    if k_multiple and x.shape[1] % TILE:
+        raise ValueError(f"{name} has {x.shape[1]} columns, not a multiple of {TILE}: FP8 tiles are 1x{TILE}; "
+                         "pad the feature dim or keep this layer in higher precision")
+    if x.numel() and x.stride(1) != 1:
+        raise ValueError(f"{name} must be contiguous along its last dim")
+
+
+def quant_rows(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K), K % 128 == 0 -> q (M, K) e4m3, s (M, K/128) fp32 with x ~= q * s per 1x128 tile."""
+    _check_2d(x, "x")
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=FP8, device=x.device)
+    s = torch.empty((M, K // TILE), dtype=torch.float32, device=x.device)
+    if M:
+        block_m = 16
+        _quant_rows_kernel[(triton.cdiv(M, block_m), K // TILE)](
+            x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), BLOCK_M=block_m, TILE_K=TILE, POW2=pow2)
+    return q, s
+
+
+def quant_rows_and_cols(x: torch.Tensor, pow2: bool = False):
+    """x (M, K) -> (q (M, K), s (M, K/128)) tiled along K, and (qt (K, M), st (K, ceil(M/128))) tiled
+    along M and stored transposed; one pass over x."""
+    _check_2d(x, "x")
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=FP8, device=x.device)
+    s = torch.empty((M, K // TILE), dtype=torch.float32, device=x.device)
+    qt = torch.empty((K, M), dtype=FP8, device=x.device)
+    st = torch.empty((K, triton.cdiv(M, TILE)), dtype=torch.float32, device=x.device)
+    if M:
+        _quant_rows_and_cols_kernel[(triton.cdiv(M, TILE), K // TILE)](
+            x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0),
+            TILE_M=TILE, TILE_K=TILE, POW2=pow2)
+    return q, s, qt, st
+
+
+def quant_blocks(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K), both multiples of 128 -> q (N, K) e4m3, s (N/128, K/128) fp32 per 128x128 block."""
+    _check_2d(w, "w")
+    N, K = w.shape
+    if N % TILE:
+        raise ValueError(f"w has {N} rows, not a multiple of {TILE}: weight blocks are {TILE}x{TILE}")
+    q = torch.empty((N, K), dtype=FP8, device=w.device)
+    s = torch.empty((N // TILE, K // TILE), dtype=torch.float32, device=w.device)
+    _quant_blocks_kernel[(N // TILE, K // TILE)](w, q, s, N, K, w.stride(0), q.stride(0), s.stride(0),
+                                                 TILE=TILE, POW2=pow2)
+    return q, s
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch references (and the CPU path)
+
+
+def _scale_ref(amax: torch.Tensor, pow2: bool) -> torch.Tensor:
+    s = amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    if pow2:
+        m, e = torch.frexp(s)  # s = m * 2^e, m in [0.5, 1)
+        s = torch.where(m == 0.5, s, torch.ldexp(torch.ones_like(s), e))
+    return s
+
+
+def quant_rows_ref(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_2d(x, "x")
+    M, K = x.shape
+    tiles = x.float().view(M, K // TILE, TILE)
+    s = _scale_ref(tiles.abs().amax(dim=-1), pow2)  # (M, K/128)
+    q = (tiles / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.view(M, K), s
+
+
+def quant_cols_ref(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiles of 128 rows along M, transposed: x (M, K) -> qt (K, M), st (K, ceil(M/128))."""
+    M, K = x.shape
+    pad = (-M) % TILE
+    xt = torch.nn.functional.pad(x.float().t(), (0, pad))  # (K, M+pad); zeros never raise an amax
+    q, s = quant_rows_ref(xt.contiguous(), pow2)
+    return q[:, :M], s
+
+
+def quant_blocks_ref(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    N, K = w.shape
+    blocks = w.float().view(N // TILE, TILE, K // TILE, TILE)
+    s = _scale_ref(blocks.abs().amax(dim=(1, 3)), pow2)  # (N/128, K/128)
+    q = (blocks / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.view(N, K), s
+
+
+def dequant_rows(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """fp32 values of a 1x128-tiled tensor."""
+    M, K = q.shape
+    return (q.float().view(M, K // TILE, TILE) * s.unsqueeze(-1)).view(M, K)
+
+
+def dequant_blocks(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """fp32 values of a 128x128-blocked tensor."""
+    N, K = q.shape
+    return (q.float().view(N // TILE, TILE, K // TILE, TILE) * s[:, None, :, None]).view(N, K)
