@@ -1,0 +1,131 @@
+"""Block-scaled FP8 GEMM, C = A · Bᵀ, with DeepSeek-V3's fine-grained scales (report §3.3.2).
+
+Shape letters: M rows of A (tokens, masked: any M), N rows of B, K the reduced dim.
+
+    A (M, K) e4m3 with a_s (M, ceil(K/128)): one scale per 1x128 tile of a row
+    B (N, K) e4m3 with either
+        b_s (ceil(N/128), ceil(K/128)): one scale per 128x128 block ("block": forward and dgrad), or
+        b_s (N, ceil(K/128)): one scale per 1x128 tile ("row": wgrad, both operands tiled along
+        the token dimension, which is K there)
+
+Each program accumulates one 128-wide K block with the tensor cores in fp32, then multiplies it
+by that block's scales and adds it to an fp32 accumulator (the scales applied per K block, the
+"promotion" DeepSeek-V3 describes). C is written in bf16 or fp32. Operands may be strided views
+(dgrad reads Wᵀ and its transposed block scales without a copy); N must be a multiple of 128 and
+K a multiple of 128, except in "row" mode where K (the token count) may be ragged.
+
+`fp8_gemm_ref` computes the same per-block sums with PyTorch ops; it is the CPU path and the
+reference the tests hold the kernel to.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+TILE = 128
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    # pointers
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr,
+    # sizes
+    M, N, K,
+    # strides
+    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_asm, stride_ask, stride_bsn, stride_bsk,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B_ROW_SCALES: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = rm < M, rn < N
+    rm64, rn64 = rm.to(tl.int64), rn.to(tl.int64)
+    a_ptrs = a_ptr + rm64[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rn64[None, :] * stride_bn + rk[:, None] * stride_bk  # (BLOCK_K, BLOCK_N) view of Bᵀ
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = kb * BLOCK_K + rk < K
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        a_s = tl.load(as_ptr + rm64 * stride_asm + kb * stride_ask, mask=m_ok, other=0.0)  # (BLOCK_M,)
+        if B_ROW_SCALES:
+            b_s = tl.load(bs_ptr + rn64 * stride_bsn + kb * stride_bsk, mask=n_ok, other=0.0)  # (BLOCK_N,)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        else:  # one block scale for the whole tile: BLOCK_N divides 128
+            b_s = tl.load(bs_ptr + (pid_n * BLOCK_N // 128) * stride_bsn + kb * stride_bsk)
+            acc += tl.dot(a, b) * (a_s[:, None] * b_s)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _blocks() -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K is the 128-wide scale tile. Small tiles
+    under the interpreter keep CPU tests fast. The GPU configuration is a starting point that
+    has not been measured yet: no H100 time was left when this kernel was written."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return 16, 32, 1, 1
+    return 128, 128, 8, 3
+
+
+def _check(a, a_s, b, b_s, b_row_scales: bool) -> None:
+    if a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"fp8_gemm takes e4m3 operands, got {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"fp8_gemm computes A·Bᵀ with A (M, K) and B (N, K); got {tuple(a.shape)} and {tuple(b.shape)}")
+    M, K = a.shape
+    N = b.shape[0]
+    if N % TILE or (not b_row_scales and K % TILE):
+        raise ValueError(f"fp8_gemm needs N and K to be multiples of {TILE} (got N={N}, K={K}): "
+                         "keep layers of other sizes in higher precision")
+    kb = triton.cdiv(K, TILE)
+    if a_s.shape != (M, kb):
+        raise ValueError(f"a_s must be (M, ceil(K/128)) = {(M, kb)}, got {tuple(a_s.shape)}")
+    want = (N, kb) if b_row_scales else (N // TILE, kb)
+    if b_s.shape != want:
+        raise ValueError(f"b_s must be {want} for {'row' if b_row_scales else 'block'} scales, got {tuple(b_s.shape)}")
+
+
+def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+             out_dtype: torch.dtype = torch.bfloat16, b_row_scales: bool = False) -> torch.Tensor:
+    """C (M, N) = A · Bᵀ from block-scaled E4M3 operands, fp32 accumulation, in `out_dtype`."""
+    _check(a, a_s, b, b_s, b_row_scales)
+    M, K = a.shape
+    N = b.shape[0]
+    c = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0:
+        return c
+    bm, bn, warps, stages = _blocks()
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _fp8_gemm_kernel[grid](
+        a, b, c, a_s, b_s,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=TILE, B_ROW_SCALES=b_row_scales, num_warps=warps, num_stages=stages,
+    )
+    return c
+
+
+def fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                 out_dtype: torch.dtype = torch.bfloat16, b_row_scales: bool = False) -> torch.Tensor:
+    """The same per-128-block sums with PyTorch ops (fp32): the CPU path and the kernel's reference."""
+    _check(a, a_s, b, b_s, b_row_scales)
+    M, K = a.shape
+    N = b.shape[0]
+    kb = triton.cdiv(K, TILE)
+    pad = kb * TILE - K
+    af = torch.nn.functional.pad(a.float(), (0, pad)).view(M, kb, TILE)
+    bf = torch.nn.functional.pad(b.float(), (0, pad)).view(N, kb, TILE)
+    partial = torch.einsum("mkt,nkt->kmn", af, bf)  # (kb, M, N): one product per K block
+    bscale = b_s.float() if b_row_scales else b_s.float().repeat_interleave(TILE, dim=0)  # (N, kb)
+    c = (partial * a_s.t().unsqueeze(-1) * bscale.t().unsqueeze(1)).sum(dim=0)
+    return c.to(out_dtype)
