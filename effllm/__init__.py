@@ -4,7 +4,14 @@ The promised API is re-exported here; everything else is reachable by module but
 Importing effllm does no work: no CUDA calls, no compiler flags, no global state.
 """
 
-from effllm.errors import CheckpointError, ConfigError, DataError, EffllmError, TrainingDiverged
+from effllm.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    EffllmError,
+    TrainingDiverged,
+)
+from effllm.fp8 import FP8Linear, convert_to_fp8
 from effllm.mla import MLA, MLAConfig
 from effllm.model import ModelConfig, Transformer
 from effllm.moe import MoE, MoEConfig
@@ -17,6 +24,8 @@ __all__ = [
     "ModelConfig",
     "MoE",
     "MLA",
+    "FP8Linear",
+    "convert_to_fp8",
     "MLAConfig",
     "MoEConfig",
     "TrainConfig",

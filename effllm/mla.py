@@ -24,7 +24,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from effllm.attention import RotaryEmbedding, apply_rotary, causal_sdpa, yarn_inv_freq, yarn_mscale
+from effllm.attention import (
+    RotaryEmbedding,
+    apply_rotary,
+    causal_sdpa,
+    yarn_inv_freq,
+    yarn_mscale,
+)
 from effllm.errors import ConfigError
 from effllm.layers import RMSNorm
 

@@ -22,6 +22,7 @@ from effllm import checkpoint as ckpt_io
 from effllm.data import TokenDataset
 from effllm.errors import CheckpointError, ConfigError, TrainingDiverged
 from effllm.flops import device_name, mfu, peak_bf16_flops, train_flops_per_token
+from effllm.fp8 import convert_to_fp8
 from effllm.model import ModelConfig, Transformer
 
 
@@ -56,6 +57,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"  # auto = cuda if available, else cpu
     compile: bool = False  # wrap the model in torch.compile
+    fp8: bool = False  # run attention / FFN linears in FP8 with block scaling (effllm.fp8.convert_to_fp8)
     seed: int = 1337  # seeds the init and the data order
     log_interval: int = 10  # steps between metrics lines
     eval_interval: int = 200  # steps between validation losses (and at the end)
@@ -186,6 +188,7 @@ def train(cfg: TrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model).to(device)
+    fp8_report = convert_to_fp8(model) if cfg.fp8 else None  # before the optimizer: same Parameters either way
     optimizer = build_optimizer(model, cfg.optim)
     start_step, elapsed_before, tokens_before = 0, 0.0, 0
     if state is not None:
@@ -206,7 +209,8 @@ def train(cfg: TrainConfig) -> dict:
     counts = model.param_counts()
     flops_per_token = train_flops_per_token(cfg.model, cfg.seq_len)
     dev_name = device_name(device)
-    peak = peak_bf16_flops(dev_name) if amp is torch.bfloat16 else None
+    # MFU against the bf16 peak misleads for FP8 runs, so none is reported for them.
+    peak = peak_bf16_flops(dev_name) if amp is torch.bfloat16 and not cfg.fp8 else None
     unigram = data.manifest["totals"]["unigram_val_loss"]
     moe_layers = model.moe_layers()
 
@@ -229,6 +233,9 @@ def train(cfg: TrainConfig) -> dict:
         f"{flops_per_token / 1e6:.1f} MFLOPs/token, {dev_name}, {amp or torch.float32}, "
         f"{cfg.tokens_per_step} tokens/step, unigram val loss {unigram:.3f}"
         + (f", resuming at step {start_step}" if start_step else ""))
+    if fp8_report is not None:
+        say(f"fp8: {len(fp8_report['converted'])} linears converted; kept in higher precision: "
+            + "; ".join(f"{k} ({v})" for k, v in fp8_report["skipped"].items()))
 
     tokens_seen, val_loss, last_loss = tokens_before, state.get("val_loss") if state else None, float("nan")
     run_start = time.perf_counter()

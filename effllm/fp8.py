@@ -1,0 +1,152 @@
+"""FP8 linears with DeepSeek-V3's fine-grained scaling (technical report §3.3).
+
+`FP8Linear` keeps a high-precision master weight. Each forward quantizes the input per 1x128
+tile and the weight per 128x128 block to E4M3 and runs the block-scaled FP8 GEMM. The backward
+pass quantizes the output gradient both ways in one pass (1x128 along features for dgrad,
+along tokens for wgrad) and runs both gradient GEMMs in FP8 too. Accumulation is fp32 with the
+scales applied per 128-wide K block.
+
+Paths: the Triton kernels (kernels/fp8_quant.py, kernels/fp8_gemm.py) on CUDA GPUs with FP8
+tensor cores (compute capability 8.9+); elsewhere the same quantize / dequantize / blockwise
+matmul written in PyTorch, so FP8 numerics train and test on a CPU.
+
+`convert_to_fp8(model)` swaps a model's linears for FP8Linear. It keeps in higher precision the
+parts DeepSeek-V3 keeps there: the embedding, the output head, routers and norms. It leaves alone
+any linear whose dims are not multiples of 128, and the routed experts, which have no FP8
+grouped GEMM yet. It returns what it converted and why it skipped the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from effllm.errors import ConfigError
+from effllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from effllm.kernels.fp8_quant import (
+    TILE,
+    quant_blocks,
+    quant_blocks_ref,
+    quant_cols_ref,
+    quant_rows_and_cols,
+    quant_rows_ref,
+)
+
+
+def _quant_both_ref(x: torch.Tensor, pow2: bool):
+    q, s = quant_rows_ref(x, pow2)
+    qt, st = quant_cols_ref(x, pow2)
+    return q, s, qt, st
+
+
+_OPS = {
+    # backend: (rows-and-cols quantization, 128x128 block quantization, block-scaled GEMM)
+    "triton": (quant_rows_and_cols, quant_blocks, fp8_gemm),
+    "torch": (_quant_both_ref, quant_blocks_ref, fp8_gemm_ref),
+}
+
+
+def fp8_backend(device: torch.device, requested: str = "auto") -> str:
+    """"triton" on CUDA GPUs with FP8 tensor cores (sm_89+), else "torch"; or what was asked for."""
+    if requested in _OPS:
+        return requested
+    if requested != "auto":
+        raise ConfigError(f"unknown FP8 backend {requested!r}; choose auto, triton or torch")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        return "triton"
+    return "torch"
+
+
+class FP8LinearFunction(torch.autograd.Function):
+    """y = x · Wᵀ with x, W and the output gradient quantized to E4M3 with fine-grained scales."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, backend: str, pow2: bool):
+        quant_both, quant_w, gemm = _OPS[backend]
+        q_x, s_x, qt_x, st_x = quant_both(x, pow2)  # tiles along features (forward) and tokens (wgrad)
+        q_w, s_w = quant_w(weight, pow2)
+        ctx.save_for_backward(qt_x, st_x, q_w, s_w)  # the input is kept in FP8 only
+        ctx.meta = (backend, pow2, x.dtype, weight.dtype)
+        return gemm(q_x, s_x, q_w, s_w, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        qt_x, st_x, q_w, s_w = ctx.saved_tensors
+        backend, pow2, x_dtype, w_dtype = ctx.meta
+        quant_both, _, gemm = _OPS[backend]
+        q_dy, s_dy, qt_dy, st_dy = quant_both(dy.contiguous(), pow2)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:  # dX = dY · W, with W's blocks read transposed
+            dx = gemm(q_dy, s_dy, q_w.t(), s_w.t(), x_dtype)
+        if ctx.needs_input_grad[1]:  # dW = dYᵀ · X, both tiled along the tokens
+            dw = gemm(qt_dy, st_dy, qt_x, st_x, torch.float32, b_row_scales=True).to(w_dtype)
+        return dx, dw, None, None, None
+
+
+class FP8Linear(nn.Module):
+    """A bias-free linear whose three GEMMs run in FP8 (E4M3, 1x128 / 128x128 scales).
+
+    The weight is an ordinary fp32 (or bf16) Parameter, so optimizers and checkpoints see what an
+    nn.Linear would have. Under autocast the output takes the autocast dtype; otherwise x's.
+    """
+
+    def __init__(self, in_features: int, out_features: int, backend: str = "auto", pow2_scales: bool = False,
+                 weight: nn.Parameter | None = None):
+        super().__init__()
+        if in_features % TILE or out_features % TILE:
+            raise ConfigError(f"FP8Linear needs in and out features that are multiples of {TILE}, got "
+                              f"{in_features} -> {out_features}: keep this layer an nn.Linear")
+        self.in_features, self.out_features = in_features, out_features
+        self.backend, self.pow2_scales = backend, pow2_scales
+        self.weight = weight if weight is not None else nn.Parameter(torch.empty(out_features, in_features))
+        if weight is None:
+            nn.init.normal_(self.weight, std=0.02)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto", pow2_scales: bool = False) -> "FP8Linear":
+        """An FP8Linear sharing `linear`'s weight Parameter (optimizer state stays valid)."""
+        if linear.bias is not None:
+            raise ConfigError("FP8Linear has no bias: keep linears with a bias as nn.Linear")
+        return cls(linear.in_features, linear.out_features, backend, pow2_scales, weight=linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        backend = fp8_backend(x.device, self.backend)
+        with torch.autocast(device, enabled=False):
+            y = FP8LinearFunction.apply(x.reshape(-1, self.in_features), self.weight, out_dtype, backend,
+                                        self.pow2_scales)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
+
+
+def convert_to_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = False,
+                   keep: tuple[str, ...] = ("head", "lm_head", "output")) -> dict:
+    """Swap the nn.Linear layers of `model` for FP8Linear, in place.
+
+    Kept in higher precision: linears named in `keep` (the output head), linears with a bias or
+    with dims that are not multiples of 128. Embeddings, norms, routers and routed experts are not
+    nn.Linear, so they are never converted. Returns {"converted": [names], "skipped": {name: why}}.
+    """
+    from effllm.moe import RoutedExperts
+
+    converted, skipped = [], {}
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, RoutedExperts):
+                skipped[name] = "routed experts run on the grouped GEMM, which has no FP8 path yet"
+            if not isinstance(child, nn.Linear):
+                continue
+            if child_name in keep:
+                skipped[name] = "output head: kept in higher precision (DeepSeek-V3 §3.3)"
+            elif child.bias is not None:
+                skipped[name] = "has a bias"
+            elif child.in_features % TILE or child.out_features % TILE:
+                skipped[name] = f"{child.in_features} -> {child.out_features} is not a multiple of {TILE}"
+            else:
+                setattr(parent, child_name, FP8Linear.from_linear(child, backend, pow2_scales))
+                converted.append(name)
+    return {"converted": converted, "skipped": skipped}

@@ -1,0 +1,100 @@
+"""FP8Linear and convert_to_fp8: forward and gradients near the full-precision linear, both paths
+agreeing, conversion rules, and a tiny FP8 training run against the same run in fp32."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_train_config
+
+from effllm import ConfigError, FP8Linear, ModelConfig, Transformer, convert_to_fp8
+from effllm.moe import MoEConfig
+from effllm.train import OptimConfig, train
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a, b):
+    b = b.double()
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_linear_forward_and_gradients_near_full_precision(backend):
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(256, 128, bias=False).to(DEVICE)
+    fp8 = FP8Linear.from_linear(dense, backend=backend)
+    assert fp8.weight is dense.weight
+    x = torch.randn(3, 13, 256, device=DEVICE, requires_grad=True)
+    dy = torch.randn(3, 13, 128, device=DEVICE)
+    y = fp8(x)
+    y.backward(dy)
+    gx, gw = x.grad.clone(), dense.weight.grad.clone()
+    x.grad, dense.weight.grad = None, None
+    ref = dense(x)
+    ref.backward(dy)
+    # E4M3 rounds to 3 mantissa bits: for values spread over a binade the RMS relative error per
+    # operand is about 2^-3 / sqrt(12) / 1.5 = 0.024, so sqrt(2) x that = 0.034 for a product of two
+    # quantized operands (measured: 0.036). The GEMM itself is exact to 1e-6 (test_fp8_gemm.py).
+    tol = 5e-2
+    assert y.dtype == torch.float32 and rel(y, ref) < tol
+    assert rel(gx, x.grad) < tol and rel(gw, dense.weight.grad) < tol
+
+
+def test_triton_and_torch_paths_compute_the_same_function():
+    torch.manual_seed(1)
+    w = torch.nn.Parameter(torch.randn(128, 384, device=DEVICE) * 0.05)
+    x = torch.randn(45, 384, device=DEVICE)
+    dy = torch.randn(45, 128, device=DEVICE)
+    outs = []
+    for backend in ("torch", "triton"):
+        layer = FP8Linear(384, 128, backend=backend, weight=w)
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        outs.append((y.detach(), xi.grad, w.grad.clone()))
+        w.grad = None
+    for a, b in zip(*outs):
+        assert rel(a, b) < 1e-5  # the same quantized operands; only the summation order differs
+
+
+def test_autocast_output_dtype():
+    layer = FP8Linear(128, 128, backend="torch").to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = layer(torch.randn(4, 128, device=DEVICE))
+    assert y.dtype == torch.bfloat16
+
+
+def test_convert_to_fp8_reports_what_it_converted_and_kept():
+    cfg = ModelConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn="moe", first_k_dense=1,
+                      moe=MoEConfig(n_routed_experts=4, top_k=2, expert_dim=128, n_shared_experts=1), tie_embeddings=False)
+    model = Transformer(cfg)
+    weights_before = {n: p for n, p in model.named_parameters()}
+    report = convert_to_fp8(model)
+    assert "blocks.0.attn.wq" in report["converted"] and "blocks.0.ffn.w1" in report["converted"]
+    assert "blocks.1.ffn.shared.w2" in report["converted"]
+    assert "head" in report["skipped"] and "blocks.1.ffn.experts" in report["skipped"]
+    assert isinstance(model.blocks[0].attn.wo, FP8Linear) and isinstance(model.head, torch.nn.Linear)
+    assert "128 -> 64 is not a multiple of 128" in report["skipped"]["blocks.0.attn.wk"]  # 2 kv heads of 32
+    assert {n: p for n, p in model.named_parameters()} == weights_before  # same Parameters, same names
+    small = Transformer(ModelConfig(vocab_size=256, dim=96, n_layers=1, n_heads=4))
+    report = convert_to_fp8(small)
+    assert report["converted"] == [] and "not a multiple of 128" in report["skipped"]["blocks.0.attn.wq"]
+    with pytest.raises(ConfigError, match="multiples of 128"):
+        FP8Linear(100, 128)
+
+
+def test_fp8_training_reaches_the_full_precision_loss(byte_data, tmp_path):
+    """The FP8 numerics (CPU path: the same quantize / blockwise-matmul as the kernels) train a
+    dim-128 model to within 1% of the same run in fp32 (seen: val 2.378 vs 2.355, 0.97%)."""
+    model = ModelConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, max_seq_len=64)
+    common = dict(model=model, max_steps=150, eval_interval=150, eval_tokens=8192, ckpt_interval=0, batch_size=8,
+                  seq_len=64, optim=OptimConfig(lr=3e-3, warmup_steps=10))
+    full = train(tiny_train_config(byte_data, tmp_path / "fp32", **common))
+    fp8 = train(tiny_train_config(byte_data, tmp_path / "fp8", fp8=True, **common))
+    assert fp8["final_val_loss"] < fp8["unigram_val_loss"] - 0.2
+    assert abs(fp8["final_val_loss"] - full["final_val_loss"]) / full["final_val_loss"] < 0.01
+    curve = [json.loads(line)["loss"] for line in (tmp_path / "fp8" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.5
