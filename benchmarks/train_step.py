@@ -22,7 +22,13 @@ from pathlib import Path
 import torch
 from common import environment, time_fn, write_result
 
-from effllm.flops import device_name, mfu, peak_bf16_flops, tokens_per_device_hour, train_flops_per_token
+from effllm.flops import (
+    device_name,
+    mfu,
+    peak_bf16_flops,
+    tokens_per_device_hour,
+    train_flops_per_token,
+)
 from effllm.model import ModelConfig, Transformer
 from effllm.train import OptimConfig, autocast_dtype, build_optimizer
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from effllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
 from effllm.kernels.fp8_quant import (
     dequant_blocks,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from effllm.kernels.fp8_quant import (
     FP8,
     FP8_MAX,

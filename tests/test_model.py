@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from effllm import ConfigError, ModelConfig, Transformer
-from effllm.flops import forward_flops_per_token, mfu, peak_bf16_flops, train_flops_per_token
+from effllm.flops import (
+    forward_flops_per_token,
+    mfu,
+    peak_bf16_flops,
+    train_flops_per_token,
+)
 
 CONFIGS = {
     "mha": ModelConfig(vocab_size=97, dim=48, n_layers=2, n_heads=4, max_seq_len=40),
