@@ -98,3 +98,17 @@ def test_fp8_training_reaches_the_full_precision_loss(byte_data, tmp_path):
     assert abs(fp8["final_val_loss"] - full["final_val_loss"]) / full["final_val_loss"] < 0.01
     curve = [json.loads(line)["loss"] for line in (tmp_path / "fp8" / "metrics.jsonl").read_text().splitlines()]
     assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.5
+
+
+def test_torch_compile_traces_the_fp8_linear_without_graph_breaks():
+    torch.manual_seed(0)
+    layer = FP8Linear(256, 128, backend="torch")
+    x = torch.randn(33, 256, requires_grad=True)
+    ref = layer(x)
+    ref.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    y = torch.compile(layer, fullgraph=True)(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, ref, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)
