@@ -1,0 +1,150 @@
+"""FP8 block-scaled GEMM, quantization and FP8Linear throughput against bf16, in one run.
+
+    python benchmarks/fp8_gemm.py            # a GPU with FP8 tensor cores (sm_89+), e.g. an H100
+    python benchmarks/fp8_gemm.py --quick    # CPU smoke run of the PyTorch path at small shapes
+
+GEMM rows (TFLOP/s from the median time: triton.testing.do_bench on a GPU):
+- bf16: torch.matmul of bf16 operands (the baseline);
+- scaled_mm_rowwise: torch._scaled_mm with one scale per row of A and per column of B;
+- fp8_block: effllm's block-scaled GEMM on pre-quantized operands;
+- fp8_block+quant: the same plus quantizing the activation (1x128) inside the timed region.
+Shapes: 4096³, 8192³ and DeepSeek-V3's M=4096 with (N, K) = (7168, 16384), (4096, 7168) and
+(2112, 7168). The quantization kernels report GB/s as bytes read plus bytes written. FP8Linear
+forward+backward is compared with a bf16 nn.Linear at hidden 4096 and 8192 (M=8192 tokens).
+Results: benchmarks/results/fp8_gemm/<device>-<size>.json and report.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from common import environment, time_fn, write_result
+
+from effllm.fp8 import FP8Linear, fp8_backend
+from effllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from effllm.kernels.fp8_quant import quant_blocks, quant_blocks_ref, quant_rows, quant_rows_and_cols, quant_rows_ref
+
+RESULTS = Path(__file__).resolve().parent / "results" / "fp8_gemm"
+SHAPES = {"gpu": [(4096, 4096, 4096), (8192, 8192, 8192), (4096, 7168, 16384), (4096, 4096, 7168), (4096, 2112, 7168)],
+          "quick": [(256, 256, 256), (128, 384, 512)]}
+HIDDEN = {"gpu": [(8192, 4096), (8192, 8192)], "quick": [(256, 256)]}
+
+
+def median_s(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+    return time_fn(fn, device, warmup=2, repeats=5)["median_s"]
+
+
+def gemm_rows(m: int, n: int, k: int, device: torch.device, gpu: bool) -> dict:
+    a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+    flops = 2 * m * n * k
+    rows = {"bf16": median_s(lambda: a @ b.t(), device)}
+    qa, sa = quant_rows(a) if gpu else quant_rows_ref(a)
+    qb, sb = quant_blocks(b) if gpu else quant_blocks_ref(b)
+    gemm = fp8_gemm if gpu else fp8_gemm_ref
+    rows["fp8_block"] = median_s(lambda: gemm(qa, sa, qb, sb), device)
+    quant = quant_rows if gpu else quant_rows_ref
+    rows["fp8_block+quant"] = median_s(lambda: gemm(*quant(a), qb, sb), device)
+    if gpu:
+        try:
+            ra = a.abs().amax(dim=1, keepdim=True).float() / 448
+            rb = b.abs().amax(dim=1, keepdim=True).float() / 448
+            fa, fb = (a / ra).to(torch.float8_e4m3fn), (b / rb).to(torch.float8_e4m3fn)
+            rows["scaled_mm_rowwise"] = median_s(
+                lambda: torch._scaled_mm(fa, fb.t(), scale_a=ra, scale_b=rb.t(), out_dtype=torch.bfloat16), device)
+        except (RuntimeError, AttributeError) as e:
+            rows["scaled_mm_rowwise"] = f"unavailable: {str(e).splitlines()[0][:120]}"
+    return {name: ({"median_s": t, "tflops": flops / t / 1e12} if isinstance(t, float) else t) for name, t in rows.items()}
+
+
+def quant_rows_gbps(m: int, k: int, device: torch.device) -> dict:
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    out = {}
+    t = median_s(lambda: quant_rows(x), device)
+    out["quant_rows"] = {"median_s": t, "gb_per_s": (2 * m * k + m * k + 4 * m * k // 128) / t / 1e9}
+    t = median_s(lambda: quant_rows_and_cols(x), device)
+    out["quant_rows_and_cols"] = {"median_s": t, "gb_per_s": (2 * m * k + 2 * (m * k + 4 * m * k // 128)) / t / 1e9}
+    return out
+
+
+def linear_rows(m: int, h: int, device: torch.device) -> dict:
+    x = torch.randn(m, h, device=device, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(m, h, device=device, dtype=torch.bfloat16)
+    dense = torch.nn.Linear(h, h, bias=False, device=device, dtype=torch.bfloat16)
+    fp8 = FP8Linear.from_linear(dense)
+
+    def step(layer):
+        def run():
+            x.grad = None
+            layer.weight.grad = None
+            layer(x).backward(dy)
+        return run
+
+    t_bf16, t_fp8 = median_s(step(dense), device), median_s(step(fp8), device)
+    return {"bf16_linear_s": t_bf16, "fp8_linear_s": t_fp8, "fp8_speedup": t_bf16 / t_fp8,
+            "fp8_backend": fp8_backend(device)}
+
+
+def write_report(folder: Path) -> Path:
+    lines = ["# FP8 block-scaled GEMM", "", "Written by `benchmarks/fp8_gemm.py` from the JSON files beside it.", ""]
+    for path in sorted(folder.glob("*.json")):
+        r = json.loads(path.read_text())
+        lines += [f"## {r['device']}, {r['size']} ({r['date']})", "", f"torch {r['torch']}, triton {r['triton']}, "
+                  f"commit `{r['commit']}`.", "", "| M x N x K | bf16 | scaled_mm rowwise | fp8 block | fp8 block + quant |",
+                  "|---|---|---|---|---|"]
+        for shape, row in r["gemm"].items():
+            cell = lambda v: f"{v['tflops']:.1f}" if isinstance(v, dict) else "n/a"  # noqa: E731
+            lines.append(f"| {shape} | {cell(row['bf16'])} | {cell(row.get('scaled_mm_rowwise'))} | "
+                         f"{cell(row['fp8_block'])} | {cell(row['fp8_block+quant'])} |")
+        lines += ["", "TFLOP/s from median times. Ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in r["ratios"].items()), ""]
+        if r.get("quant"):
+            lines += ["Quantization: " + ", ".join(f"{k} {v['gb_per_s']:.0f} GB/s" for k, v in r["quant"].items()), ""]
+        lines += ["FP8Linear fwd+bwd vs bf16 nn.Linear: " + ", ".join(
+            f"{k}: {v['fp8_speedup']:.2f}x" for k, v in r["linear"].items()), ""]
+    report = folder / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU smoke run of the PyTorch path")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--commit", default=None, help="git commit to record (for copies without .git)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = not args.quick
+    if gpu and (device.type != "cuda" or torch.cuda.get_device_capability() < (8, 9)):
+        sys.exit("the FP8 kernels need a GPU with FP8 tensor cores (sm_89+); use --quick for a CPU smoke run")
+    size = "quick" if args.quick else "gpu"
+    gemm = {}
+    for m, n, k in SHAPES[size]:
+        gemm[f"{m}x{n}x{k}"] = gemm_rows(m, n, k, device, gpu)
+        print(f"{m}x{n}x{k}: " + ", ".join(f"{name} {v['tflops']:.1f}" for name, v in gemm[f"{m}x{n}x{k}"].items()
+                                            if isinstance(v, dict)) + " TFLOP/s", flush=True)
+    linear = {f"hidden {h}, {m} tokens": linear_rows(m, h, device) for m, h in HIDDEN[size]}
+    quant = quant_rows_gbps(8192, 8192, device) if gpu else None
+    ratios = {}
+    big = "8192x8192x8192" if gpu else next(iter(gemm))
+    ratios[f"fp8_block / bf16 at {big}"] = gemm[big]["fp8_block"]["tflops"] / gemm[big]["bf16"]["tflops"]
+    for name, row in linear.items():
+        ratios[f"FP8Linear / bf16 speed-up, {name}"] = row["fp8_speedup"]
+    result = {"bench": "fp8_gemm", "size": size, **environment(device, args.commit),
+              "path": "triton kernels" if gpu else "PyTorch reference path (timings are not FP8 hardware figures)",
+              "gemm": gemm, "quant": quant, "linear": linear, "ratios": ratios}
+    path = write_result(args.out, result, size)
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}")
+    print(f"wrote {path} and {write_report(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
