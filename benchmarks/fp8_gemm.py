@@ -23,10 +23,16 @@ from pathlib import Path
 
 import torch
 from common import environment, time_fn, write_result
+from effllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from effllm.kernels.fp8_quant import (
+    quant_blocks,
+    quant_blocks_ref,
+    quant_rows,
+    quant_rows_and_cols,
+    quant_rows_ref,
+)
 
 from effllm.fp8 import FP8Linear, fp8_backend
-from effllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
-from effllm.kernels.fp8_quant import quant_blocks, quant_blocks_ref, quant_rows, quant_rows_and_cols, quant_rows_ref
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fp8_gemm"
 SHAPES = {"gpu": [(4096, 4096, 4096), (8192, 8192, 8192), (4096, 7168, 16384), (4096, 4096, 7168), (4096, 2112, 7168)],
