@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import re
@@ -65,3 +66,36 @@ def write_result(folder: Path, result: dict, size: str) -> Path:
     path = folder / f"{slug}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
+
+
+def base_parser(doc: str, results: Path, quick_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark has: --quick, --out and --commit."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=results, help="results folder")
+    parser.add_argument("--commit", default=None, help="git commit to record (default: ask git; for copies without .git)")
+    return parser
+
+
+def write_markdown(folder: Path, lines: list[str]) -> Path:
+    """folder/report.md from `lines`; returns its path."""
+    report = folder / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def size_and_device(quick: bool) -> tuple[str, torch.device]:
+    """("quick" or "gpu", the device); the GPU-sized case refuses to run without CUDA."""
+    size = "quick" if quick else "gpu"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if size == "gpu" and device.type != "cuda":
+        raise SystemExit("the GPU-sized case needs a CUDA GPU; run with --quick on a CPU")
+    return size, device
+
+
+def finish(out: Path, result: dict, size: str, write_report) -> None:
+    """Write the result JSON, rebuild report.md, and print the ratios."""
+    path = write_result(out, result, size)
+    for k, v in result["ratios"].items():
+        print(f"{k}: {v:.3g}")
+    print(f"wrote {path} and {write_report(out)}")

@@ -16,13 +16,12 @@ Results: benchmarks/results/fp8_gemm/<device>-<size>.json and report.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
-from common import environment, time_fn, write_result
+from common import base_parser, environment, finish, time_fn, write_markdown
 from effllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
 from effllm.kernels.fp8_quant import (
     quant_blocks,
@@ -115,16 +114,11 @@ def write_report(folder: Path) -> Path:
             lines += ["Quantization: " + ", ".join(f"{k} {v['gb_per_s']:.0f} GB/s" for k, v in r["quant"].items()), ""]
         lines += ["FP8Linear fwd+bwd vs bf16 nn.Linear: " + ", ".join(
             f"{k}: {v['fp8_speedup']:.2f}x" for k, v in r["linear"].items()), ""]
-    report = folder / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+    return write_markdown(folder, lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CPU smoke run of the PyTorch path")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--commit", default=None, help="git commit to record (for copies without .git)")
+    parser = base_parser(__doc__, RESULTS, "CPU smoke run of the PyTorch path")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = not args.quick
@@ -146,10 +140,7 @@ def main() -> None:
     result = {"bench": "fp8_gemm", "size": size, **environment(device, args.commit),
               "path": "triton kernels" if gpu else "PyTorch reference path (timings are not FP8 hardware figures)",
               "gemm": gemm, "quant": quant, "linear": linear, "ratios": ratios}
-    path = write_result(args.out, result, size)
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}")
-    print(f"wrote {path} and {write_report(args.out)}")
+    finish(args.out, result, size, write_report)
 
 
 if __name__ == "__main__":

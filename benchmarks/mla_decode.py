@@ -14,15 +14,13 @@ Results: benchmarks/results/mla_decode/<device>-<size>.json and report.md.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import environment, time_fn, write_result
+from common import base_parser, environment, finish, size_and_device, time_fn, write_markdown
 
 from effllm.mla import MLAConfig
 from effllm.model import ModelConfig, Transformer
@@ -114,22 +112,14 @@ def write_report(folder: Path) -> Path:
             for shape, backends in r["sdpa_backends"].items():
                 lines.append(f"- {shape}: " + "; ".join(f"{b} {s}" for b, s in backends.items()))
             lines.append("")
-    report = folder / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+    return write_markdown(folder, lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CPU-sized case")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--commit", default=None, help="git commit to record (for copies without .git)")
+    parser = base_parser(__doc__, RESULTS, "CPU-sized case")
     args = parser.parse_args()
-    size = "quick" if args.quick else "gpu"
+    size, device = size_and_device(args.quick)
     spec = SIZES[size]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if size == "gpu" and device.type != "cuda":
-        sys.exit("the GPU-sized case needs a CUDA GPU; run with --quick on a CPU")
     dtype, B = spec["dtype"], spec["batch"]
     max_len = max(spec["contexts"]) + spec["steps"] + 8
     rows = {}
@@ -163,10 +153,7 @@ def main() -> None:
                          "tokens": "random ids; prefill fills the cache"},
               "rows": rows, "ratios": ratios,
               "sdpa_backends": sdpa_backends(device, dtype, spec) if device.type == "cuda" else None}
-    path = write_result(args.out, result, size)
-    for k, v in ratios.items():
-        print(f"{k}: {v:.3g}")
-    print(f"wrote {path} and {write_report(args.out)}")
+    finish(args.out, result, size, write_report)
 
 
 if __name__ == "__main__":

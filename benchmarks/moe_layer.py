@@ -16,14 +16,12 @@ Results: benchmarks/results/moe_layer/<device>-<size>.json, and report.md rebuil
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import environment, time_fn, write_result
+from common import base_parser, environment, finish, size_and_device, time_fn, write_markdown
 from effllm.kernels.grouped_gemm import BACKENDS, pick_backend, torch_fits
 
 from effllm.layers import SwiGLU
@@ -88,26 +86,18 @@ def write_report(folder: Path) -> Path:
             lines.append(f"| {name} | {1e3 * row['median_s']:.2f} | {1e3 * row['p10_s']:.2f}-{1e3 * row['p90_s']:.2f} "
                          f"| {row['tokens_per_s']:,.0f} | {mem} |")
         lines += ["", "Ratios (same run): " + ", ".join(f"{k} = {v:.2f}" for k, v in r["ratios"].items()), ""]
-    report = folder / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+    return write_markdown(folder, lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CPU-sized case")
+    parser = base_parser(__doc__, RESULTS, "CPU-sized case")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 10 quick, 30 gpu)")
     parser.add_argument("--loop-repeats", type=int, default=None, help="timed runs of the slow loop case")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--commit", default=None, help="git commit to record (for copies without .git)")
     args = parser.parse_args()
 
-    size = "quick" if args.quick else "gpu"
+    size, device = size_and_device(args.quick)
     spec = SIZES[size]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if size == "gpu" and device.type != "cuda":
-        sys.exit("the GPU-sized case needs a CUDA GPU; run with --quick on a CPU")
     repeats = args.repeats or (10 if args.quick else 30)
     loop_repeats = args.loop_repeats or (5 if args.quick else 10)
     dim, dtype, cfg = spec["dim"], spec["dtype"], spec["moe"]
@@ -139,10 +129,7 @@ def main() -> None:
                          "moe": asdict(cfg), "inputs": "randn tokens, fresh random router and experts",
                          "last_load": load},
               "rows": rows, "ratios": ratios}
-    path = write_result(args.out, result, size)
-    for k, v in ratios.items():
-        print(f"{k}: {v:.2f}")
-    print(f"wrote {path} and {write_report(args.out)}")
+    finish(args.out, result, size, write_report)
 
 
 if __name__ == "__main__":

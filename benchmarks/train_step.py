@@ -13,14 +13,12 @@ report.md, rebuilt from every JSON file there.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import environment, time_fn, write_result
+from common import base_parser, environment, size_and_device, time_fn, write_markdown, write_result
 
 from effllm.flops import (
     device_name,
@@ -107,26 +105,18 @@ def write_report(folder: Path = RESULTS) -> Path:
                          f"{1e3 * row['step_s_p10']:.1f}-{1e3 * row['step_s_p90']:.1f} | {row['tokens_per_s']:,.0f} | "
                          f"{row['tokens_per_device_hour']:.3g} | {util} | {mem} |")
         lines += ["", "Ratios (same run): " + ", ".join(f"{k} = {v:.2f}x" for k, v in r["ratios"].items()), ""]
-    report = folder / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+    return write_markdown(folder, lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="CPU-sized case (dense_tiny's model and batch)")
+    parser = base_parser(__doc__, RESULTS, "CPU-sized case (dense_tiny's model and batch)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per case (default 5 quick, 10 gpu)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 10 quick, 50 gpu)")
     parser.add_argument("--no-compile", action="store_true", help="time eager mode only")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    parser.add_argument("--commit", default=None, help="git commit to record (default: ask git; for copies without .git)")
     args = parser.parse_args()
 
-    size = "quick" if args.quick else "gpu"
+    size, device = size_and_device(args.quick)
     spec = SIZES[size]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if size == "gpu" and device.type != "cuda":
-        sys.exit("the GPU-sized case needs a CUDA GPU; run with --quick on a CPU")
     warmup = args.warmup or (5 if args.quick else 10)
     repeats = args.repeats or (10 if args.quick else 50)
     rows = []
