@@ -50,9 +50,17 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return blocks + 2 * cfg.dim * cfg.vocab_size
 
 
+def mtp_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of the MTP modules (training only): per depth, the 2D -> D projection,
+    one block (layer index n_layers + k - 1) and the shared output head."""
+    per = [2 * 2 * cfg.dim * cfg.dim + attention_flops(cfg, seq_len) + ffn_flops(cfg, cfg.n_layers + k)
+           + 2 * cfg.dim * cfg.vocab_size for k in range(cfg.mtp_depth)]
+    return sum(per)
+
+
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: forward + backward = 3x forward."""
-    return 3 * forward_flops_per_token(cfg, seq_len)
+    """Training FLOPs per token: forward + backward = 3x forward, MTP modules included."""
+    return 3 * (forward_flops_per_token(cfg, seq_len) + mtp_flops_per_token(cfg, seq_len))
 
 
 # Dense bf16 tensor-core peaks (no sparsity) from the vendors' datasheets, in FLOP/s. Matched

@@ -19,6 +19,7 @@ from effllm.errors import ConfigError
 from effllm.layers import RMSNorm, SwiGLU
 from effllm.mla import MLA, MLAConfig
 from effllm.moe import MoE, MoEConfig
+from effllm.mtp import MTPModule
 
 
 @dataclass
@@ -42,8 +43,12 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)  # the MoE layers' shape and routing (ffn="moe")
     first_k_dense: int = 0  # with ffn="moe": the first k blocks keep a dense SwiGLU (DeepSeek: 1-3)
     init_std: float = 0.02  # std of the normal init; residual projections get init_std/sqrt(2·n_layers)
+    mtp_depth: int = 0  # multi-token prediction modules D (DeepSeek-V3: 1); 0 = off
+    mtp_lambda: float = 0.3  # weight of the mean MTP loss (V3: 0.3, later 0.1)
 
     def __post_init__(self) -> None:
+        if self.mtp_depth < 0 or self.mtp_lambda < 0:
+            raise ConfigError(f"model.mtp_depth and model.mtp_lambda must be >= 0, got {self.mtp_depth}, {self.mtp_lambda}")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "ffn_multiple_of"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
@@ -145,6 +150,10 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # MTP depth k uses the block of layer index n_layers + k - 1 (an MoE block when ffn="moe").
+        self.mtp = nn.ModuleList(MTPModule(cfg.dim, Block(cfg, cfg.n_layers + k), cfg.norm_eps)
+                                 for k in range(cfg.mtp_depth))
+        self.mtp_losses: list[torch.Tensor] = []
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         self.reset_parameters()
@@ -180,14 +189,34 @@ class Transformer(nn.Module):
                 "shorten the input or build the model with a larger max_seq_len"
             )
         rope = self.rope(pos, T)
-        x = self.tok_emb(tokens)  # (B, T, D)
+        embed = self.tok_emb(tokens)  # (B, T, D)
+        x = embed
         for i, block in enumerate(self.blocks):
             x = block(x, rope, None if caches is None else caches[i], pos)
         logits = self.head(self.norm(x))  # (B, T, V)
-        loss = None  # the MoE layers' balance losses are not in it: see moe_aux_loss()
+        loss = None  # the MoE balance and MTP losses are not in it: see moe_aux_loss() and mtp_loss()
+        self.mtp_losses = []
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+            if caches is None and self.training:
+                self.mtp_losses = self._mtp_losses(x, embed, targets)
         return logits, loss
+
+    def _mtp_losses(self, hidden: torch.Tensor, embed: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        """Cross-entropy of each MTP depth k: position i predicts targets[i+k] (token i+k+1)."""
+        losses = []
+        for k, module in enumerate(self.mtp, start=1):
+            length = hidden.shape[1] - 1  # depth k sees one position fewer than depth k-1
+            if length <= 0:
+                break
+            hidden = module(hidden[:, :length], embed[:, k:], self.rope(0, length))  # (B, T-k, D)
+            logits = self.head(module.out_norm(hidden))
+            losses.append(F.cross_entropy(logits.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1))
+        return losses
+
+    def mtp_loss(self) -> torch.Tensor | None:
+        """Mean of the MTP depths' losses from the last forward with targets (None without MTP)."""
+        return sum(self.mtp_losses) / len(self.mtp_losses) if self.mtp_losses else None
 
     def moe_layers(self) -> dict[str, MoE]:
         """The MoE layers by module name (e.g. "blocks.1.ffn")."""
@@ -233,15 +262,19 @@ class Transformer(nn.Module):
         return out
 
     def param_counts(self) -> dict[str, int]:
-        """Total and active parameters (shared tensors counted once).
+        """Total and active parameters (shared tensors counted once), and the MTP modules' share.
 
-        Active = total minus what a token never touches: layers report that through an
-        `inactive_param_count()` method (a mixture-of-experts layer's unchosen experts).
+        Active = what one token touches in plain inference: total minus the unchosen experts (layers
+        report them through `inactive_param_count()`) and minus the MTP modules.
         """
         total = sum(p.numel() for p in self.parameters())
+        mtp = sum(p.numel() for p in self.mtp.parameters())
         inactive = sum(m.inactive_param_count() for m in self.modules() if hasattr(m, "inactive_param_count"))
+        mtp_inactive = sum(m.inactive_param_count() for m in self.mtp.modules() if hasattr(m, "inactive_param_count"))
         embedding = self.tok_emb.weight.numel()
-        return {"total": total, "active": total - inactive, "embedding": embedding}
+        # MTP modules serve training (and drafting), not plain inference: never counted as active.
+        active = total - inactive - (mtp - mtp_inactive)
+        return {"total": total, "active": active, "embedding": embedding, "mtp": mtp}
 
 
 def sample_next(

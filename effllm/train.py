@@ -247,13 +247,18 @@ def train(cfg: TrainConfig) -> dict:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         aux_sum = torch.zeros((), device=device)
+        mtp_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             x, y = data.train_batch(cfg.batch_size, cfg.seq_len, cfg.seed, step, 0, micro)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 _, loss = step_fn(x, y)
             aux = model.moe_aux_loss()  # MoE balance losses; the logged loss stays pure cross-entropy
+            mtp = model.mtp_loss()  # mean over MTP depths
             total = loss if aux is None else loss + aux
+            if mtp is not None:
+                total = total + cfg.model.mtp_lambda * mtp
+                mtp_sum += mtp.detach()
             (total / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             if aux is not None:
@@ -288,6 +293,8 @@ def train(cfg: TrainConfig) -> dict:
                       "grad_norm": None if grad_norm is None else grad_norm.item(),
                       "tokens_per_s": tok_s, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
                       "peak_mem_bytes": peak_memory_bytes(device)}
+            if cfg.model.mtp_depth:
+                record["mtp_loss"] = mtp_sum.item() / cfg.grad_accum
             if moe_stats:
                 record["moe_aux_loss"] = aux_sum.item() / cfg.grad_accum
                 record["moe_load"] = moe_stats  # per layer: max/mean tokens per expert, coefficient of variation
