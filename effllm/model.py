@@ -182,7 +182,19 @@ class Transformer(nn.Module):
         pos: int = 0,  # position of tokens[:, 0] (decoding with caches)
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, V) and, when targets are given, their mean cross-entropy."""
-        B, T = tokens.shape
+        x, embed = self.hidden(tokens, caches, pos)
+        logits = self.head(self.norm(x))  # (B, T, V)
+        loss = None  # the MoE balance and MTP losses are not in it: see moe_aux_loss() and mtp_loss()
+        self.mtp_losses = []
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+            if caches is None and self.training:
+                self.mtp_losses = self._mtp_losses(x, embed, targets)
+        return logits, loss
+
+    def hidden(self, tokens: torch.Tensor, caches: list | None = None, pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's output (B, T, D), before the final norm, and the token embeddings."""
+        T = tokens.shape[1]
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(
                 f"sequence reaches position {pos + T - 1} but model.max_seq_len={self.cfg.max_seq_len}: "
@@ -193,14 +205,7 @@ class Transformer(nn.Module):
         x = embed
         for i, block in enumerate(self.blocks):
             x = block(x, rope, None if caches is None else caches[i], pos)
-        logits = self.head(self.norm(x))  # (B, T, V)
-        loss = None  # the MoE balance and MTP losses are not in it: see moe_aux_loss() and mtp_loss()
-        self.mtp_losses = []
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
-            if caches is None and self.training:
-                self.mtp_losses = self._mtp_losses(x, embed, targets)
-        return logits, loss
+        return x, embed
 
     def _mtp_losses(self, hidden: torch.Tensor, embed: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
         """Cross-entropy of each MTP depth k: position i predicts targets[i+k] (token i+k+1)."""
@@ -241,8 +246,18 @@ class Transformer(nn.Module):
         top_k: int | None = None,  # sample from the k most likely tokens only
         use_cache: bool = True,  # False recomputes the whole sequence each step (the reference)
         generator: torch.Generator | None = None,
+        speculative: bool = False,  # greedy only: draft with the first MTP module, verify with the model
     ) -> torch.Tensor:
-        """Extend `tokens` by `max_new_tokens` sampled tokens; returns (B, T0 + max_new_tokens)."""
+        """Extend `tokens` by `max_new_tokens` sampled tokens; returns (B, T0 + max_new_tokens).
+
+        `speculative=True` gives exactly the greedy output, faster when drafts are accepted; see
+        effllm.mtp.speculative_generate for the acceptance statistics."""
+        if speculative:
+            from effllm.mtp import speculative_generate
+
+            if temperature != 0:
+                raise ValueError("speculative decoding reproduces greedy decoding: pass temperature=0")
+            return speculative_generate(self, tokens, max_new_tokens)[0]
         total = tokens.shape[1] + max_new_tokens
         if total > self.cfg.max_seq_len:
             raise ValueError(
