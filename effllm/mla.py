@@ -81,6 +81,11 @@ class MLAConfig:
         return RotaryEmbedding(self.qk_rope_head_dim, max_seq_len, self.rope_theta, inv_freq)
 
 
+# Decode chunks up to this many tokens take the absorbed path (single tokens, speculative
+# verification); longer ones (prefills) up-project the latents and use SDPA's fused kernels.
+ABSORBED_MAX_TOKENS = 16
+
+
 class LatentCache:
     """Per layer and token: the normalised kv latent (C) and the rotated shared key (R), nothing else.
 
@@ -119,8 +124,8 @@ class MLA(nn.Module):
     """Multi-head latent attention: `MLA(dim, MLAConfig(...))`, causal, (B, T, D) -> (B, T, D).
 
     `forward(x, rope, cache, pos)` takes the (cos, sin) tables of `cfg.rotary(max_len)` for positions
-    pos..pos+T-1; with a `LatentCache` it decodes single tokens by `cfg.decode` (absorbed or naive)
-    and prefills through the expanded path.
+    pos..pos+T-1; with a `LatentCache` it decodes chunks of up to ABSORBED_MAX_TOKENS tokens by
+    `cfg.decode` (absorbed or naive) and prefills longer chunks through the expanded path.
     """
 
     def __init__(self, dim: int, cfg: MLAConfig | None = None):
@@ -160,10 +165,11 @@ class MLA(nn.Module):
         if cache is not None:
             kv = cache.update(latent, k_rope, pos)  # (B, S, C+R)
             latent, k_rope = kv[..., :C], kv[..., C:]
-        if cache is not None and cfg.decode == "absorbed" and T == 1:
-            # Decoding one token. A prefill takes the expanded path: its T x S scores with a 576-wide
-            # absorbed head fit no fused SDPA kernel (the math fallback asked an H100 for 64 GiB).
-            y = self._absorbed(q_nope, q_rope, kv)
+        if cache is not None and cfg.decode == "absorbed" and T <= ABSORBED_MAX_TOKENS:
+            # Decoding a token or a few (speculative verification). A prefill takes the expanded
+            # path: its T x S scores with a 576-wide absorbed head fit no fused SDPA kernel (the
+            # math fallback asked an H100 for 64 GiB at 8k).
+            y = self._absorbed(q_nope, q_rope, kv, pos)
         else:
             y = self._expanded(q_nope, q_rope, latent, k_rope, pos)
         return self.wo(y.transpose(1, 2).reshape(B, T, H * V))
@@ -179,20 +185,24 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, H, T, N+R)
         return causal_sdpa(q, k, v, pos, scale=cfg.softmax_scale)  # (B, H, T, V)
 
-    def _absorbed(self, q_nope, q_rope, kv) -> torch.Tensor:
-        """One decoded token over the cached latents kv (B, S, C+R): W_UK folded into the query, W_UV
-        applied after attention. All heads share the one latent key/value, so scores and outputs are
-        two batched matmuls that each read the cache once. (SDPA has no fused kernel for a 576-wide
-        head: its math fallback copied the latents for every head, and ran 4x slower than the naive
-        path at 8k context on an H100.)"""
+    def _absorbed(self, q_nope, q_rope, kv, pos: int) -> torch.Tensor:
+        """T new tokens (at positions pos..) over the cached latents kv (B, S, C+R): W_UK folded into
+        the query, W_UV applied after attention. All heads share the one latent key/value, so scores
+        and outputs are two batched matmuls that each read the cache once. (SDPA has no fused kernel
+        for a 576-wide head: its math fallback copied the latents for every head, and ran 4x slower
+        than the naive path at 8k context on an H100.)"""
         cfg = self.cfg
         H, N, V, C = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+        T, S = q_nope.shape[2], kv.shape[1]
         w = self.wkv_b.weight.view(H, N + V, C)
         w_uk, w_uv = w[:, :N], w[:, N:]  # (H, N, C), (H, V, C)
-        q_latent = torch.einsum("bhn,hnc->bhc", q_nope[:, :, 0], w_uk.to(q_nope.dtype))  # (B, H, C)
-        q = torch.cat((q_latent, q_rope[:, :, 0]), dim=-1)  # (B, H, C+R)
+        q_latent = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk.to(q_nope.dtype))  # (B, H, T, C)
+        q = torch.cat((q_latent, q_rope), dim=-1).flatten(1, 2)  # (B, H*T, C+R)
         kv = kv.to(q.dtype)
-        scores = torch.matmul(q, kv.transpose(1, 2)) * cfg.softmax_scale  # (B, H, S): keys at and before pos
-        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-        o_latent = torch.matmul(probs, kv[..., :C])  # (B, H, C)
-        return torch.einsum("bhc,hvc->bhv", o_latent, w_uv.to(o_latent.dtype)).unsqueeze(2)  # (B, H, 1, V)
+        scores = torch.matmul(q, kv.transpose(1, 2)).view(-1, H, T, S) * cfg.softmax_scale  # (B, H, T, S)
+        if T > 1:  # token t (at pos + t) sees keys up to pos + t
+            future = torch.arange(S, device=kv.device)[None, :] > (pos + torch.arange(T, device=kv.device))[:, None]
+            scores = scores.masked_fill(future, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).flatten(1, 2)  # (B, H*T, S)
+        o_latent = torch.matmul(probs, kv[..., :C]).view(-1, H, T, C)  # (B, H, T, C)
+        return torch.einsum("bhtc,hvc->bhtv", o_latent, w_uv.to(o_latent.dtype))  # (B, H, T, V)

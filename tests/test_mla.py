@@ -63,6 +63,8 @@ def test_decoding_token_by_token_equals_the_training_path_fp32(name, decode):
     full, _ = model(tokens)
     # a prefill, a chunk after a cached prefix, then one token at a time
     torch.testing.assert_close(decode_logits(model, tokens, (8, 5) + (1,) * 20), full, rtol=1e-4, atol=2e-5)
+    # a prefill longer than ABSORBED_MAX_TOKENS (the expanded path), then absorbed steps
+    torch.testing.assert_close(decode_logits(model, tokens, (20, 3) + (1,) * 10), full, rtol=1e-4, atol=2e-5)
 
 
 @pytest.mark.parametrize("decode", ["naive", "absorbed"])
