@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from effllm.data import PrepareConfig, prepare
-from effllm.model import ModelConfig
+from effllm.model import ModelConfig, Transformer
 from effllm.train import OptimConfig, TrainConfig
 
 # The `email` package of the running Python: ~0.4 MB of real text, ~30 files, PSF licence.
@@ -61,3 +61,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def perturbed_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A model whose weights are pushed past their small init, so that every position matters and
+    equality checks between decoding paths have teeth."""
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import perturbed_model
 
 from effllm import ConfigError, ModelConfig, Transformer
 from effllm.attention import RotaryEmbedding, apply_rotary, yarn_inv_freq, yarn_mscale
@@ -25,12 +26,7 @@ MLAS = {
 def mla_model(name: str, decode: str = "absorbed", seed: int = 0) -> Transformer:
     mla = replace(MLAS[name], decode=decode)
     cfg = ModelConfig(vocab_size=97, dim=48, n_layers=2, n_heads=mla.n_heads, attention="mla", mla=mla, max_seq_len=48)
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    with torch.no_grad():  # larger-than-init weights so that every position matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return perturbed_model(cfg, seed).eval()
 
 
 @pytest.mark.parametrize("name", MLAS)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import perturbed_model
 
 from effllm import ConfigError, ModelConfig, Transformer
 from effllm.flops import (
@@ -22,13 +23,7 @@ CONFIGS = {
 
 
 def model_for(name: str, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    model = Transformer(CONFIGS[name])
-    # Larger-than-init weights make every position matter, so equality checks have teeth.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
+    return perturbed_model(CONFIGS[name], seed).eval()
 
 
 @pytest.mark.parametrize("name", CONFIGS)

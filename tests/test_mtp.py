@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_train_config
+from conftest import perturbed_model, tiny_train_config
 
 from effllm import ConfigError, ModelConfig, Transformer
 from effllm.flops import forward_flops_per_token, mtp_flops_per_token, train_flops_per_token
@@ -26,12 +26,7 @@ CONFIGS = {
 
 
 def model_for(name: str) -> Transformer:
-    torch.manual_seed(0)
-    model = Transformer(CONFIGS[name])
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.train()
+    return perturbed_model(CONFIGS[name]).train()
 
 
 @pytest.mark.parametrize("name", CONFIGS)
