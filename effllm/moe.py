@@ -127,7 +127,8 @@ class MoE(nn.Module):
 
     `MoE(dim, MoEConfig(...))` maps (..., D) to (..., D) and drops in where a dense MLP was. After
     each forward, `last_load` holds tokens per expert and `aux_loss` the sequence-wise balance loss
-    (None when off or in eval). Call `update_bias()` after each optimizer step.
+    (None when off or in eval). Call `update_bias()` after each optimizer step; `load_stats` of
+    what it returns gives max/mean load and the coefficient of variation.
     """
 
     def __init__(self, dim: int, cfg: MoEConfig | None = None, init_std: float = 0.02):
@@ -196,18 +197,18 @@ class MoE(nn.Module):
         return self.cfg.seq_aux_loss_weight * (f * p).sum(dim=-1).mean()
 
     @torch.no_grad()
-    def update_bias(self) -> dict[str, float]:
+    def update_bias(self) -> torch.Tensor:
         """Aux-loss-free balancing after an optimizer step: b_i += u * sign(mean load - load_i), with
-        the load summed over the step's forwards (and over ranks when distributed). Returns the
-        step's load statistics and resets the count."""
+        the load summed over the step's forwards (and over ranks when distributed). Returns that
+        load (E,) on the layer's device, for `load_stats`, and resets the count. Nothing here waits
+        for the GPU: statistics are for the steps that are logged."""
         load = self.step_load.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load)
-        stats = load_stats(load)
-        if self.cfg.bias_update_rate > 0 and load.sum() > 0:
+        if self.cfg.bias_update_rate > 0:  # a step without tokens has sign(0 - 0) = 0: no change
             self.router.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
         self.step_load.zero_()
-        return stats
+        return load
 
 
 def load_stats(load: torch.Tensor) -> dict[str, float]:

@@ -67,7 +67,7 @@ def speculative_generate(model, prompt: torch.Tensor, max_new_tokens: int) -> tu
     queue_h, queue_tok = [hidden], [torch.cat((prompt[:, 1:], nxt), dim=1)]
     filled, pos = 0, prompt.shape[1]  # pos: position of `nxt`, the newest settled token
     drafted = accepted = 0
-    while sum(t.shape[1] for t in out) - prompt.shape[1] < max_new_tokens:
+    while 1 + drafted + accepted < max_new_tokens:  # tokens so far: nxt, then 1 per draft + 1 per accepted
         h_in, tok_in = torch.cat(queue_h, dim=1), torch.cat(queue_tok, dim=1)
         z = module(h_in, model.tok_emb(tok_in), model.rope(filled, h_in.shape[1]), draft_cache, filled)
         draft = model.head(module.out_norm(z[:, -1:])).argmax(-1)  # (1, 1): guess for position pos + 1

@@ -24,6 +24,7 @@ from effllm.errors import CheckpointError, ConfigError, TrainingDiverged
 from effllm.flops import device_name, mfu, peak_bf16_flops, train_flops_per_token
 from effllm.fp8 import convert_to_fp8
 from effllm.model import ModelConfig, Transformer
+from effllm.moe import load_stats
 
 
 @dataclass
@@ -277,7 +278,7 @@ def train(cfg: TrainConfig) -> dict:
                      if cfg.optim.grad_clip > 0 else None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        moe_stats = {name: layer.update_bias() for name, layer in moe_layers.items()}  # after the step (V3)
+        step_loads = {name: layer.update_bias() for name, layer in moe_layers.items()}  # after the step (V3)
         done = step + 1
         tokens_seen += cfg.tokens_per_step
         window_tokens += cfg.tokens_per_step
@@ -295,9 +296,10 @@ def train(cfg: TrainConfig) -> dict:
                       "peak_mem_bytes": peak_memory_bytes(device)}
             if cfg.model.mtp_depth:
                 record["mtp_loss"] = mtp_sum.item() / cfg.grad_accum
-            if moe_stats:
+            if step_loads:
                 record["moe_aux_loss"] = aux_sum.item() / cfg.grad_accum
-                record["moe_load"] = moe_stats  # per layer: max/mean tokens per expert, coefficient of variation
+                # per layer: max/mean tokens per expert and the coefficient of variation
+                record["moe_load"] = {name: load_stats(load) for name, load in step_loads.items()}
             if done % cfg.eval_interval == 0 or done == cfg.max_steps:
                 record["val_loss"] = val_loss
             with open(metrics_path, "a") as fh:

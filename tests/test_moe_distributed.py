@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from effllm.moe import MoE, MoEConfig
+from effllm.moe import MoE, MoEConfig, load_stats
 
 
 def _free_port() -> int:
@@ -31,7 +31,7 @@ def _rank(rank: int, port: int, results) -> None:
             x = torch.zeros(6, 16)
             x[:, 0] = 1.0
             layer(x)
-        stats = layer.update_bias()
+        stats = load_stats(layer.update_bias())
         results[rank] = (layer.router.expert_bias.tolist(), stats["max_over_mean"])
     finally:
         dist.destroy_process_group()
