@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from common import base_parser, environment, finish, time_fn, write_markdown
-from effllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
+from effllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, tuned_configs
 from effllm.kernels.fp8_quant import (
     quant_blocks,
     quant_blocks_ref,
@@ -139,7 +139,8 @@ def main() -> None:
         ratios[f"FP8Linear / bf16 speed-up, {name}"] = row["fp8_speedup"]
     result = {"bench": "fp8_gemm", "size": size, **environment(device, args.commit),
               "path": "triton kernels" if gpu else "PyTorch reference path (timings are not FP8 hardware figures)",
-              "gemm": gemm, "quant": quant, "linear": linear, "ratios": ratios}
+              "gemm": gemm, "quant": quant, "linear": linear, "ratios": ratios,
+              "autotuned_configs": tuned_configs() if gpu else None}
     finish(args.out, result, size, write_report)
 
 
