@@ -23,6 +23,7 @@ commands:
   prepare    tokenize the embedded corpus (Python's standard library) or your own text/jsonl
   train      train a recipe:  effllm train <recipe> [--field value ...]
   generate   sample from a checkpoint:  effllm generate --checkpoint DIR --prompt "..."
+  export-hf  write a checkpoint in the Hugging Face transformers layout:  effllm export-hf --checkpoint DIR --out DIR
   recipes    list the recipes
 
 `effllm <command> --help` lists every option.
@@ -135,9 +136,22 @@ def generate_text(cfg: GenerateConfig) -> str:
     return tokenizer.decode(out[0].tolist())
 
 
+def cmd_export_hf(args: list[str]) -> None:
+    import tyro
+
+    from effllm.hf import ExportConfig, export_hf
+
+    cfg = tyro.cli(ExportConfig, args=args, prog="effllm export-hf",
+                   description="Write a checkpoint as a transformers model (Llama or DeepseekV3 layout) with a model card.")
+    out = export_hf(cfg)
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"exported {cfg.checkpoint} to {out} ({arch}); load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate,
+    commands = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "export-hf": cmd_export_hf,
                 "recipes": lambda a: print("\n".join(recipe_names()))}
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

@@ -1,0 +1,331 @@
+"""Export to the Hugging Face transformers layout: `effllm export-hf --checkpoint DIR --out DIR`.
+
+Two layouts, chosen by the model's kinds:
+- Llama (`LlamaForCausalLM`): dense feed-forwards with MHA or GQA attention;
+- DeepseekV3 (`DeepseekV3ForCausalLM`): MLA attention, with dense or DeepSeekMoE feed-forwards.
+  Routed experts are written one tensor per expert (`mlp.experts.{j}.gate_proj.weight`, ...), the
+  layout of DeepSeek's own checkpoints, which transformers merges into its fused tensors on load.
+
+What the export writes: config.json, model.safetensors, a model card (README.md) and, where the
+tokenizer can be expressed, tokenizer.json with tokenizer_config.json.
+
+Where the layouts differ from effllm, the export says so rather than guess:
+- RoPE: effllm rotates the two halves of each rotary slice (as Llama does); DeepSeek's own
+  checkpoints rotate interleaved pairs. The DeepseekV3 config is written with
+  `rope_interleave: false`, which selects the half-rotation in transformers.
+- Multi-token prediction modules serve training and drafting only; transformers' DeepseekV3 does
+  not run them, so they are left out and the card says so.
+- An option that transformers' layout cannot express makes the export refuse, naming it
+  (`check_exportable`): MoE with MHA attention, softmax routing, MoE layers without shared experts,
+  latent norms with an epsilon other than transformers' 1e-6.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from effllm.errors import ConfigError
+from effllm.model import ModelConfig, Transformer
+
+HF_LATENT_NORM_EPS = 1e-6  # transformers builds DeepseekV3's q_a / kv_a layernorms with this epsilon
+
+
+@dataclass
+class ExportConfig:
+    """Options of `effllm export-hf`."""
+
+    checkpoint: str  # a run directory, its checkpoints/ folder, or one step_* folder
+    out: str  # the directory to write (must not exist, or be empty, unless --overwrite)
+    dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the exported weights
+    overwrite: bool = False  # replace `out` if it already holds files
+
+
+def layout(cfg: ModelConfig) -> str:
+    """"llama" or "deepseek_v3": the transformers architecture that expresses `cfg` (see check_exportable)."""
+    check_exportable(cfg)
+    return "deepseek_v3" if cfg.attention == "mla" else "llama"
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """Raise ConfigError naming the first option of `cfg` that neither layout can express."""
+    if cfg.attention == "mha" and cfg.ffn == "moe":
+        raise ConfigError("transformers has no layout for DeepSeekMoE feed-forwards with MHA/GQA attention "
+                          "(its DeepseekV3 model always uses MLA): train with --model.attention mla to export "
+                          "an MoE model, or export a dense model (Llama layout)")
+    if cfg.attention == "mla":
+        m = cfg.mla
+        if m.norm_eps != HF_LATENT_NORM_EPS:
+            raise ConfigError(f"model.mla.norm_eps={m.norm_eps}, but transformers' DeepseekV3 fixes the latent "
+                              f"RMSNorm epsilon at {HF_LATENT_NORM_EPS}: the exported model would compute "
+                              f"something else. Train with --model.mla.norm-eps {HF_LATENT_NORM_EPS} to export")
+    if cfg.ffn == "moe" and cfg.first_k_dense < cfg.n_layers:
+        e = cfg.moe
+        if e.score_func != "sigmoid":
+            raise ConfigError(f"model.moe.score_func={e.score_func!r}: transformers' DeepseekV3 router is "
+                              "sigmoid-only, so softmax-routed models cannot be exported to it")
+        if e.n_shared_experts == 0:
+            raise ConfigError("model.moe.n_shared_experts=0: transformers' DeepseekV3 MoE layer always runs "
+                              "shared experts, so a model without them cannot be exported to it")
+        if e.n_routed_experts // e.n_group < 2:
+            raise ConfigError(f"{e.n_routed_experts} routed experts in {e.n_group} groups: transformers' "
+                              "DeepseekV3 scores each group by its top-2 experts, which needs 2+ experts per group")
+
+
+def _rope_fields(theta: float, mla=None) -> dict:
+    """rope_parameters (transformers 5) and the older rope_theta / rope_scaling (transformers 4)."""
+    if mla is None or mla.rope_factor == 1.0:
+        return {"rope_theta": theta, "rope_scaling": None,
+                "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    # effllm scales the softmax by yarn_mscale(factor, mscale)^2 and leaves cos/sin unscaled:
+    # transformers does the same when mscale == mscale_all_dim (its cos/sin factor is then 1).
+    yarn = {"rope_type": "yarn", "factor": mla.rope_factor, "original_max_position_embeddings": mla.original_max_position,
+            "beta_fast": mla.beta_fast, "beta_slow": mla.beta_slow, "mscale": mla.mscale, "mscale_all_dim": mla.mscale}
+    return {"rope_theta": theta, "rope_scaling": dict(yarn), "rope_parameters": {**yarn, "rope_theta": theta}}
+
+
+def hf_config(cfg: ModelConfig, eot_id: int | None = None, dtype: str = "float32") -> dict:
+    """The transformers config.json for a model of config `cfg`."""
+    kind = layout(cfg)
+    common = {
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu", "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False, "attention_dropout": 0.0, "initializer_range": cfg.init_std, "use_cache": True,
+        "bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": None, "dtype": dtype, "torch_dtype": dtype,
+    }
+    if kind == "llama":
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
+                "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "mlp_bias": False,
+                "pretraining_tp": 1, **_rope_fields(cfg.rope_theta)}
+    m = cfg.mla
+    out = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", **common,
+           "num_key_value_heads": cfg.n_heads,  # MLA expands keys and values per head
+           "q_lora_rank": m.q_lora_rank or None, "kv_lora_rank": m.kv_lora_rank,
+           "qk_nope_head_dim": m.qk_nope_head_dim, "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim,
+           "rope_interleave": False,  # effllm rotates halves, not interleaved pairs
+           "num_nextn_predict_layers": 0,  # the MTP modules are not exported
+           **_rope_fields(m.rope_theta, m)}
+    if cfg.ffn == "moe" and cfg.first_k_dense < cfg.n_layers:
+        e = cfg.moe
+        out.update(first_k_dense_replace=cfg.first_k_dense, n_routed_experts=e.n_routed_experts,
+                   n_shared_experts=e.n_shared_experts, num_experts_per_tok=e.top_k, moe_intermediate_size=e.expert_dim,
+                   n_group=e.n_group, topk_group=e.topk_group, norm_topk_prob=e.norm_topk_prob,
+                   routed_scaling_factor=e.route_scale, scoring_func="sigmoid", topk_method="noaux_tc")
+    else:  # every layer dense: the MoE fields must still be consistent
+        out.update(first_k_dense_replace=cfg.n_layers, n_routed_experts=2, n_shared_experts=1, num_experts_per_tok=1,
+                   moe_intermediate_size=cfg.hidden_dim, n_group=1, topk_group=1, norm_topk_prob=True,
+                   routed_scaling_factor=1.0)
+    return out
+
+
+_ATTN_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "wq_a": "q_a_proj",
+               "q_norm": "q_a_layernorm", "wq_b": "q_b_proj", "wkv_a": "kv_a_proj_with_mqa",
+               "kv_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj"}
+_MLP_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def hf_state_dict(model: Transformer, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """model's weights under transformers' names (MTP modules left out), contiguous, in `dtype`.
+
+    The balancing bias of each router stays fp32, as transformers keeps it.
+    """
+    check_exportable(model.cfg)
+    out: dict[str, torch.Tensor] = {}
+
+    def put(name: str, t: torch.Tensor, keep_fp32: bool = False) -> None:
+        out[name] = t.detach().to(torch.float32 if keep_fp32 else dtype).contiguous().clone()
+
+    for key, t in model.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "mtp":
+            continue
+        if parts[0] == "tok_emb":
+            put("model.embed_tokens.weight", t)
+        elif parts[0] == "norm":
+            put("model.norm.weight", t)
+        elif parts[0] == "head":
+            put("lm_head.weight", t)
+        elif parts[0] == "blocks":
+            i, sub, rest = parts[1], parts[2], parts[3:]
+            pre = f"model.layers.{i}"
+            if sub == "attn_norm":
+                put(f"{pre}.input_layernorm.weight", t)
+            elif sub == "ffn_norm":
+                put(f"{pre}.post_attention_layernorm.weight", t)
+            elif sub == "attn":
+                put(f"{pre}.self_attn.{_ATTN_NAMES[rest[0]]}.weight", t)
+            elif sub == "ffn" and rest[0] in _MLP_NAMES:  # a dense SwiGLU
+                put(f"{pre}.mlp.{_MLP_NAMES[rest[0]]}.weight", t)
+            elif sub == "ffn" and rest[0] == "shared":
+                put(f"{pre}.mlp.shared_experts.{_MLP_NAMES[rest[1]]}.weight", t)
+            elif sub == "ffn" and rest[0] == "router":
+                if rest[1] == "weight":
+                    put(f"{pre}.mlp.gate.weight", t)
+                else:  # expert_bias: the aux-loss-free balancing bias
+                    put(f"{pre}.mlp.gate.e_score_correction_bias", t, keep_fp32=True)
+            elif sub == "ffn" and rest[0] == "experts":  # stacked (E, ...) -> one tensor per expert
+                for j in range(t.shape[0]):
+                    put(f"{pre}.mlp.experts.{j}.{_MLP_NAMES[rest[1]]}.weight", t[j])
+            else:
+                raise ConfigError(f"no transformers name for effllm tensor {key}")
+        else:
+            raise ConfigError(f"no transformers name for effllm tensor {key}")
+    return out
+
+
+def byte_tokenizer_json() -> dict:
+    """A `tokenizers` file that encodes text as effllm's byte tokenizer does: token id = UTF-8 byte.
+
+    The ByteLevel pre-tokenizer maps each byte to a printable character; a BPE with those 256
+    characters as its vocabulary and no merges gives every byte its own id.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    # GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the other
+    # bytes take the characters from U+0100 on, in byte order.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    char_of, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            char_of[b] = chr(b)
+        else:
+            char_of[b] = chr(256 + extra)
+            extra += 1
+    if set(char_of.values()) != set(pre_tokenizers.ByteLevel.alphabet()):
+        raise RuntimeError("tokenizers' ByteLevel alphabet is not GPT-2's byte table: cannot write a byte tokenizer")
+    byte_of = {c: b for b, c in char_of.items()}
+    tok = Tokenizer(models.BPE(vocab=byte_of, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return json.loads(tok.to_str())
+
+
+def _tokenizer_files(spec: dict, ckpt: Path | None) -> dict[str, str]:
+    """tokenizer.json and tokenizer_config.json for the tokenizer `spec` describes ({} if none)."""
+    from effllm.data import EOT_TEXT
+
+    if spec.get("kind") == "byte":
+        tokenizer = json.dumps(byte_tokenizer_json(), ensure_ascii=False)
+        eot = None  # id 0 is byte NUL, which effllm removes from text and uses as end-of-text
+    elif spec.get("kind") == "bpe" and ckpt is not None and (ckpt / "tokenizer.json").is_file():
+        tokenizer, eot = (ckpt / "tokenizer.json").read_text(), EOT_TEXT
+    else:
+        return {}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+              "model_max_length": None, **({"eos_token": eot, "bos_token": eot} if eot else {})}
+    return {"tokenizer.json": tokenizer, "tokenizer_config.json": json.dumps(config, indent=1) + "\n"}
+
+
+def model_card(cfg: ModelConfig, counts: dict, state: dict | None, manifest: dict | None, kind: str) -> str:
+    """README.md for the export: architecture, size, training, data and licences, export notes."""
+    arch = ("MLA" if cfg.attention == "mla" else ("MHA" if cfg.kv_heads == cfg.n_heads else f"GQA ({cfg.kv_heads} kv heads)"))
+    ffn = (f"DeepSeekMoE ({cfg.moe.n_routed_experts} routed experts of width {cfg.moe.expert_dim}, top-{cfg.moe.top_k}, "
+           f"{cfg.moe.n_shared_experts} shared; first {cfg.first_k_dense} layer(s) dense)" if cfg.ffn == "moe"
+           else f"dense SwiGLU of width {cfg.hidden_dim}")
+    licences = sorted({s.get("license", "unknown") for s in manifest["sources"]}) if manifest else []
+    front = ["---", "library_name: transformers", "tags: [effllm, " + kind + "]", "pipeline_tag: text-generation"]
+    lines = front + ["---", "", f"# A {'DeepseekV3' if kind == 'deepseek_v3' else 'Llama'}-layout model trained with effllm", "",
+                     "## Architecture", "",
+                     f"- {cfg.n_layers} layers, width {cfg.dim}, {cfg.n_heads} heads, {arch} attention, {ffn}.",
+                     f"- Vocabulary {cfg.vocab_size}, context {cfg.max_seq_len}, "
+                     f"{'tied' if cfg.tie_embeddings else 'separate'} input and output embeddings.",
+                     f"- Parameters: {counts['total'] - counts['mtp']:,} in the export, {counts['active']:,} active per "
+                     "token." + (f" The training model also had {counts['mtp']:,} in multi-token-prediction modules, "
+                                 "which are not exported." if counts["mtp"] else ""), ""]
+    lines += ["## Training", ""]
+    if state:
+        train = state.get("config", {})
+        val = state.get("val_loss")
+        lines += [f"- {state['step']:,} steps, {state['tokens_seen']:,} tokens, "
+                  f"{state['elapsed_s']:,.0f} s ({state['elapsed_s'] / 3600:.3g} device-hours) of training"
+                  + (f" on {train['device']}" if train.get("device") not in (None, "auto") else "") + ".",
+                  f"- Validation loss at the last evaluation: {val:.4f} (nats per token)." if val is not None
+                  else "- No validation loss was recorded.",
+                  f"- Data manifest sha256: `{state.get('data_manifest_sha256')}`.", ""]
+    else:
+        lines += ["- Not exported from a training checkpoint: no training record.", ""]
+    lines += ["## Data", ""]
+    if manifest:
+        t = manifest["totals"]
+        lines += [f"- {t['files']:,} files, {t['bytes']:,} bytes, {t['train_tokens']:,} training tokens.",
+                  "- Licences of the sources: " + ", ".join(licences) + "."]
+        for s in manifest["sources"]:
+            where = s.get("root") or s.get("path") or s.get("kind")
+            lines.append(f"  - {s.get('kind')}: {where} ({s.get('license', 'unknown licence')})"
+                         + (f", {s['note']}" if s.get("note") else ""))
+        lines.append("")
+    else:
+        lines += ["- The data manifest was not found next to the checkpoint's data_dir, so the sources and "
+                  "their licences cannot be listed here; the manifest sha256 above identifies the data.", ""]
+    lines += ["## Using it", "", "```python", "from transformers import AutoModelForCausalLM",
+              "model = AutoModelForCausalLM.from_pretrained(PATH)", "```", "",
+              "## Export notes", "",
+              "- RoPE rotates the two halves of each rotary slice, as in Llama"
+              + ("; the config sets `rope_interleave: false` (DeepSeek's own checkpoints interleave pairs)."
+                 if kind == "deepseek_v3" else "."),
+              "- Routed experts are stored one tensor per expert, as in DeepSeek's checkpoints, and the "
+              "balancing bias as `mlp.gate.e_score_correction_bias`." if cfg.ffn == "moe" else None,
+              "- Byte-level model: token id = UTF-8 byte; id 0 (NUL) marks the end of a document."
+              if (state or {}).get("tokenizer", {}).get("kind") == "byte" else None, ""]
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def save_hf(model: Transformer, out: str | Path, dtype: torch.dtype = torch.float32, state: dict | None = None,
+            manifest: dict | None = None, tokenizer_spec: dict | None = None, ckpt: Path | None = None,
+            overwrite: bool = False) -> Path:
+    """Write `model` to `out` in the transformers layout, atomically (temp dir, then rename)."""
+    from safetensors.torch import save_file
+
+    from effllm.fsutil import replace_dir
+
+    cfg = model.cfg
+    kind = layout(cfg)  # refuses before anything is written
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"{out} already exists and is not empty: choose another --out or pass --overwrite")
+    tensors = hf_state_dict(model, dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+    eot = (tokenizer_spec or {}).get("eot_id")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    if cfg.tie_embeddings:  # transformers ties lm_head to the embedding itself
+        tensors.pop("lm_head.weight")
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "exported_by": "effllm"})
+    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, eot, dtype_name), indent=1) + "\n")
+    if eot is not None:
+        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot}) + "\n")
+    for name, text in _tokenizer_files(tokenizer_spec or {}, ckpt).items():
+        (tmp / name).write_text(text)
+    (tmp / "README.md").write_text(model_card(cfg, model.param_counts(), state, manifest, kind))
+    replace_dir(tmp, out)
+    return out
+
+
+def export_hf(cfg: ExportConfig) -> Path:
+    """Load the checkpoint `cfg.checkpoint` and write it to `cfg.out` in the transformers layout."""
+    from effllm import checkpoint as ckpt_io
+
+    ckpt = ckpt_io.resolve_checkpoint(cfg.checkpoint)
+    state = ckpt_io.read_state(ckpt)
+    model_cfg = ModelConfig.from_dict(state["config"]["model"])
+    check_exportable(model_cfg)  # before the model is built
+    model = Transformer(model_cfg)
+    ckpt_io.load_weights(ckpt, model)
+    manifest = None
+    data_dir = state["config"].get("data_dir")
+    if data_dir and (Path(data_dir) / "manifest.json").is_file():
+        from effllm.fsutil import sha256_file
+
+        path = Path(data_dir) / "manifest.json"
+        if sha256_file(path) == state.get("data_manifest_sha256"):
+            manifest = json.loads(path.read_text())
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    return save_hf(model, cfg.out, dtype, state, manifest, state.get("tokenizer"), ckpt, cfg.overwrite)

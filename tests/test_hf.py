@@ -1,0 +1,133 @@
+"""Hugging Face export: transformers loads what effllm writes and computes the same logits.
+
+Each architecture effllm can export is built with perturbed weights (so every tensor matters),
+exported, loaded with transformers' AutoModelForCausalLM on the CPU and compared in fp32: the
+logits agree to 1e-5 relative (the same arithmetic in another order), and greedy generation through
+transformers' own cache gives the same tokens as effllm's. Options transformers cannot express are
+refused by name. The CLI test exports a trained checkpoint and reads its model card.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import perturbed_model, tiny_train_config
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from effllm import ConfigError
+from effllm.cli import main
+from effllm.data import ByteTokenizer
+from effllm.hf import byte_tokenizer_json, check_exportable, hf_state_dict, save_hf
+from effllm.mla import MLAConfig
+from effllm.model import ModelConfig
+from effllm.moe import MoEConfig
+from effllm.train import train
+
+BASE = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, max_seq_len=64)
+MLA = MLAConfig(n_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
+MOE = MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=3, expert_dim=32, n_group=2, topk_group=1,
+                route_scale=2.5)
+
+CASES = {
+    "llama_gqa_untied": replace(BASE, n_kv_heads=2, tie_embeddings=False),
+    "llama_tied": BASE,
+    "deepseek_moe_mtp": replace(BASE, n_layers=3, attention="mla", mla=MLA, ffn="moe", moe=MOE, first_k_dense=1,
+                                mtp_depth=1, tie_embeddings=False),
+    "deepseek_dense_mla": replace(BASE, attention="mla", mla=replace(MLA, q_lora_rank=0)),
+    "deepseek_yarn": replace(BASE, attention="mla", mla=replace(MLA, rope_factor=4.0, original_max_position=16,
+                                                                mscale=0.707)),
+}
+
+
+def exported(cfg: ModelConfig, path, seed: int = 0):
+    model = perturbed_model(cfg, seed).eval()
+    with torch.no_grad():  # a trained balancing bias is not zero: make the export carry one
+        for name, buf in model.named_buffers():
+            if name.endswith("expert_bias"):
+                buf.copy_(torch.randn_like(buf) * 0.1)
+    out = save_hf(model, path)
+    return model, AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_transformers_computes_effllm_logits(name, tmp_path):
+    cfg = CASES[name]
+    model, hf = exported(cfg, tmp_path / name)
+    expected = "DeepseekV3ForCausalLM" if cfg.attention == "mla" else "LlamaForCausalLM"
+    assert type(hf).__name__ == expected
+    assert sum(p.numel() for p in hf.parameters()) == model.param_counts()["total"] - model.param_counts()["mtp"]
+    x = torch.randint(0, cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = model(x)[0], hf(x).logits
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.99
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_untied", "deepseek_moe_mtp"])
+def test_greedy_generation_matches_through_transformers_cache(name, tmp_path):
+    model, hf = exported(CASES[name], tmp_path / name, seed=3)
+    prompt = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ours = model.generate(prompt, 20, temperature=0.0)
+        theirs = hf.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, use_cache=True,
+                             pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_expert_tensors_use_deepseeks_per_expert_names():
+    model = perturbed_model(CASES["deepseek_moe_mtp"])
+    sd = hf_state_dict(model)
+    assert torch.equal(sd["model.layers.1.mlp.experts.5.up_proj.weight"], model.blocks[1].ffn.experts.w3[5])
+    assert sd["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    assert not [k for k in sd if "mtp" in k]
+    assert hf_state_dict(model, torch.bfloat16)["model.layers.0.self_attn.kv_b_proj.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(ffn="moe", moe=MOE), "MHA/GQA attention"),
+    (dict(attention="mla", mla=MLA, ffn="moe", moe=replace(MOE, score_func="softmax")), "sigmoid-only"),
+    (dict(attention="mla", mla=MLA, ffn="moe", moe=replace(MOE, n_shared_experts=0)), "shared experts"),
+    (dict(attention="mla", mla=replace(MLA, norm_eps=1e-5)), "norm-eps"),
+])
+def test_what_transformers_cannot_express_is_refused_by_name(change, message, tmp_path):
+    cfg = replace(BASE, **change)
+    with pytest.raises(ConfigError, match=message):
+        check_exportable(cfg)
+    with pytest.raises(ConfigError, match=message):
+        save_hf(perturbed_model(cfg), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before writing anything
+
+
+def test_byte_tokenizer_file_encodes_like_effllm():
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(byte_tokenizer_json())))
+    text = "def f(x):\n\treturn 'héllo' + \"wörld\"  # 中文 😀\r\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert ids == ByteTokenizer().encode(text)
+    assert tok.decode(ids) == text
+
+
+def test_cli_exports_a_trained_checkpoint_with_its_card(byte_data, tmp_path, capsys):
+    cfg = tiny_train_config(byte_data, tmp_path / "run", max_steps=4)
+    summary = train(cfg)
+    out = tmp_path / "hf"
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    assert "LlamaForCausalLM" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_key_value_heads"] == 2 and config["eos_token_id"] == 0
+    card = (out / "README.md").read_text()
+    assert f"{summary['tokens_seen']:,} tokens" in card and "PSF-2.0" in card
+    assert f"{summary['final_val_loss']:.4f}" in card
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tok = PreTrainedTokenizerFast.from_pretrained(out)
+    ids = tok("import os\n", return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == list(b"import os\n")
+    with torch.no_grad():
+        assert torch.isfinite(hf(ids).logits).all()
+    # an existing export is never overwritten by accident
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--overwrite"]) == 0
