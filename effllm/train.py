@@ -190,6 +190,10 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model).to(device)
     fp8_report = convert_to_fp8(model) if cfg.fp8 else None  # before the optimizer: same Parameters either way
+    if fp8_report is not None and not fp8_report["converted"]:
+        raise ConfigError(f"fp8=True but no linear of this model can run in FP8: block scaling needs in and out "
+                          f"features that are multiples of 128 (model.dim={cfg.model.dim}). Widen the model "
+                          "(e.g. the deepseek_tiny_fp8 recipe) or drop --fp8")
     optimizer = build_optimizer(model, cfg.optim)
     start_step, elapsed_before, tokens_before = 0, 0.0, 0
     if state is not None:

@@ -1,7 +1,9 @@
 """dense_tiny: the default recipe, a small dense Transformer on the embedded corpus.
 
-Sized to train on 2 CPU cores in about five minutes with byte-level tokens; on a GPU it runs in
-seconds. It is the dense baseline later recipes compare against.
+Sized to train on 2 CPU cores in about four minutes with byte-level tokens; on a GPU it runs in
+seconds. It is the dense baseline of moe_tiny and deepseek_tiny, with their active parameters
+(1.82M against 1.83M and 1.77M) and forward FLOPs per token (4.03M against 4.05M and 4.03M at
+256 tokens). deepseek_tiny's MTP module adds training FLOPs that plain inference does not pay.
 """
 
 from effllm.model import ModelConfig

@@ -112,3 +112,9 @@ def test_torch_compile_traces_the_fp8_linear_without_graph_breaks():
     y.sum().backward()
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
     torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)
+
+
+def test_fp8_on_a_model_with_nothing_to_convert_fails_before_training(byte_data, tmp_path):
+    with pytest.raises(ConfigError, match="multiples of 128"):
+        train(tiny_train_config(byte_data, tmp_path / "run", fp8=True))  # dim 64
+    assert not (tmp_path / "run" / "checkpoints").exists()
