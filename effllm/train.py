@@ -8,6 +8,7 @@ checkpoint, a resumed run repeats the uninterrupted run's losses exactly (on CPU
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import resource
@@ -149,6 +150,41 @@ def evaluate(model, data: TokenDataset, cfg: TrainConfig, device, amp: torch.dty
     return total / count
 
 
+def forward_backward(model: Transformer, step_fn, batch, grad_accum: int, mtp_lambda: float, device: torch.device,
+                     amp: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Forward and backward over `grad_accum` micro-batches (`batch(micro)` -> (x, y)); gradients
+    accumulate in the parameters. The objective is cross-entropy + the MoE balance losses + mtp_lambda
+    x the mean MTP loss. Returns the summed pure cross-entropy, balance and MTP losses as device
+    tensors (no host sync)."""
+    sums = {name: torch.zeros((), device=device) for name in ("loss", "aux", "mtp")}
+    for micro in range(grad_accum):
+        x, y = batch(micro)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            _, loss = step_fn(x, y)
+        aux = model.moe_aux_loss()  # MoE balance losses; the logged loss stays pure cross-entropy
+        mtp = model.mtp_loss()  # mean over MTP depths
+        total = loss if aux is None else loss + aux
+        if mtp is not None:
+            total = total + mtp_lambda * mtp
+            sums["mtp"] += mtp.detach()
+        (total / grad_accum).backward()
+        sums["loss"] += loss.detach()
+        if aux is not None:
+            sums["aux"] += aux.detach()
+    return sums
+
+
+def optimizer_update(model: Transformer, optimizer: torch.optim.Optimizer, grad_clip: float,
+                     moe_layers: dict) -> tuple[torch.Tensor | None, dict]:
+    """Clip, step, zero the gradients, then move each MoE layer's balancing bias (after the step, as
+    in DeepSeek-V3). Returns the pre-clip grad norm (None without clipping) and each layer's load."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, {name: layer.update_bias() for name, layer in moe_layers.items()}
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop metrics lines past `last_step` (written by a run that died after its last checkpoint)."""
     if not path.exists():
@@ -219,10 +255,11 @@ def train(cfg: TrainConfig) -> dict:
     unigram = data.manifest["totals"]["unigram_val_loss"]
     moe_layers = model.moe_layers()
 
-    def save(step: int, tokens_seen: int, elapsed: float, val_loss: float | None) -> Path:
+    def save(step: int, tokens_seen: int, elapsed: float, eval_s: float, val_loss: float | None) -> Path:
         return ckpt_io.save_checkpoint(
             ckpt_root, step, model, optimizer, keep=cfg.keep_checkpoints, extra_files=tokenizer_file,
-            state={"tokens_seen": tokens_seen, "elapsed_s": elapsed, "val_loss": val_loss, "config": asdict(cfg),
+            state={"tokens_seen": tokens_seen, "elapsed_s": elapsed, "eval_s": eval_s, "val_loss": val_loss,
+                   "config": asdict(cfg),
                    # Where the data stream stands: batches are a pure function of these numbers.
                    "data": {"next_step": step, "seed": cfg.seed, "rank": 0, "micro_steps": cfg.grad_accum,
                             "rule": "TokenDataset.train_batch(batch_size, seq_len, seed, step, rank, micro)"},
@@ -243,6 +280,7 @@ def train(cfg: TrainConfig) -> dict:
             + "; ".join(f"{k} ({v})" for k, v in fp8_report["skipped"].items()))
 
     tokens_seen, val_loss, last_loss = tokens_before, state.get("val_loss") if state else None, float("nan")
+    eval_s = state.get("eval_s", 0.0) if state else 0.0  # seconds spent evaluating, resumed runs included
     run_start = time.perf_counter()
     window_start, window_tokens = run_start, 0
     model.train()
@@ -250,25 +288,9 @@ def train(cfg: TrainConfig) -> dict:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        aux_sum = torch.zeros((), device=device)
-        mtp_sum = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            x, y = data.train_batch(cfg.batch_size, cfg.seq_len, cfg.seed, step, 0, micro)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                _, loss = step_fn(x, y)
-            aux = model.moe_aux_loss()  # MoE balance losses; the logged loss stays pure cross-entropy
-            mtp = model.mtp_loss()  # mean over MTP depths
-            total = loss if aux is None else loss + aux
-            if mtp is not None:
-                total = total + cfg.model.mtp_lambda * mtp
-                mtp_sum += mtp.detach()
-            (total / cfg.grad_accum).backward()
-            loss_sum += loss.detach()
-            if aux is not None:
-                aux_sum += aux.detach()
-        last_loss = loss_sum.item() / cfg.grad_accum
+        batch = functools.partial(data.train_batch, cfg.batch_size, cfg.seq_len, cfg.seed, step, 0)  # (micro) -> x, y
+        sums = forward_backward(model, step_fn, batch, cfg.grad_accum, cfg.model.mtp_lambda, device, amp)
+        last_loss = sums["loss"].item() / cfg.grad_accum
         if not math.isfinite(last_loss):
             bar.close()
             kept = ckpt_io.latest_checkpoint(ckpt_root)
@@ -278,18 +300,16 @@ def train(cfg: TrainConfig) -> dict:
                 + "lower --optim.lr, raise --optim.warmup-steps or check the data, then "
                 + ("--resume." if kept else "start again.")
             )
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                     if cfg.optim.grad_clip > 0 else None)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_loads = {name: layer.update_bias() for name, layer in moe_layers.items()}  # after the step (V3)
+        grad_norm, step_loads = optimizer_update(model, optimizer, cfg.optim.grad_clip, moe_layers)
         done = step + 1
         tokens_seen += cfg.tokens_per_step
         window_tokens += cfg.tokens_per_step
         elapsed = elapsed_before + time.perf_counter() - run_start
 
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            eval_start = time.perf_counter()
             val_loss = evaluate(step_fn, data, cfg, device, amp)
+            eval_s += time.perf_counter() - eval_start
             say(f"step {done}: val loss {val_loss:.4f} (train {last_loss:.4f}, unigram {unigram:.3f})")
         if done % cfg.log_interval == 0 or done == cfg.max_steps:
             now = time.perf_counter()
@@ -297,11 +317,12 @@ def train(cfg: TrainConfig) -> dict:
             record = {"step": done, "loss": last_loss, "lr": lr,
                       "grad_norm": None if grad_norm is None else grad_norm.item(),
                       "tokens_per_s": tok_s, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
+                      "train_s": elapsed - eval_s,  # wall-clock minus evaluation: the cost of training alone
                       "peak_mem_bytes": peak_memory_bytes(device)}
             if cfg.model.mtp_depth:
-                record["mtp_loss"] = mtp_sum.item() / cfg.grad_accum
+                record["mtp_loss"] = sums["mtp"].item() / cfg.grad_accum
             if step_loads:
-                record["moe_aux_loss"] = aux_sum.item() / cfg.grad_accum
+                record["moe_aux_loss"] = sums["aux"].item() / cfg.grad_accum
                 # per layer: max/mean tokens per expert and the coefficient of variation
                 record["moe_load"] = {name: load_stats(load) for name, load in step_loads.items()}
             if done % cfg.eval_interval == 0 or done == cfg.max_steps:
@@ -311,7 +332,7 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             window_start, window_tokens = now, 0
         if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == cfg.max_steps:
-            save(done, tokens_seen, elapsed, val_loss)
+            save(done, tokens_seen, elapsed, eval_s, val_loss)
         bar.update(1)
     bar.close()
 
@@ -319,7 +340,7 @@ def train(cfg: TrainConfig) -> dict:
     tok_s = (tokens_seen - tokens_before) / max(1e-9, time.perf_counter() - run_start)
     summary = {
         "steps": cfg.max_steps, "tokens_seen": tokens_seen, "final_train_loss": last_loss, "final_val_loss": val_loss,
-        "unigram_val_loss": unigram, "elapsed_s": elapsed, "tokens_per_s": tok_s, "params": counts,
+        "unigram_val_loss": unigram, "elapsed_s": elapsed, "train_s": elapsed - eval_s, "tokens_per_s": tok_s, "params": counts,
         "train_flops_per_token": flops_per_token, "mfu": mfu(tok_s, flops_per_token, peak), "device": dev_name,
         "precision": str(amp or torch.float32), "peak_mem_bytes": peak_memory_bytes(device),
     }
