@@ -51,11 +51,18 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def mtp_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of the MTP modules (training only): per depth, the 2D -> D projection,
-    one block (layer index n_layers + k - 1) and the shared output head."""
-    per = [2 * 2 * cfg.dim * cfg.dim + attention_flops(cfg, seq_len) + ffn_flops(cfg, cfg.n_layers + k)
-           + 2 * cfg.dim * cfg.vocab_size for k in range(cfg.mtp_depth)]
-    return sum(per)
+    """Forward FLOPs of the MTP modules (training only) per token of the sequence. Depth k runs on
+    the seq_len - k positions that have a token k ahead: the 2D -> D projection, one block (layer
+    index n_layers + k - 1, attending over seq_len - k positions) and the shared output head."""
+    total = 0.0
+    for k in range(1, cfg.mtp_depth + 1):
+        n = seq_len - k
+        if n <= 0:
+            break
+        per = 2 * 2 * cfg.dim * cfg.dim + attention_flops(cfg, n) + ffn_flops(cfg, cfg.n_layers + k - 1) \
+            + 2 * cfg.dim * cfg.vocab_size
+        total += per * n / seq_len
+    return total
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
