@@ -32,10 +32,12 @@ def test_equal_active_pairs(deepseek, dense):
     assert ds["total"] - ds["mtp"] > 2 * dn["total"]  # the sparse model holds far more parameters
 
 
-def test_equal_total_pair():
-    (ds, ds_flops), (dn, dn_flops) = sizes("deepseek_600m"), sizes("dense_600m")
+@pytest.mark.parametrize("deepseek,dense,ratio", [("deepseek_tiny", "dense_tiny_wide", 2),
+                                                  ("deepseek_600m", "dense_600m", 4)])
+def test_equal_total_pairs(deepseek, dense, ratio):
+    (ds, ds_flops), (dn, dn_flops) = sizes(deepseek), sizes(dense)
     assert close(ds["total"] - ds["mtp"], dn["total"], 0.01)
-    assert dn_flops > 4 * ds_flops
+    assert dn_flops > ratio * ds_flops
 
 
 def test_fp8_recipe_converts_attention_and_dense_linears():
