@@ -54,7 +54,7 @@ def markdown(r: dict) -> str:
              f"({'--quick' if r['size'] == 'quick' else 'GPU size'}{', --quality' if r.get('quality_budget_s') else ''}); "
              "rebuild with `python benchmarks/report.py <this folder>`.", "",
              "## Throughput", "",
-             f"The trainer's own step on the prepared data, median of timed steps after warm-up.", "",
+             "The trainer's own step on the prepared data, median of timed steps after warm-up.", "",
              f"| model | recipe | params total / active | precision | step (ms) | tokens/s | tokens per {unit} | "
              "train GFLOPs/token | MFU | peak mem (GiB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -77,7 +77,7 @@ def markdown(r: dict) -> str:
         lines += ["## Quality at equal training time", "",
                   f"Each model trained for about {r['quality_budget_s']:.0f} s (its recipe's schedule compressed "
                   "into the steps its throughput allows), on the same data; training time excludes evaluation.", "",
-                  f"| model | steps | tokens | training time (s) | final val loss | time to reach the baseline's "
+                  "| model | steps | tokens | training time (s) | final val loss | time to reach the baseline's "
                   "final loss (s) |", "|---|---|---|---|---|---|"]
         for row in r["rows"]:
             q = row.get("quality")

@@ -110,11 +110,14 @@ def measure_throughput(cfg, device: torch.device, warmup: int, repeats: int) -> 
            "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
            "params": model.param_counts(), "precision": "fp8" if cfg.fp8 else str(amp or torch.float32),
            "fp8_converted": len(fp8_report["converted"]) if fp8_report else None}
-    del model, optimizer, step_fn
+    return out
+
+
+def release_memory(device: torch.device) -> None:
+    """Free the previous model's memory before the next one is measured."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return out
 
 
 def equal_time_run(cfg, budget_s: float, tokens_per_s: float, run_dir: Path, evals: int) -> dict:
@@ -221,6 +224,7 @@ def main() -> None:
             print(f"{label}: skipped ({fp8_why})", flush=True)
             continue
         row["throughput"] = measure_throughput(cfg, device, warmup, repeats)
+        release_memory(device)
         tp = row["throughput"]
         print(f"{label} ({recipe}): {tp['tokens_per_s']:,.0f} tokens/s, {tp['step_s_median'] * 1e3:.1f} ms/step"
               + (f", MFU {100 * tp['mfu']:.1f}%" if tp["mfu"] is not None else ""), flush=True)
@@ -233,6 +237,7 @@ def main() -> None:
                           compile=args.compile, **row["overrides"])
             row["quality"] = equal_time_run(cfg, budget, row["throughput"]["tokens_per_s"], run_root / row["role"],
                                             args.evals)
+            release_memory(device)
             q = row["quality"]
             print(f"{row['label']}: {q['steps']} steps in {q['train_s']:.0f} s, final val loss {q['final_val_loss']:.4f}",
                   flush=True)
