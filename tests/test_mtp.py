@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import perturbed_model, tiny_train_config
 
 from effllm import ConfigError, ModelConfig, Transformer
-from effllm.flops import forward_flops_per_token, mtp_flops_per_token, train_flops_per_token
+from effllm.flops import attention_flops, forward_flops_per_token, mtp_flops_per_token, train_flops_per_token
 from effllm.mla import MLAConfig
 from effllm.moe import MoEConfig
 from effllm.train import OptimConfig, train
@@ -98,8 +98,10 @@ def test_counts_and_flops_keep_mtp_out_of_inference():
     assert counts["active"] == plain.param_counts()["active"]
     assert forward_flops_per_token(cfg, 32) == forward_flops_per_token(plain.cfg, 32)
     assert train_flops_per_token(cfg, 32) == 3 * (forward_flops_per_token(cfg, 32) + mtp_flops_per_token(cfg, 32))
-    assert mtp_flops_per_token(cfg, 32) == 2 * (4 * 48 * 48 + (forward_flops_per_token(plain.cfg, 32)
-                                                               - 2 * 48 * 97) / 2 + 2 * 48 * 97)
+    # depth k runs on the 32 - k positions with a token k ahead: projection, one block, the head
+    per_depth = [(32 - k) / 32 * (4 * 48 * 48 + attention_flops(cfg, 32 - k) + 6 * 48 * cfg.hidden_dim + 2 * 48 * 97)
+                 for k in (1, 2)]
+    assert mtp_flops_per_token(cfg, 32) == pytest.approx(sum(per_depth), rel=1e-12)
     with pytest.raises(ConfigError, match="mtp_depth"):
         ModelConfig(mtp_depth=-1)
 
