@@ -142,6 +142,7 @@ class MoE(nn.Module):
         # Load summed over the forwards since the last update_bias(): the whole (accumulated) batch.
         self.register_buffer("step_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
+        self.ep_group = None  # set by effllm.parallelize.shard_experts: this rank holds a slice of the experts
         with torch.no_grad():
             for p in self.parameters():
                 nn.init.normal_(p, std=init_std)
@@ -167,7 +168,13 @@ class MoE(nn.Module):
         token_of = order // K  # (M,) source token of each sorted pair
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         backend = pick_backend(x.device, dtype, self.cfg.grouped_gemm, (self.dim, self.cfg.expert_dim))
-        y = self.experts(tokens[token_of].to(dtype), offsets, backend)  # (M, D)
+        rows = tokens[token_of].to(dtype)  # (M, D) sorted by expert
+        if self.ep_group is None:
+            y = self.experts(rows, offsets, backend)  # (M, D)
+        else:  # the experts live on several ranks: send each row to its expert's rank and back
+            from effllm.parallelize import expert_parallel_forward
+
+            y = expert_parallel_forward(self.experts, rows, counts, backend, self.ep_group)
         pos = torch.empty_like(order)
         pos[order] = torch.arange(order.numel(), device=x.device)  # sorted row of each (token, k) pair
         # Weighted sum of each token's K outputs in fp32, gathered in a fixed order (deterministic).
