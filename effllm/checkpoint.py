@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 
 from effllm.errors import CheckpointError
 from effllm.fsutil import fsync_dir, replace_dir, sha256_file, write_file_synced
@@ -41,8 +41,14 @@ def save_checkpoint(
     state: dict,
     extra_files: dict[str, Path] | None = None,
     keep: int = 2,
+    model_state: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically; keep the newest `keep` checkpoints."""
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep` checkpoints.
+
+    `model_state` / `optimizer_state`, when given, are written instead of `model` and `optimizer`'s
+    own state dicts: a distributed run passes the full states gathered from its ranks, in the
+    single-device layout."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
@@ -50,8 +56,12 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
 
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if model_state is None:
+        save_model(model, str(tmp / "model.safetensors"))
+    else:
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -146,10 +156,14 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
                               f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
 
 
-def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer) -> None:
-    """Restore optimizer state and RNG states from a verified checkpoint."""
-    device = next(iter(optimizer.param_groups[0]["params"])).device
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, load_optimizer=None) -> None:
+    """Restore optimizer state and RNG states from a verified checkpoint. `load_optimizer(state)`
+    replaces `optimizer.load_state_dict` (a sharded optimizer loads the full state its own way)."""
+    if load_optimizer is None:
+        device = next(iter(optimizer.param_groups[0]["params"])).device
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+    else:
+        load_optimizer(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():

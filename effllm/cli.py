@@ -76,7 +76,13 @@ def run_recipe(default, args: list[str], prog: str) -> dict:
 
     cfg = tyro.cli(TrainConfig, default=default, args=args, prog=prog,
                    description="Train a model. Every field below can be overridden on the command line.")
-    return train(cfg)
+    try:
+        return train(cfg)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # under torchrun: leave the job cleanly
+            dist.destroy_process_group()
 
 
 def cmd_prepare(args: list[str]) -> None:

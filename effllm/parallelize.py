@@ -19,6 +19,10 @@ contributions of every rank's tokens.
 
 from __future__ import annotations
 
+import datetime
+import os
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -88,3 +92,131 @@ def expert_parallel_forward(experts: nn.Module, rows: torch.Tensor, counts: torc
     out_received = out_local[back]  # (source rank, local expert) order again
     # 4. results back to where the rows came from
     return wait_tensor(all_to_all_single_autograd(out_received.contiguous(), send_splits, recv_splits, group))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallelism and the torchrun environment
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env() -> DistEnv:
+    """Read RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them."""
+    try:
+        return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                       int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError as e:
+        raise ConfigError(f"malformed torchrun environment (RANK / WORLD_SIZE / LOCAL_RANK): {e}") from None
+
+
+def init_distributed(env: DistEnv, device: str, timeout_s: float) -> torch.device:
+    """This rank's device, with the process group initialised when the job has several ranks:
+    NCCL on CUDA (one GPU per local rank), gloo on CPU. A collective that waits longer than
+    `timeout_s` (a rank died) fails instead of hanging."""
+    from effllm.train import resolve_device
+
+    if not env.enabled:
+        return resolve_device(device)
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if env.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {env.local_rank} has no GPU ({torch.cuda.device_count()} visible): "
+                              "launch at most one process per GPU")
+        dev = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=dev if use_cuda else None)
+    return dev
+
+
+def wrap_data_parallel(model: nn.Module, kind: str, device: torch.device, compile: bool) -> nn.Module:
+    """The module the training step calls, in this order (torchtitan's): torch.compile per block,
+    then FSDP2 (`fully_shard` per block, then the root) or DDP around the whole model.
+
+    FSDP2 shards parameters, gradients and optimizer state across ranks and returns the model
+    itself (its parameters become DTensors); DDP keeps full replicas and all-reduces gradients.
+    """
+    if compile:  # in place (Module.compile), so parameter names and checkpoints stay the same
+        for block in _blocks(model):
+            block.compile()
+    if kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in _blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    raise ConfigError(f"unknown data_parallel {kind!r}: choose fsdp or ddp")
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks to wrap one by one: the main stack and each MTP module's block."""
+    return list(model.blocks) + [m.block for m in model.mtp]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: gathered to the single-device format, so any world size can resume any other
+
+
+def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, tied: bool) -> tuple[dict | None, dict | None]:
+    """Collective: every rank calls it. Rank 0 gets the full model state dict (what a single process
+    would save: with tied embeddings only `head.weight`, as safetensors' save_model keeps it) and the
+    optimizer state keyed by position, exactly as `optimizer.state_dict()` on one device; other
+    ranks get (None, None)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=opts)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
+    if dist.get_rank() != 0:
+        return None, None
+    if tied:
+        model_sd.pop("tok_emb.weight", None)
+    names = [name for group in optim_sd["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
+    groups, first = [], 0
+    for group in optim_sd["param_groups"]:
+        groups.append({**group, "params": list(range(first, first + len(group["params"])))})
+        first += len(group["params"])
+    return model_sd, {"state": {index[name]: s for name, s in optim_sd["state"].items()}, "param_groups": groups}
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a position-keyed full optimizer state (as one device saves it) into a sharded optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups, first = [], 0
+    for saved, group in zip(state["param_groups"], optimizer.param_groups, strict=True):
+        n = len(group["params"])
+        groups.append({**saved, "params": names[first:first + n]})
+        first += n
+    fqn_state = {"state": {names[i]: s for i, s in state["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, fqn_state, options=StateDictOptions(full_state_dict=True))

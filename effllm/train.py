@@ -26,6 +26,13 @@ from effllm.flops import device_name, mfu, peak_bf16_flops, train_flops_per_toke
 from effllm.fp8 import convert_to_fp8
 from effllm.model import ModelConfig, Transformer
 from effllm.moe import load_stats
+from effllm.parallelize import (
+    dist_env,
+    gather_full_state,
+    init_distributed,
+    load_full_optimizer_state,
+    wrap_data_parallel,
+)
 
 
 @dataclass
@@ -58,7 +65,9 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps of the whole run
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"  # auto = cuda if available, else cpu
-    compile: bool = False  # wrap the model in torch.compile
+    compile: bool = False  # wrap the model in torch.compile (under torchrun: each block, before FSDP/DDP)
+    data_parallel: Literal["fsdp", "ddp"] = "fsdp"  # under torchrun: FSDP2 (sharded) or DDP (replicated)
+    dist_timeout_s: float = 300.0  # under torchrun: a collective waiting this long (a rank died) fails the job
     fp8: bool = False  # run attention / FFN linears in FP8 with block scaling (effllm.fp8.convert_to_fp8)
     seed: int = 1337  # seeds the init and the data order
     log_interval: int = 10  # steps between metrics lines
@@ -180,9 +189,17 @@ def optimizer_update(model: Transformer, optimizer: torch.optim.Optimizer, grad_
     """Clip, step, zero the gradients, then move each MoE layer's balancing bias (after the step, as
     in DeepSeek-V3). Returns the pre-clip grad norm (None without clipping) and each layer's load."""
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+    if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, {name: layer.update_bias() for name, layer in moe_layers.items()}
+
+
+def rank_batch(data: TokenDataset, cfg: TrainConfig, step: int, rank: int, micro: int):
+    """Micro-batch `micro` of `rank` at `step`: global micro-batch rank * grad_accum + micro. One
+    process with grad_accum = W·A sees exactly the batches of W ranks with grad_accum = A."""
+    return data.train_batch(cfg.batch_size, cfg.seq_len, cfg.seed, step, 0, rank * cfg.grad_accum + micro)
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
@@ -202,7 +219,8 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({data.vocab_size}) of {cfg.data_dir}: pass --model.vocab-size {data.vocab_size}")
     data.check_seq_len(cfg.seq_len)
-    device = resolve_device(cfg.device)
+    env = dist_env()  # rank 0 of 1 unless launched by torchrun
+    device = init_distributed(env, cfg.device, cfg.dist_timeout_s)
     amp = autocast_dtype(cfg.precision, device)
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
@@ -223,28 +241,37 @@ def train(cfg: TrainConfig) -> dict:
             raise ConfigError(f"checkpoint {resume_from} is at step {state['step']} already, max_steps={cfg.max_steps}: "
                               "raise --max-steps to train further")
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial model on every rank
     model = Transformer(cfg.model).to(device)
     fp8_report = convert_to_fp8(model) if cfg.fp8 else None  # before the optimizer: same Parameters either way
     if fp8_report is not None and not fp8_report["converted"]:
         raise ConfigError(f"fp8=True but no linear of this model can run in FP8: block scaling needs in and out "
                           f"features that are multiples of 128 (model.dim={cfg.model.dim}). Widen the model "
                           "(e.g. the deepseek_tiny_fp8 recipe) or drop --fp8")
-    optimizer = build_optimizer(model, cfg.optim)
     start_step, elapsed_before, tokens_before = 0, 0.0, 0
-    if state is not None:
+    if state is not None:  # full weights, before any sharding: a checkpoint from any world size loads
         ckpt_io.load_weights(resume_from, model)
-        ckpt_io.load_training_state(resume_from, optimizer)
         start_step, elapsed_before, tokens_before = state["step"], state["elapsed_s"], state["tokens_seen"]
-    step_fn = torch.compile(model) if cfg.compile else model
-
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    if cfg.resume:
-        truncate_metrics(metrics_path, start_step)
+    if env.enabled:
+        step_fn = wrap_data_parallel(model, cfg.data_parallel, device, cfg.compile)
     else:
+        step_fn = torch.compile(model) if cfg.compile else model
+    optimizer = build_optimizer(model, cfg.optim)  # after FSDP: over the sharded parameters
+    sharded = env.enabled and cfg.data_parallel == "fsdp"
+    if state is not None:
+        ckpt_io.load_training_state(resume_from, optimizer, (lambda sd: load_full_optimizer_state(
+            model, optimizer, sd)) if sharded else None)
+
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if env.is_main and cfg.resume:
+        truncate_metrics(metrics_path, start_step)
+    elif env.is_main:
         metrics_path.write_text("")
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    if env.is_main:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    tokens_per_step = cfg.tokens_per_step * env.world_size  # the global batch
     tokenizer_file = {"tokenizer.json": data.dir / "tokenizer.json"} if data.tokenizer.kind == "bpe" else {}
 
     counts = model.param_counts()
@@ -255,25 +282,39 @@ def train(cfg: TrainConfig) -> dict:
     unigram = data.manifest["totals"]["unigram_val_loss"]
     moe_layers = model.moe_layers()
 
-    def save(step: int, tokens_seen: int, elapsed: float, eval_s: float, val_loss: float | None) -> Path:
-        return ckpt_io.save_checkpoint(
+    def save(step: int, tokens_seen: int, elapsed: float, eval_s: float, val_loss: float | None) -> Path | None:
+        model_state = optimizer_state = None
+        if env.enabled:  # every rank takes part in gathering; rank 0 writes the single-device layout
+            model_state, optimizer_state = gather_full_state(model, optimizer, cfg.model.tie_embeddings)
+            if not env.is_main:
+                torch.distributed.barrier()
+                return None
+        path = ckpt_io.save_checkpoint(
             ckpt_root, step, model, optimizer, keep=cfg.keep_checkpoints, extra_files=tokenizer_file,
+            model_state=model_state, optimizer_state=optimizer_state,
             state={"tokens_seen": tokens_seen, "elapsed_s": elapsed, "eval_s": eval_s, "val_loss": val_loss,
                    "config": asdict(cfg),
                    # Where the data stream stands: batches are a pure function of these numbers.
-                   "data": {"next_step": step, "seed": cfg.seed, "rank": 0, "micro_steps": cfg.grad_accum,
-                            "rule": "TokenDataset.train_batch(batch_size, seq_len, seed, step, rank, micro)"},
+                   "data": {"next_step": step, "seed": cfg.seed, "micro_steps": cfg.grad_accum * env.world_size,
+                            "world_size": env.world_size,
+                            "rule": "TokenDataset.train_batch(batch_size, seq_len, seed, step, 0, rank * grad_accum "
+                                    "+ micro): the global batch does not depend on how it is split over ranks"},
                    "data_manifest_sha256": data.manifest_sha256, "tokenizer": data.manifest["tokenizer"]},
         )
+        if env.enabled:
+            torch.distributed.barrier()
+        return path
 
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", disable=not cfg.progress or None,
+    show = cfg.progress and env.is_main
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", disable=not show or None,
                dynamic_ncols=True)
-    say = bar.write if cfg.progress else print
+    say = (bar.write if show else print) if env.is_main else (lambda *a, **k: None)  # only rank 0 prints
     say(f"effllm: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
         f"{flops_per_token / 1e6:.1f} MFLOPs/token, {dev_name}, {amp or torch.float32}, "
-        f"{cfg.tokens_per_step} tokens/step, unigram val loss {unigram:.3f}"
+        f"{tokens_per_step} tokens/step" + (f" over {env.world_size} ranks ({cfg.data_parallel})" if env.enabled else "")
+        + f", unigram val loss {unigram:.3f}"
         + (f", resuming at step {start_step}" if start_step else ""))
     if fp8_report is not None:
         say(f"fp8: {len(fp8_report['converted'])} linears converted; kept in higher precision: "
@@ -288,8 +329,13 @@ def train(cfg: TrainConfig) -> dict:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = functools.partial(data.train_batch, cfg.batch_size, cfg.seq_len, cfg.seed, step, 0)  # (micro) -> x, y
+        # (micro) -> x, y: rank r takes micro-batches r*A .. r*A+A-1 of the step's global batch
+        batch = functools.partial(rank_batch, data, cfg, step, env.rank)
         sums = forward_backward(model, step_fn, batch, cfg.grad_accum, cfg.model.mtp_lambda, device, amp)
+        if env.enabled:  # the global batch's means, the same on every rank (so is the NaN check)
+            packed = torch.stack(list(sums.values()))
+            torch.distributed.all_reduce(packed)
+            sums = dict(zip(sums, packed / env.world_size, strict=True))
         last_loss = sums["loss"].item() / cfg.grad_accum
         if not math.isfinite(last_loss):
             bar.close()
@@ -302,8 +348,8 @@ def train(cfg: TrainConfig) -> dict:
             )
         grad_norm, step_loads = optimizer_update(model, optimizer, cfg.optim.grad_clip, moe_layers)
         done = step + 1
-        tokens_seen += cfg.tokens_per_step
-        window_tokens += cfg.tokens_per_step
+        tokens_seen += tokens_per_step
+        window_tokens += tokens_per_step
         elapsed = elapsed_before + time.perf_counter() - run_start
 
         if done % cfg.eval_interval == 0 or done == cfg.max_steps:
@@ -327,8 +373,9 @@ def train(cfg: TrainConfig) -> dict:
                 record["moe_load"] = {name: load_stats(load) for name, load in step_loads.items()}
             if done % cfg.eval_interval == 0 or done == cfg.max_steps:
                 record["val_loss"] = val_loss
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            if env.is_main:
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             window_start, window_tokens = now, 0
         if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == cfg.max_steps:
@@ -341,10 +388,11 @@ def train(cfg: TrainConfig) -> dict:
     summary = {
         "steps": cfg.max_steps, "tokens_seen": tokens_seen, "final_train_loss": last_loss, "final_val_loss": val_loss,
         "unigram_val_loss": unigram, "elapsed_s": elapsed, "train_s": elapsed - eval_s, "tokens_per_s": tok_s, "params": counts,
-        "train_flops_per_token": flops_per_token, "mfu": mfu(tok_s, flops_per_token, peak), "device": dev_name,
+        "train_flops_per_token": flops_per_token, "mfu": mfu(tok_s / env.world_size, flops_per_token, peak), "device": dev_name, "world_size": env.world_size,
         "precision": str(amp or torch.float32), "peak_mem_bytes": peak_memory_bytes(device),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if env.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     say(f"done: val loss {val_loss:.4f} vs unigram {unigram:.3f}, {tokens_seen:,} tokens in {elapsed:.0f}s "
         f"({tok_s:,.0f} tokens/s); checkpoint in {ckpt_root}")
     return summary

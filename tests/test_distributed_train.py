@@ -1,0 +1,114 @@
+"""Training under torchrun on the CPU (2 gloo ranks): FSDP2 and DDP follow the single-process loss
+curve of the same global batch, checkpoints move between world sizes, and a dying rank fails the
+job fast.
+
+Same global batch: rank r takes micro-batches r*A .. r*A+A-1 of each step, so two ranks with
+grad_accum=1 see what one process sees with grad_accum=2. The objective is the mean over the
+global batch either way; only the order of floating-point sums differs (all-reduce vs
+accumulation), so the curves agree to 1e-4 over the run rather than bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HELPERS = Path(__file__).parent / "helpers"
+TINY = ["--model.vocab-size", "256", "--model.dim", "64", "--model.n-layers", "2", "--model.n-heads", "4",
+        "--model.max-seq-len", "64", "--batch-size", "4", "--seq-len", "32", "--optim.lr", "3e-3",
+        "--optim.warmup-steps", "2", "--log-interval", "1", "--eval-interval", "4", "--eval-tokens", "256",
+        "--ckpt-interval", "4", "--no-progress", "--device", "cpu"]
+MOE = ["--model.ffn", "moe", "--model.moe.n-routed-experts", "4", "--model.moe.top-k", "2",
+       "--model.moe.expert-dim", "32", "--model.first-k-dense", "1", "--model.mtp-depth", "1"]
+
+
+def run(args: list[str], nproc: int = 1, env_extra: dict | None = None, script: list[str] | None = None,
+        timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    target = script or ["-m", "effllm"]
+    if nproc == 1:
+        cmd = [sys.executable, *target, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target,
+               *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_args(data, out, steps, extra=()):
+    return ["train", "dense_tiny", "--data-dir", str(data), "--out-dir", str(out), "--max-steps", str(steps), *TINY,
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def single(byte_data, tmp_path_factory):
+    """The reference: one process, grad_accum=2, dense and MoE+MTP models."""
+    out = {}
+    for name, extra in (("dense", []), ("moe", MOE)):
+        d = tmp_path_factory.mktemp("single") / name
+        r = run(train_args(byte_data, d, 8, [*extra, "--grad-accum", "2"]))
+        assert r.returncode == 0, r.stderr
+        out[name] = d
+    return out
+
+
+@pytest.mark.parametrize("kind,model", [("fsdp", "dense"), ("ddp", "dense"), ("fsdp", "moe")])
+def test_two_ranks_follow_the_single_process_curve(kind, model, single, byte_data, tmp_path):
+    extra = MOE if model == "moe" else []
+    r = run(train_args(byte_data, tmp_path / "run", 8, [*extra, "--data-parallel", kind]), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"over 2 ranks ({kind})" in r.stdout
+    ours, ref = losses(tmp_path / "run"), losses(single[model])
+    assert len(ours) == len(ref) == 8
+    assert max(abs(a - b) for a, b in zip(ours, ref, strict=True)) < 1e-4, (ours, ref)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["tokens_seen"] == 8 * 2 * 4 * 32
+
+
+def back_to_step_4(run_dir: Path) -> None:
+    """As if the run had died after its step-4 checkpoint: drop the later one."""
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000008")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000004\n")
+
+
+def test_checkpoints_move_between_world_sizes(single, byte_data, tmp_path):
+    """A 2-rank FSDP2 checkpoint at step 4 resumes in 1 process, and a 1-process checkpoint resumes on
+    2 ranks; both continue the uninterrupted single-process curve."""
+    ref = losses(single["dense"])
+    two = tmp_path / "two"
+    r = run(train_args(byte_data, two, 8, ["--data-parallel", "fsdp"]), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    back_to_step_4(two)
+    r = run(train_args(byte_data, two, 8, ["--grad-accum", "2", "--resume"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming at step 4" in r.stdout
+    assert len(losses(two)) == 8 and max(abs(a - b) for a, b in zip(losses(two), ref, strict=True)) < 1e-4
+
+    one = tmp_path / "one"
+    shutil.copytree(single["dense"], one)
+    back_to_step_4(one)
+    r = run(train_args(byte_data, one, 8, ["--data-parallel", "fsdp", "--resume"]), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(losses(one)) == 8 and max(abs(a - b) for a, b in zip(losses(one), ref, strict=True)) < 1e-4
+
+
+def test_a_rank_that_dies_fails_the_job_fast(byte_data, tmp_path):
+    start = time.monotonic()
+    r = run(train_args(byte_data, tmp_path / "run", 50, ["--dist-timeout-s", "30"]), nproc=2,
+            env_extra={"DIE_RANK": "1", "DIE_STEP": "3"}, script=[str(HELPERS / "die_at_step.py")], timeout=180)
+    took = time.monotonic() - start
+    assert r.returncode != 0
+    assert took < 120, f"the job took {took:.0f} s to fail"
+    # torchrun names the rank that died first and its exit code
+    assert re.search(r"Root Cause[\s\S]*rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: 17", r.stderr), r.stderr[-2000:]
