@@ -147,12 +147,28 @@ def init_distributed(env: DistEnv, device: str, timeout_s: float) -> torch.devic
     return dev
 
 
-def wrap_data_parallel(model: nn.Module, kind: str, device: torch.device, compile: bool) -> nn.Module:
-    """The module the training step calls, in this order (torchtitan's): torch.compile per block,
-    then FSDP2 (`fully_shard` per block, then the root) or DDP around the whole model.
+def build_mesh(env: DistEnv, device: torch.device, expert_parallel: int):
+    """A ("dp", "ep") device mesh: ranks r*ep .. r*ep+ep-1 form one expert-parallel group, and the
+    ranks holding the same expert slice form the "dp" groups. None without expert parallelism."""
+    if expert_parallel <= 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (env.world_size // expert_parallel, expert_parallel),
+                            mesh_dim_names=("dp", "ep"))
+
+
+def wrap_data_parallel(model: nn.Module, kind: str, device: torch.device, compile: bool, mesh=None) -> nn.Module:
+    """The module the training step calls, in this order (torchtitan's): expert sharding (done
+    before, by `shard_experts` over mesh["ep"]), torch.compile per block, then FSDP2 (`fully_shard`
+    per block, then the root) or DDP around the whole model.
 
     FSDP2 shards parameters, gradients and optimizer state across ranks and returns the model
     itself (its parameters become DTensors); DDP keeps full replicas and all-reduces gradients.
+    With expert parallelism (FSDP2 only), each MoE layer's expert slice is sharded over the
+    "dp" ranks that hold the same slice. Its gradient already sums the tokens of the whole EP group
+    (the all-to-all backward), so the reduction divides by the world size, not by the dp size:
+    every parameter then gets the gradient of the mean loss over the global batch.
     """
     if compile:  # in place (Module.compile), so parameter names and checkpoints stay the same
         for block in _blocks(model):
@@ -160,6 +176,13 @@ def wrap_data_parallel(model: nn.Module, kind: str, device: torch.device, compil
     if kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        if mesh is not None:
+            from effllm.moe import MoE
+
+            for layer in model.modules():
+                if isinstance(layer, MoE) and layer.ep_group is not None:
+                    fully_shard(layer.experts, mesh=mesh["dp"])
+                    layer.experts.set_gradient_divide_factor(float(dist.get_world_size()))
         for block in _blocks(model):
             fully_shard(block)
         fully_shard(model)
@@ -167,6 +190,8 @@ def wrap_data_parallel(model: nn.Module, kind: str, device: torch.device, compil
     if kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        if mesh is not None:
+            raise ConfigError("expert parallelism runs with data_parallel=fsdp: pass --data-parallel fsdp")
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     raise ConfigError(f"unknown data_parallel {kind!r}: choose fsdp or ddp")
 
@@ -192,10 +217,14 @@ def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, tied: 
     )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    experts = _gather_expert_states(model, optimizer)  # before the others: every rank takes part
     model_sd = get_model_state_dict(model, options=opts)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
     if dist.get_rank() != 0:
         return None, None
+    for name, (weight, moments) in experts.items():  # expert slices -> all E experts
+        model_sd[name] = weight
+        optim_sd["state"][name].update(moments)
     if tied:
         model_sd.pop("tok_emb.weight", None)
     names = [name for group in optim_sd["param_groups"] for name in group["params"]]
@@ -213,6 +242,11 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
 
     name_of = {id(p): name for name, p in model.named_parameters()}
     names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    for name, rows in _expert_slices(model).items():  # this rank's experts of the saved moments
+        moments = state["state"][names.index(name)]
+        for key, value in moments.items():
+            if torch.is_tensor(value) and value.dim() == 3:
+                moments[key] = value[rows]
     groups, first = [], 0
     for saved, group in zip(state["param_groups"], optimizer.param_groups, strict=True):
         n = len(group["params"])
@@ -220,3 +254,55 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
         first += n
     fqn_state = {"state": {names[i]: s for i, s in state["state"].items()}, "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, fqn_state, options=StateDictOptions(full_state_dict=True))
+
+
+def _expert_params(model: nn.Module):
+    """(name, parameter, layer) of every expert-parallel expert weight."""
+    from effllm.moe import MoE
+
+    for lname, layer in model.named_modules():
+        if isinstance(layer, MoE) and layer.ep_group is not None:
+            for pname in ("w1", "w3", "w2"):
+                yield f"{lname}.experts.{pname}", getattr(layer.experts, pname), layer
+
+
+def _expert_slices(model: nn.Module) -> dict[str, slice]:
+    """name -> rows of the full (E, ...) expert tensor that this rank holds."""
+    out = {}
+    for name, param, layer in _expert_params(model):
+        first = layer.experts.first_expert
+        out[name] = slice(first, first + param.shape[0])
+    return out
+
+
+def _gather_expert_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Collective over each EP group: name -> (all E experts' weight, their AdamW moments), on CPU."""
+
+    def full(t: torch.Tensor, group) -> torch.Tensor:
+        local = (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().contiguous()
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local, group=group)
+        return torch.cat(parts).cpu()
+
+    out = {}
+    for name, param, layer in _expert_params(model):
+        state = optimizer.state.get(param, {})
+        moments = {k: full(v, layer.ep_group) for k, v in sorted(state.items()) if torch.is_tensor(v) and v.dim() == 3}
+        out[name] = (full(param, layer.ep_group), moments)
+    return out
+
+
+def clip_grad_norm_sharded(parameters, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ for gradients sharded as DTensors over different meshes (FSDP2 parameters
+    over all ranks, expert slices over their "dp" ranks), where torch's version cannot combine the
+    meshes. Every gradient element lives on exactly one rank, so the global squared norm is the sum
+    over ranks of the local shards' squared norms. Returns the norm before clipping."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+    total_sq = torch.stack([g.detach().float().pow(2).sum() for g in local]).sum()
+    dist.all_reduce(total_sq)
+    total = total_sq.sqrt()
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in local:
+        g.mul_(scale.to(g.dtype))
+    return total

@@ -27,10 +27,13 @@ from effllm.fp8 import convert_to_fp8
 from effllm.model import ModelConfig, Transformer
 from effllm.moe import load_stats
 from effllm.parallelize import (
+    build_mesh,
+    clip_grad_norm_sharded,
     dist_env,
     gather_full_state,
     init_distributed,
     load_full_optimizer_state,
+    shard_experts,
     wrap_data_parallel,
 )
 
@@ -68,6 +71,7 @@ class TrainConfig:
     compile: bool = False  # wrap the model in torch.compile (under torchrun: each block, before FSDP/DDP)
     data_parallel: Literal["fsdp", "ddp"] = "fsdp"  # under torchrun: FSDP2 (sharded) or DDP (replicated)
     dist_timeout_s: float = 300.0  # under torchrun: a collective waiting this long (a rank died) fails the job
+    expert_parallel: int = 1  # under torchrun: ranks that split each MoE layer's routed experts (1 = off)
     fp8: bool = False  # run attention / FFN linears in FP8 with block scaling (effllm.fp8.convert_to_fp8)
     seed: int = 1337  # seeds the init and the data order
     log_interval: int = 10  # steps between metrics lines
@@ -188,12 +192,35 @@ def optimizer_update(model: Transformer, optimizer: torch.optim.Optimizer, grad_
                      moe_layers: dict) -> tuple[torch.Tensor | None, dict]:
     """Clip, step, zero the gradients, then move each MoE layer's balancing bias (after the step, as
     in DeepSeek-V3). Returns the pre-clip grad norm (None without clipping) and each layer's load."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
-    if grad_norm is not None and hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = None
+    if grad_clip > 0 and any(hasattr(p, "to_local") for p in model.parameters()):  # FSDP2: sharded grads
+        grad_norm = clip_grad_norm_sharded(list(model.parameters()), grad_clip)
+    elif grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, {name: layer.update_bias() for name, layer in moe_layers.items()}
+
+
+def check_parallel(cfg: TrainConfig, world_size: int) -> None:
+    """Fail, before anything is allocated, on a parallel layout that cannot work."""
+    ep = cfg.expert_parallel
+    if ep < 1:
+        raise ConfigError(f"expert_parallel must be >= 1, got {ep}")
+    if ep == 1:
+        return
+    if world_size == 1:
+        raise ConfigError(f"expert_parallel={ep} needs {ep} or more ranks: launch with "
+                          f"torchrun --nproc_per_node={ep} -m effllm train ...")
+    if world_size % ep:
+        raise ConfigError(f"expert_parallel={ep} does not divide the {world_size} ranks: pick a divisor of the world size")
+    if cfg.model.ffn != "moe" or cfg.model.first_k_dense >= cfg.model.n_layers:
+        raise ConfigError("expert_parallel > 1 needs MoE layers (model.ffn=moe): this model has none to split")
+    if cfg.model.moe.n_routed_experts % ep:
+        raise ConfigError(f"{cfg.model.moe.n_routed_experts} routed experts cannot be split evenly over "
+                          f"expert_parallel={ep} ranks: pick a divisor of the expert count")
+    if cfg.data_parallel != "fsdp":
+        raise ConfigError("expert parallelism runs with data_parallel=fsdp: pass --data-parallel fsdp")
 
 
 def rank_batch(data: TokenDataset, cfg: TrainConfig, step: int, rank: int, micro: int):
@@ -220,6 +247,7 @@ def train(cfg: TrainConfig) -> dict:
                           f"({data.vocab_size}) of {cfg.data_dir}: pass --model.vocab-size {data.vocab_size}")
     data.check_seq_len(cfg.seq_len)
     env = dist_env()  # rank 0 of 1 unless launched by torchrun
+    check_parallel(cfg, env.world_size)
     device = init_distributed(env, cfg.device, cfg.dist_timeout_s)
     amp = autocast_dtype(cfg.precision, device)
     out = Path(cfg.out_dir)
@@ -252,8 +280,12 @@ def train(cfg: TrainConfig) -> dict:
     if state is not None:  # full weights, before any sharding: a checkpoint from any world size loads
         ckpt_io.load_weights(resume_from, model)
         start_step, elapsed_before, tokens_before = state["step"], state["elapsed_s"], state["tokens_seen"]
+    counts = model.param_counts()  # of the whole model, before experts are split over ranks
     if env.enabled:
-        step_fn = wrap_data_parallel(model, cfg.data_parallel, device, cfg.compile)
+        mesh = build_mesh(env, device, cfg.expert_parallel)
+        if mesh is not None:
+            shard_experts(model, mesh["ep"].get_group())
+        step_fn = wrap_data_parallel(model, cfg.data_parallel, device, cfg.compile, mesh)
     else:
         step_fn = torch.compile(model) if cfg.compile else model
     optimizer = build_optimizer(model, cfg.optim)  # after FSDP: over the sharded parameters
@@ -274,7 +306,6 @@ def train(cfg: TrainConfig) -> dict:
     tokens_per_step = cfg.tokens_per_step * env.world_size  # the global batch
     tokenizer_file = {"tokenizer.json": data.dir / "tokenizer.json"} if data.tokenizer.kind == "bpe" else {}
 
-    counts = model.param_counts()
     flops_per_token = train_flops_per_token(cfg.model, cfg.seq_len)
     dev_name = device_name(device)
     # MFU against the bf16 peak misleads for FP8 runs, so none is reported for them.

@@ -63,10 +63,12 @@ def single(byte_data, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind,model", [("fsdp", "dense"), ("ddp", "dense"), ("fsdp", "moe")])
-def test_two_ranks_follow_the_single_process_curve(kind, model, single, byte_data, tmp_path):
+@pytest.mark.parametrize("kind,model,ep", [("fsdp", "dense", 1), ("ddp", "dense", 1), ("fsdp", "moe", 1),
+                                           ("fsdp", "moe", 2)])
+def test_two_ranks_follow_the_single_process_curve(kind, model, ep, single, byte_data, tmp_path):
     extra = MOE if model == "moe" else []
-    r = run(train_args(byte_data, tmp_path / "run", 8, [*extra, "--data-parallel", kind]), nproc=2)
+    r = run(train_args(byte_data, tmp_path / "run", 8, [*extra, "--data-parallel", kind, "--expert-parallel", str(ep)]),
+            nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"over 2 ranks ({kind})" in r.stdout
     ours, ref = losses(tmp_path / "run"), losses(single[model])
@@ -101,6 +103,28 @@ def test_checkpoints_move_between_world_sizes(single, byte_data, tmp_path):
     r = run(train_args(byte_data, one, 8, ["--data-parallel", "fsdp", "--resume"]), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(losses(one)) == 8 and max(abs(a - b) for a, b in zip(losses(one), ref, strict=True)) < 1e-4
+
+
+def test_expert_parallel_checkpoint_holds_every_expert(single, byte_data, tmp_path):
+    """Experts split over 2 ranks are gathered into the checkpoint: one process resumes from it."""
+    run_dir = tmp_path / "ep"
+    r = run(train_args(byte_data, run_dir, 8, [*MOE, "--expert-parallel", "2"]), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    back_to_step_4(run_dir)
+    r = run(train_args(byte_data, run_dir, 8, [*MOE, "--grad-accum", "2", "--resume"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = losses(single["moe"])
+    assert max(abs(a - b) for a, b in zip(losses(run_dir), ref, strict=True)) < 1e-4
+
+
+def test_impossible_parallel_layouts_fail_before_work(byte_data, tmp_path):
+    r = run(train_args(byte_data, tmp_path / "a", 2, [*MOE, "--expert-parallel", "2"]))
+    assert r.returncode == 2 and "needs 2 or more ranks" in r.stderr
+    r = run(train_args(byte_data, tmp_path / "b", 2, ["--expert-parallel", "2"]), nproc=2)
+    assert r.returncode != 0 and "needs MoE layers" in r.stderr
+    r = run(train_args(byte_data, tmp_path / "c", 2, [*MOE, "--expert-parallel", "2", "--data-parallel", "ddp"]),
+            nproc=2)
+    assert r.returncode != 0 and "data_parallel=fsdp" in r.stderr
 
 
 def test_a_rank_that_dies_fails_the_job_fast(byte_data, tmp_path):
