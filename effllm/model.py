@@ -6,6 +6,7 @@ Shape letters: B batch, T sequence, D model dim, V vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -13,6 +14,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from effllm.attention import Attention, RotaryEmbedding
 from effllm.errors import ConfigError
@@ -125,7 +127,12 @@ def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)).
+
+    With `activation_checkpointing` set, training forwards keep only the block's input and
+    recompute the rest during the backward pass (torch.utils.checkpoint, non-reentrant). An MoE
+    feed-forward is told when it is being recomputed, so it counts its expert load once.
+    """
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -133,10 +140,28 @@ class Block(nn.Module):
         self.attn = build_attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = build_ffn(cfg, layer)
+        self.activation_checkpointing = False
 
     def forward(self, x: torch.Tensor, rope, cache=None, pos: int = 0) -> torch.Tensor:
+        if self.activation_checkpointing and cache is None and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, rope, use_reentrant=False,
+                              context_fn=lambda: (contextlib.nullcontext(), self._recomputing()))
+        return self._forward(x, rope, cache, pos)
+
+    def _forward(self, x: torch.Tensor, rope, cache=None, pos: int = 0) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, cache, pos)
         return x + self.ffn(self.ffn_norm(x))
+
+    @contextlib.contextmanager
+    def _recomputing(self):
+        moe = self.ffn if isinstance(self.ffn, MoE) else None
+        if moe is not None:
+            moe.recomputing = True
+        try:
+            yield
+        finally:
+            if moe is not None:
+                moe.recomputing = False
 
 
 class Transformer(nn.Module):

@@ -143,6 +143,7 @@ class MoE(nn.Module):
         self.register_buffer("step_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self.aux_loss: torch.Tensor | None = None
         self.ep_group = None  # set by effllm.parallelize.shard_experts: this rank holds a slice of the experts
+        self.recomputing = False  # set by Block while activation checkpointing recomputes this layer
         with torch.no_grad():
             for p in self.parameters():
                 nn.init.normal_(p, std=init_std)
@@ -182,14 +183,16 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + self.shared(tokens)
 
-        with torch.no_grad():
-            self.last_load.copy_(counts)
-            if self.training:
-                self.step_load += counts
-        self.aux_loss = None
+        aux = None
         if self.training and self.cfg.seq_aux_loss_weight > 0:
             seqs = shape[0] if x.dim() == 3 else 1
-            self.aux_loss = self.sequence_balance_loss(scores.view(seqs, -1, E), indices.view(seqs, -1, K))
+            aux = self.sequence_balance_loss(scores.view(seqs, -1, E), indices.view(seqs, -1, K))
+        if not self.recomputing:  # activation checkpointing replays this forward: count everything once
+            with torch.no_grad():
+                self.last_load.copy_(counts)
+                if self.training:
+                    self.step_load += counts
+            self.aux_loss = aux
         return out.view(shape)
 
     def sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

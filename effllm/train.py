@@ -69,6 +69,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"  # auto = cuda if available, else cpu
     compile: bool = False  # wrap the model in torch.compile (under torchrun: each block, before FSDP/DDP)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     data_parallel: Literal["fsdp", "ddp"] = "fsdp"  # under torchrun: FSDP2 (sharded) or DDP (replicated)
     dist_timeout_s: float = 300.0  # under torchrun: a collective waiting this long (a rank died) fails the job
     expert_parallel: int = 1  # under torchrun: ranks that split each MoE layer's routed experts (1 = off)
@@ -281,6 +282,8 @@ def train(cfg: TrainConfig) -> dict:
         ckpt_io.load_weights(resume_from, model)
         start_step, elapsed_before, tokens_before = state["step"], state["elapsed_s"], state["tokens_seen"]
     counts = model.param_counts()  # of the whole model, before experts are split over ranks
+    for block in [*model.blocks, *(m.block for m in model.mtp)]:  # first of the wrappers: AC, compile, FSDP
+        block.activation_checkpointing = cfg.activation_checkpointing
     if env.enabled:
         mesh = build_mesh(env, device, cfg.expert_parallel)
         if mesh is not None:
