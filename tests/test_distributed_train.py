@@ -105,6 +105,18 @@ def test_checkpoints_move_between_world_sizes(single, byte_data, tmp_path):
     assert len(losses(one)) == 8 and max(abs(a - b) for a, b in zip(losses(one), ref, strict=True)) < 1e-4
 
 
+def test_two_rank_resume_repeats_the_two_rank_run_exactly(byte_data, tmp_path):
+    """Same world size, same layout: resuming repeats the uninterrupted run's losses bit for bit."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    for d in (full, cut):
+        r = run(train_args(byte_data, d, 8, [*MOE, "--expert-parallel", "2"]), nproc=2)
+        assert r.returncode == 0, r.stderr[-3000:]
+    back_to_step_4(cut)
+    r = run(train_args(byte_data, cut, 8, [*MOE, "--expert-parallel", "2", "--resume"]), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(cut) == losses(full)
+
+
 def test_expert_parallel_checkpoint_holds_every_expert(single, byte_data, tmp_path):
     """Experts split over 2 ranks are gathered into the checkpoint: one process resumes from it."""
     run_dir = tmp_path / "ep"

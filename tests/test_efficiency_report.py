@@ -55,6 +55,13 @@ def test_report_rebuilds_from_json(tmp_path):
     assert "| dense, equal total | 40 | 163,840 | 100 | 2.2000 | not reached |" in md
     assert {p.name for p in written} == {"report.md", "throughput.png", "val_loss.png"}
     assert all((folder / n).stat().st_size > 1000 for n in ("throughput.png", "val_loss.png"))
+    # a DeepSeek-style curve that never reaches the baseline's loss is a measured "no", not "not measured"
+    r["rows"][2]["quality"]["curve"] = [{"step": 80, "train_s": 100.0, "device_hours": 0.03, "val_loss": 2.1}]
+    r["rows"][2]["quality"]["final_val_loss"] = 2.1
+    r["ratios"] = bench.ratios(r["rows"])
+    (folder / "results.json").write_text(json.dumps(r))
+    report.write_report(folder)
+    assert "| never reached it within the budget (final loss 2.1000) | **no** |" in (folder / "report.md").read_text()
 
 
 def test_throughput_and_equal_time_run_on_a_tiny_model(byte_data, tmp_path):
