@@ -144,6 +144,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope, cache=None, pos: int = 0) -> torch.Tensor:
         if self.activation_checkpointing and cache is None and self.training and torch.is_grad_enabled():
+            if torch.compiler.is_compiling():  # the compiled backward recomputes tensors only, no Python
+                return checkpoint(self._forward, x, rope, use_reentrant=False)
             return checkpoint(self._forward, x, rope, use_reentrant=False,
                               context_fn=lambda: (contextlib.nullcontext(), self._recomputing()))
         return self._forward(x, rope, cache, pos)

@@ -105,6 +105,16 @@ def test_checkpoints_move_between_world_sizes(single, byte_data, tmp_path):
     assert len(losses(one)) == 8 and max(abs(a - b) for a, b in zip(losses(one), ref, strict=True)) < 1e-4
 
 
+def test_wrapper_order_with_compile_and_activation_checkpointing(single, byte_data, tmp_path):
+    """Expert sharding, activation checkpointing, torch.compile per block and FSDP2 together (the
+    documented order) still follow the single-process curve."""
+    r = run(train_args(byte_data, tmp_path / "run", 8, [*MOE, "--expert-parallel", "2", "--compile",
+                                                        "--activation-checkpointing"]), nproc=2, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = losses(single["moe"])
+    assert max(abs(a - b) for a, b in zip(losses(tmp_path / "run"), ref, strict=True)) < 1e-4
+
+
 def test_two_rank_resume_repeats_the_two_rank_run_exactly(byte_data, tmp_path):
     """Same world size, same layout: resuming repeats the uninterrupted run's losses bit for bit."""
     full, cut = tmp_path / "full", tmp_path / "cut"
