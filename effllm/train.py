@@ -24,6 +24,7 @@ from effllm.data import TokenDataset
 from effllm.errors import CheckpointError, ConfigError, TrainingDiverged
 from effllm.flops import device_name, mfu, peak_bf16_flops, train_flops_per_token
 from effllm.fp8 import convert_to_fp8
+from effllm.goldfish import apply_goldfish
 from effllm.model import ModelConfig, Transformer
 from effllm.moe import load_stats
 from effllm.parallelize import (
@@ -69,6 +70,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"  # auto = cuda if available, else cpu
     compile: bool = False  # wrap the model in torch.compile (under torchrun: each block, before FSDP/DDP)
+    goldfish_k: int = 0  # Goldfish loss: drop 1/k of target positions (chosen by a hash of context) from the loss; 0 = off
+    goldfish_h: int = 13  # Goldfish loss: tokens of context the hash reads (Hans et al. 2024 use 13)
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     data_parallel: Literal["fsdp", "ddp"] = "fsdp"  # under torchrun: FSDP2 (sharded) or DDP (replicated)
     dist_timeout_s: float = 300.0  # under torchrun: a collective waiting this long (a rank died) fails the job
@@ -91,6 +94,9 @@ class TrainConfig:
         if self.seq_len > self.model.max_seq_len:
             raise ConfigError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}: "
                               "lower --seq-len or raise --model.max-seq-len")
+        if self.goldfish_k < 0 or self.goldfish_k == 1 or self.goldfish_h < 1:
+            raise ConfigError(f"goldfish_k must be 0 (off) or >= 2 and goldfish_h >= 1, got {self.goldfish_k}, "
+                              f"{self.goldfish_h}: goldfish_k=1 would drop every token")
         if self.optim.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
         if not 0 < self.optim.decay_fraction <= 1:
@@ -226,8 +232,12 @@ def check_parallel(cfg: TrainConfig, world_size: int) -> None:
 
 def rank_batch(data: TokenDataset, cfg: TrainConfig, step: int, rank: int, micro: int):
     """Micro-batch `micro` of `rank` at `step`: global micro-batch rank * grad_accum + micro. One
-    process with grad_accum = W·A sees exactly the batches of W ranks with grad_accum = A."""
-    return data.train_batch(cfg.batch_size, cfg.seq_len, cfg.seed, step, 0, rank * cfg.grad_accum + micro)
+    process with grad_accum = W·A sees exactly the batches of W ranks with grad_accum = A. With
+    Goldfish loss on, the dropped targets are set to -1 (ignored by the loss)."""
+    x, y = data.train_batch(cfg.batch_size, cfg.seq_len, cfg.seed, step, 0, rank * cfg.grad_accum + micro)
+    if cfg.goldfish_k:
+        y = apply_goldfish(x, y, cfg.goldfish_k, cfg.goldfish_h)
+    return x, y
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
