@@ -56,11 +56,15 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
 
+    # The weights file names the data it was trained on, so it says so even when copied on its own.
+    metadata = {"format": "pt", "step": str(step)}
+    if state.get("data_manifest_sha256"):
+        metadata["data_manifest_sha256"] = state["data_manifest_sha256"]
     if model_state is None:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_model(model, str(tmp / "model.safetensors"), metadata=metadata)
     else:
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+                  metadata=metadata)
     torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():

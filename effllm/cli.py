@@ -23,6 +23,7 @@ commands:
   prepare    tokenize the embedded corpus (Python's standard library) or your own text/jsonl
   train      train a recipe:  effllm train <recipe> [--field value ...]
   generate   sample from a checkpoint:  effllm generate --checkpoint DIR --prompt "..."
+  card       write MODEL_CARD.md for a checkpoint:  effllm card --checkpoint DIR
   export-hf  write a checkpoint in the Hugging Face transformers layout:  effllm export-hf --checkpoint DIR --out DIR
   recipes    list the recipes
 
@@ -142,6 +143,16 @@ def generate_text(cfg: GenerateConfig) -> str:
     return tokenizer.decode(out[0].tolist())
 
 
+def cmd_card(args: list[str]) -> None:
+    import tyro
+
+    from effllm.card import CardConfig, write_card
+
+    cfg = tyro.cli(CardConfig, args=args, prog="effllm card",
+                   description="Write MODEL_CARD.md: architecture, parameters, tokens, compute, data by licence.")
+    print(f"wrote {write_card(cfg)}")
+
+
 def cmd_export_hf(args: list[str]) -> None:
     import tyro
 
@@ -158,6 +169,7 @@ def cmd_export_hf(args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "export-hf": cmd_export_hf,
+                "card": cmd_card,
                 "recipes": lambda a: print("\n".join(recipe_names()))}
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)

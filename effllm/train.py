@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 
 from effllm import checkpoint as ckpt_io
+from effllm.card import card_text
 from effllm.data import TokenDataset
 from effllm.errors import CheckpointError, ConfigError, TrainingDiverged
 from effllm.flops import device_name, mfu, peak_bf16_flops, train_flops_per_token
@@ -437,6 +438,8 @@ def train(cfg: TrainConfig) -> dict:
     }
     if env.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        final = ckpt_io.latest_checkpoint(ckpt_root)
+        (out / "MODEL_CARD.md").write_text(card_text(ckpt_io.read_state(final), counts, data.manifest))
     say(f"done: val loss {val_loss:.4f} vs unigram {unigram:.3f}, {tokens_seen:,} tokens in {elapsed:.0f}s "
         f"({tok_s:,.0f} tokens/s); checkpoint in {ckpt_root}")
     return summary

@@ -1,0 +1,136 @@
+"""MODEL_CARD.md: what a checkpoint is and what it was trained on.
+
+Written at the end of every training run (into the run directory) and by `effllm card
+--checkpoint DIR`. In the spirit of the EU AI Act's public summary of training content, it gives:
+the architecture and parameter counts; tokens seen and compute used (device-hours); the data's
+sources by licence with their byte and token shares, read from the data manifest whose sha256
+the checkpoint records; the files the preparation skipped and why. Every number comes from the
+checkpoint's state and the manifest; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from effllm.errors import CheckpointError
+
+
+@dataclass
+class CardConfig:
+    """Options of `effllm card`."""
+
+    checkpoint: str  # a run directory, its checkpoints/ folder, or one step_* folder
+    out: str | None = None  # where to write (default: MODEL_CARD.md in the run directory)
+    data_dir: str | None = None  # the prepared data, if not at the checkpoint's recorded data_dir
+
+
+def licence_shares(manifest: dict) -> list[dict]:
+    """Per licence: sources, files, bytes and train tokens, with their shares of the totals."""
+    by = {}
+    for f in manifest["files"]:
+        lic = manifest["sources"][f["source"]].get("license") or "unknown"
+        row = by.setdefault(lic, {"license": lic, "sources": set(), "files": 0, "bytes": 0, "train_tokens": 0})
+        row["sources"].add(f["source"])
+        row["files"] += 1
+        row["bytes"] += f["bytes"]
+        row["train_tokens"] += f["tokens"]["train"]
+    total_bytes = sum(r["bytes"] for r in by.values()) or 1
+    total_tokens = sum(r["train_tokens"] for r in by.values()) or 1
+    return [{**r, "sources": len(r["sources"]), "byte_share": r["bytes"] / total_bytes,
+             "token_share": r["train_tokens"] / total_tokens} for r in sorted(by.values(), key=lambda r: -r["bytes"])]
+
+
+def card_text(state: dict, counts: dict, manifest: dict | None, manifest_note: str = "") -> str:
+    """The card's markdown from a checkpoint's state, the model's parameter counts and the manifest."""
+    cfg = state["config"]
+    m = cfg["model"]
+    attn = "MLA" if m["attention"] == "mla" else "MHA/GQA"
+    ffn = (f"DeepSeekMoE, {m['moe']['n_routed_experts']} routed experts (top-{m['moe']['top_k']}) + "
+           f"{m['moe']['n_shared_experts']} shared" if m["ffn"] == "moe" else "dense SwiGLU")
+    hours = state["elapsed_s"] / 3600
+    lines = ["# Model card", "", "Written by effllm from the checkpoint and its data manifest.", "",
+             "## Model", "",
+             f"- Decoder-only Transformer: {m['n_layers']} layers, width {m['dim']}, {m['n_heads']} heads, {attn} "
+             f"attention, {ffn} feed-forwards" + (f", {m['mtp_depth']} multi-token-prediction module(s)"
+                                                   if m.get("mtp_depth") else "") + ".",
+             f"- Parameters: {counts['total']:,} in total, {counts['active']:,} active per token"
+             + (f" ({counts['mtp']:,} in MTP modules, used in training only)" if counts.get("mtp") else "") + ".",
+             f"- Vocabulary {m['vocab_size']}, context {m['max_seq_len']} tokens.", "",
+             "## Training", "",
+             f"- {state['step']:,} optimizer steps, {state['tokens_seen']:,} tokens seen"
+             + (f" over {state['data']['world_size']} ranks" if state.get("data", {}).get("world_size", 1) > 1 else "")
+             + ".",
+             f"- Compute: {state['elapsed_s']:,.1f} s of wall-clock training = {hours:.3g} device-hours"
+             + (f" x {state['data']['world_size']} devices" if state.get("data", {}).get("world_size", 1) > 1 else "")
+             + f" (device setting: {cfg.get('device')}, precision: {cfg.get('precision')}"
+             + (", FP8 linears" if cfg.get("fp8") else "") + ").",
+             "- Objective: next-token cross-entropy"
+             + (f" + {m['mtp_lambda']} x multi-token prediction" if m.get("mtp_depth") else "")
+             + (f"; Goldfish loss drops 1/{cfg['goldfish_k']} of target positions (context hash over "
+                f"{cfg['goldfish_h']} tokens)" if cfg.get("goldfish_k") else "") + ".",
+             "- Last validation loss: " + (f"{state['val_loss']:.4f} nats/token." if state.get("val_loss") is not None
+                                           else "not recorded."), "",
+             "## Training data", "",
+             f"- Data manifest sha256: `{state.get('data_manifest_sha256')}`."]
+    if manifest is None:
+        lines += [f"- The manifest itself was not found{manifest_note}, so sources and licences cannot be listed. "
+                  "Pass --data-dir to `effllm card`.", ""]
+        return "\n".join(lines) + "\n"
+    t = manifest["totals"]
+    lines += [f"- {t['documents']:,} documents in {t['files']:,} files, {t['bytes']:,} bytes; {t['train_tokens']:,} "
+              f"training and {t['val_tokens']:,} validation tokens ({manifest['tokenizer']['kind']} tokenizer).",
+              f"- Validation split: {manifest['split']['rule']} (val_fraction {manifest['split']['val_fraction']}).",
+              "", "### Sources by licence", "", "| licence | sources | files | bytes | share of bytes | training tokens "
+              "| share of tokens |", "|---|---|---|---|---|---|---|"]
+    for r in licence_shares(manifest):
+        lines.append(f"| {r['license']} | {r['sources']} | {r['files']:,} | {r['bytes']:,} | {100 * r['byte_share']:.1f}% "
+                     f"| {r['train_tokens']:,} | {100 * r['token_share']:.1f}% |")
+    lines += ["", "### Sources", ""]
+    for i, s in enumerate(manifest["sources"]):
+        where = s.get("root") or s.get("path") or ""
+        lines.append(f"{i}. {s.get('kind')}: `{where}`, licence {s.get('license') or 'unknown'}"
+                     + (f" ({s['note']})" if s.get("note") else ""))
+    lines += ["", "### Filters applied", ""]
+    filters = manifest.get("filters") or {}
+    if filters:
+        lines += [f"- {name}: {json.dumps(value)}" for name, value in filters.items()]
+    skipped = manifest.get("skipped") or []
+    lines.append(f"- Files skipped at preparation: {len(skipped)}"
+                 + (": " + "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:20])
+                    + (" ..." if len(skipped) > 20 else "") if skipped else "") + ".")
+    if not filters:
+        lines.append("- No licence filter, opt-out list or deduplication was applied when this data was prepared.")
+    return "\n".join(lines) + "\n"
+
+
+def find_manifest(state: dict, data_dir: str | None) -> tuple[dict | None, str]:
+    """The manifest the checkpoint was trained on (its sha256 must match), or (None, why not)."""
+    from effllm.fsutil import sha256_file
+
+    directory = Path(data_dir or state["config"].get("data_dir") or "")
+    path = directory / "manifest.json"
+    if not path.is_file():
+        return None, f" at {path}"
+    if sha256_file(path) != state.get("data_manifest_sha256"):
+        raise CheckpointError(f"{path} is not the manifest this checkpoint was trained on (sha256 differs): "
+                              "pass --data-dir with the data the run used")
+    return json.loads(path.read_text()), ""
+
+
+def write_card(cfg: CardConfig) -> Path:
+    """`effllm card`: MODEL_CARD.md for a checkpoint."""
+    import torch
+
+    from effllm import checkpoint as ckpt_io
+    from effllm.model import ModelConfig, Transformer
+
+    ckpt = ckpt_io.resolve_checkpoint(cfg.checkpoint)
+    state = ckpt_io.read_state(ckpt)
+    with torch.device("meta"):
+        counts = Transformer(ModelConfig.from_dict(state["config"]["model"])).param_counts()
+    manifest, note = find_manifest(state, cfg.data_dir)
+    out = Path(cfg.out) if cfg.out else ckpt.parent.parent / "MODEL_CARD.md"
+    out.write_text(card_text(state, counts, manifest, note))
+    return out
