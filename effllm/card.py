@@ -30,11 +30,13 @@ def licence_shares(manifest: dict) -> list[dict]:
     """Per licence: sources, files, bytes and train tokens, with their shares of the totals."""
     by = {}
     for f in manifest["files"]:
+        if not f.get("documents", 1):
+            continue  # every document of this file was filtered out: it was not trained on
         lic = manifest["sources"][f["source"]].get("license") or "unknown"
         row = by.setdefault(lic, {"license": lic, "sources": set(), "files": 0, "bytes": 0, "train_tokens": 0})
         row["sources"].add(f["source"])
         row["files"] += 1
-        row["bytes"] += f["bytes"]
+        row["bytes"] += f.get("kept_bytes", f["bytes"])  # the text kept (older manifests: the file's size)
         row["train_tokens"] += f["tokens"]["train"]
     total_bytes = sum(r["bytes"] for r in by.values()) or 1
     total_tokens = sum(r["train_tokens"] for r in by.values()) or 1
@@ -93,15 +95,25 @@ def card_text(state: dict, counts: dict, manifest: dict | None, manifest_note: s
         lines.append(f"{i}. {s.get('kind')}: `{where}`, licence {s.get('license') or 'unknown'}"
                      + (f" ({s['note']})" if s.get("note") else ""))
     lines += ["", "### Filters applied", ""]
-    filters = manifest.get("filters") or {}
-    if filters:
-        lines += [f"- {name}: {json.dumps(value)}" for name, value in filters.items()]
+    filters = manifest.get("filters")
+    if filters is None:
+        lines.append("- No licence filter, opt-out list or deduplication was applied when this data was prepared.")
+    else:
+        allow = filters.get("allow_licenses")
+        lines.append("- Licences allowed: " + (", ".join(allow) if allow else "all (no allow-list)") + ".")
+        opt = filters.get("opt_out")
+        lines.append(f"- Opt-outs honoured: {opt['patterns']} patterns from `{opt['file']}` (sha256 `{opt['sha256']}`)."
+                     if opt else "- Opt-outs honoured: no opt-out list was given.")
+        lines.append(f"- Exact deduplication: {filters.get('exact_dedup')}.")
+        near = filters.get("near_dedup")
+        lines.append(f"- Near-duplicate removal: {near['method']}, threshold {near['threshold']}." if near
+                     else "- Near-duplicate removal: off.")
+        for reason, d in (manifest.get("dropped") or {}).items():
+            lines.append(f"- Dropped ({reason.replace('_', ' ')}): {d['documents']:,} documents, {d['bytes']:,} bytes.")
     skipped = manifest.get("skipped") or []
     lines.append(f"- Files skipped at preparation: {len(skipped)}"
                  + (": " + "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:20])
                     + (" ..." if len(skipped) > 20 else "") if skipped else "") + ".")
-    if not filters:
-        lines.append("- No licence filter, opt-out list or deduplication was applied when this data was prepared.")
     return "\n".join(lines) + "\n"
 
 

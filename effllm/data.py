@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from effllm.errors import DataError
+from effllm.filters import NearDuplicates, OptOut, text_sha256
 from effllm.fsutil import replace_dir, sha256_file
 
 MANIFEST_FORMAT = "effllm-tokens/1"
@@ -40,6 +41,7 @@ EOT_TEXT = "<|endoftext|>"
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 STDLIB_LICENSE = "PSF-2.0"
 DEFAULT_EXTENSIONS = (".txt", ".md", ".jsonl")
+DROP_REASONS = ("license", "opt_out", "exact_duplicate", "near_duplicate")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,9 +140,13 @@ def load_tokenizer(directory: str | Path, spec: dict):
 class PrepareConfig:
     """Options of `effllm prepare`."""
 
-    sources: tuple[str, ...] = ()  # text/jsonl files or folders; empty = the embedded stdlib corpus
+    sources: tuple[str, ...] = ()  # text/jsonl files or folders, each optionally PATH=LICENSE; empty = the stdlib corpus
     out: str = "data/stdlib"  # output directory
-    license: str | None = None  # licence of your sources (SPDX id or words); required with sources
+    license: str | None = None  # licence (SPDX id, or "unknown") of the sources that name none of their own
+    allow_licenses: tuple[str, ...] = ()  # keep only sources with these licences ("unknown" only if listed); empty = all
+    opt_out: str | None = None  # a file of origin patterns (URL prefix, domain or path glob) whose documents are dropped
+    origin_field: str | None = None  # jsonl: the record field holding the document's origin URL (for opt-outs)
+    near_dup_threshold: float = 0.0  # drop documents this similar (MinHash Jaccard) to an earlier one; 0 = off
     tokenizer: Literal["byte", "bpe"] = "byte"  # byte-level (vocab 256) or a BPE trained on the train split
     vocab_size: int = 4096  # BPE vocabulary size (ignored for byte)
     val_fraction: float = 0.02  # share of documents held out for validation
@@ -179,21 +185,33 @@ def stdlib_source() -> Source:
     return src
 
 
+def split_source_spec(spec: str, default: str | None) -> tuple[str, str]:
+    """"PATH=LICENSE" -> (PATH, LICENSE); a bare PATH takes `default` (a path that itself contains
+    "=" and exists is read as a path)."""
+    if "=" in spec and not Path(spec).exists():
+        path, licence = spec.rsplit("=", 1)
+        if licence.strip():
+            return path, licence.strip()
+    if not default:
+        raise DataError(
+            f"source {spec} has no licence: every source needs one in the manifest. Name it with "
+            f"{spec}=SPDX-ID, or pass --license for all sources (an SPDX id such as CC-BY-4.0, or the "
+            "explicit word 'unknown')"
+        )
+    return spec, default
+
+
 def user_sources(cfg: PrepareConfig) -> list[Source]:
     """The files named by `cfg.sources` (folders read recursively, filtered by extension)."""
-    if not cfg.license:
-        raise DataError(
-            "your sources need a licence in the manifest: pass --license with an SPDX id or words "
-            "(e.g. --license CC-BY-4.0, or --license 'unknown, private use only')"
-        )
     sources = []
-    for i, name in enumerate(cfg.sources):
+    for i, spec in enumerate(cfg.sources):
+        name, licence = split_source_spec(spec, cfg.license)
         path = Path(name).resolve()
         if path.is_file():
-            src = Source("files", path.parent, cfg.license)
+            src = Source("files", path.parent, licence)
             src.files.append(SourceFile(i, path, path.name, path.suffix == ".jsonl"))
         elif path.is_dir():
-            src = Source("files", path, cfg.license)
+            src = Source("files", path, licence)
             for dirpath, dirnames, filenames in os.walk(path):
                 dirnames.sort()
                 for fname in sorted(filenames):
@@ -210,11 +228,13 @@ def user_sources(cfg: PrepareConfig) -> list[Source]:
     return sources
 
 
-def read_documents(f: SourceFile, raw: bytes, text_field: str) -> list[tuple[str, str]]:
-    """(document id, text) pairs of one file: the whole file, or one per jsonl record."""
+def read_documents(f: SourceFile, raw: bytes, text_field: str, origin_field: str | None = None
+                   ) -> list[tuple[str, str, str]]:
+    """(document id, text, origin) of one file: the whole file, or one per jsonl record. The origin
+    is the file's path, or a record's `origin_field` (a URL) when it has one."""
     text = raw.decode("utf-8")
     if not f.jsonl:
-        return [(f.rel, text)]
+        return [(f.rel, text, str(f.path))]
     docs = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -225,7 +245,8 @@ def read_documents(f: SourceFile, raw: bytes, text_field: str) -> list[tuple[str
             raise DataError(f"{f.path}:{n} is not valid JSON ({e.msg}): fix or remove the line") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise DataError(f"{f.path}:{n} has no string field {text_field!r}: pass --text-field NAME")
-        docs.append((f"{f.rel}:{n}", record[text_field]))
+        origin = record.get(origin_field) if origin_field else None
+        docs.append((f"{f.rel}:{n}", record[text_field], origin if isinstance(origin, str) else f"{f.path}:{n}"))
     return docs
 
 
@@ -258,12 +279,34 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
 
     from tqdm import tqdm
 
-    def documents(f: SourceFile) -> tuple[str, list[tuple[str, str]]]:
+    def documents(f: SourceFile) -> tuple[str, list[tuple[str, str, str]]]:
         raw = f.path.read_bytes()
-        return hashlib.sha256(raw).hexdigest(), read_documents(f, raw, cfg.text_field)
+        return hashlib.sha256(raw).hexdigest(), read_documents(f, raw, cfg.text_field, cfg.origin_field)
 
-    # Pass 1: hash every file and assign each document to a split. Only one file's text is held
-    # in memory at a time, here and below, so corpora larger than memory prepare fine.
+    allowed = set(cfg.allow_licenses) or None
+    opt_out = OptOut(cfg.opt_out) if cfg.opt_out else None
+    near = NearDuplicates(cfg.near_dup_threshold) if cfg.near_dup_threshold else None
+    seen: set[str] = set()
+    dropped = {reason: {"documents": 0, "bytes": 0} for reason in DROP_REASONS}
+    dropped_ids: dict[int, set[str]] = {}  # kept file index -> ids of its dropped documents
+
+    def verdict(f: SourceFile, text: str, origin: str) -> str | None:
+        """Why this document is dropped, or None to keep it (checked in this order)."""
+        if allowed is not None and sources[f.source].license not in allowed:
+            return "license"
+        if opt_out is not None and opt_out.match(origin):
+            return "opt_out"
+        digest = text_sha256(text)
+        if digest in seen:
+            return "exact_duplicate"
+        seen.add(digest)
+        if near is not None and near.seen(text):
+            return "near_duplicate"
+        return None
+
+    # Pass 1: hash every file, filter its documents and assign the kept ones to a split. Only one
+    # file's text is held in memory at a time, here and below, so corpora larger than memory
+    # prepare fine.
     kept, entries, skipped = [], [], []
     n_docs = {"train": 0, "val": 0}
     for f in tqdm(files, desc="reading", unit="file", disable=not progress or None):
@@ -272,27 +315,42 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
         except UnicodeDecodeError as e:
             skipped.append({"source": f.source, "path": f.rel, "reason": f"not UTF-8 ({e.reason} at byte {e.start})"})
             continue
+        entry = {"source": f.source, "path": f.rel, "sha256": digest, "bytes": f.path.stat().st_size,
+                 "documents": 0, "kept_bytes": 0, "tokens": {"train": 0, "val": 0}}
+        for doc_id, text, origin in file_docs:
+            reason = verdict(f, text, origin)
+            if reason is None:
+                entry["documents"] += 1
+                entry["kept_bytes"] += len(text.encode("utf-8"))
+                n_docs[split_of(doc_id, cfg.val_fraction)] += 1
+                continue
+            dropped_ids.setdefault(len(kept), set()).add(doc_id)
+            dropped[reason]["documents"] += 1
+            dropped[reason]["bytes"] += len(text.encode("utf-8"))
+            entry.setdefault("dropped", {}).setdefault(reason, 0)
+            entry["dropped"][reason] += 1
         kept.append(f)
-        entries.append({"source": f.source, "path": f.rel, "sha256": digest, "bytes": f.path.stat().st_size,
-                        "documents": len(file_docs), "tokens": {"train": 0, "val": 0}})
-        for doc_id, _ in file_docs:
-            n_docs[split_of(doc_id, cfg.val_fraction)] += 1
+        entries.append(entry)
     for split, n in n_docs.items():
         if not n:
-            raise DataError(f"the {split} split is empty ({sum(n_docs.values())} documents): "
-                            "add documents or change --val-fraction")
+            raise DataError(f"the {split} split is empty ({sum(n_docs.values())} documents kept, "
+                            f"{sum(d['documents'] for d in dropped.values())} dropped by the filters): "
+                            "add documents, loosen the filters or change --val-fraction")
 
-    def texts_of(f: SourceFile, entry: dict, split: str | None = None) -> list[tuple[str, str]]:
+    def texts_of(i: int, split: str | None = None) -> list[tuple[str, str]]:
+        f, entry = kept[i], entries[i]
         digest, file_docs = documents(f)
         if digest != entry["sha256"]:
             raise DataError(f"{f.path} changed while being prepared: run `effllm prepare` again")
-        return [(doc_id, text) for doc_id, text in file_docs if split in (None, split_of(doc_id, cfg.val_fraction))]
+        drop = dropped_ids.get(i, ())
+        return [(doc_id, text) for doc_id, text, _ in file_docs
+                if doc_id not in drop and split in (None, split_of(doc_id, cfg.val_fraction))]
 
     # Pass 2 (BPE only): learn merges from the train split alone, so val stays unseen.
     if cfg.tokenizer == "byte":
         tokenizer = ByteTokenizer()
     else:
-        train_texts = (text for f, e in zip(kept, entries) for _, text in texts_of(f, e, "train"))
+        train_texts = (text for i in range(len(kept)) for _, text in texts_of(i, "train"))
         tokenizer = BPETokenizer.train(train_texts, cfg.vocab_size)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
 
@@ -304,8 +362,9 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     eot = np.array([tokenizer.eot_id], dtype=dtype)
     with open(tmp / "train.bin", "wb") as train_fh, open(tmp / "val.bin", "wb") as val_fh:
         handles = {"train": train_fh, "val": val_fh}
-        for f, entry in tqdm(list(zip(kept, entries)), desc="tokenizing", unit="file", disable=not progress or None):
-            file_docs = texts_of(f, entry)
+        for i in tqdm(range(len(kept)), desc="tokenizing", unit="file", disable=not progress or None):
+            entry = entries[i]
+            file_docs = texts_of(i)
             for (doc_id, _), ids in zip(file_docs, tokenizer.encode_array([t for _, t in file_docs])):
                 split = split_of(doc_id, cfg.val_fraction)
                 ids = np.concatenate((ids.astype(dtype), eot))
@@ -340,6 +399,15 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
         "totals": {"files": len(entries), "documents": sum(n_docs.values()),
                    "bytes": sum(e["bytes"] for e in entries), **totals,
                    "unigram_val_loss": round(unigram, 6)},
+        "filters": {
+            "allow_licenses": sorted(allowed) if allowed else None,
+            "opt_out": ({"file": str(opt_out.path.resolve()), "sha256": sha256_file(opt_out.path),
+                         "patterns": len(opt_out.patterns)} if opt_out else None),
+            "exact_dedup": "sha256 of each document's text; the first occurrence in source order is kept",
+            "near_dedup": ({"threshold": cfg.near_dup_threshold, "method": f"MinHash, {near.NUM_PERM} permutations "
+                            f"over {near.SHINGLE}-word shingles, LSH with {near.BANDS} bands"} if near else None),
+        },
+        "dropped": dropped,
         "files": entries,
         "skipped": skipped,
     }

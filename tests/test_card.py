@@ -31,8 +31,10 @@ def test_card_and_checkpoint_carry_the_runs_provenance(byte_data, tmp_path, caps
     assert f"`{state['data_manifest_sha256']}`" in card
     assert f"{summary['final_val_loss']:.4f} nats/token" in card
     assert "Goldfish loss drops 1/4" in card
+    assert "Opt-outs honoured: no opt-out list was given." in card and "Exact deduplication: sha256" in card
     t = manifest["totals"]
-    row = f"| PSF-2.0 | 1 | {t['files']:,} | {t['bytes']:,} | 100.0% | {t['train_tokens']:,} | 100.0% |"
+    kept_bytes = sum(f["kept_bytes"] for f in manifest["files"])
+    row = f"| PSF-2.0 | 1 | {t['files']:,} | {kept_bytes:,} | 100.0% | {t['train_tokens']:,} | 100.0% |"
     assert row in card
     hours = re.search(r"= ([0-9.e-]+) device-hours", card).group(1)
     assert float(hours) == pytest.approx(state["elapsed_s"] / 3600, rel=1e-2)

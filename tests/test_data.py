@@ -179,3 +179,74 @@ def test_seq_len_longer_than_a_split_is_refused(byte_data):
     ds = TokenDataset(byte_data)
     with pytest.raises(DataError, match="lower seq_len"):
         ds.check_seq_len(len(ds.splits["val"]))
+
+
+def _words(seed: int, n: int = 200) -> str:
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return " ".join(f"w{i}" for i in rng.integers(0, 5000, size=n))
+
+
+def _filter_corpus(tmp_path: Path) -> tuple[Path, Path, list[dict]]:
+    """Two sources with different licences; web records with URLs, duplicates and a near duplicate."""
+    mit, web = tmp_path / "mit", tmp_path / "web.jsonl"
+    mit.mkdir()
+    for i in range(12):
+        (mit / f"doc{i}.txt").write_text(_words(i))
+    (mit / "copy_of_doc3.txt").write_text(_words(3))  # exact duplicate of doc3.txt
+    near = _words(5).split()
+    near[100] = "changed"
+    (mit / "near_doc5.txt").write_text(" ".join(near))  # one word of 200 changed
+    records = [{"text": _words(100 + i), "url": f"https://site{i % 4}.example.org/page{i}"} for i in range(16)]
+    records.append({"text": _words(101), "url": "https://elsewhere.net/mirror"})  # duplicate of record 1
+    web.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return mit, web, records
+
+
+def test_every_source_has_a_licence_and_the_allow_list_filters_by_it(tmp_path):
+    mit, web, records = _filter_corpus(tmp_path)
+    base = PrepareConfig(sources=(f"{mit}=MIT", f"{web}=unknown"), out=str(tmp_path / "all"), val_fraction=0.25)
+    everything = json.loads((prepare(base, progress=False) / "manifest.json").read_text())
+    assert [s["license"] for s in everything["sources"]] == ["MIT", "unknown"]
+    only_mit = json.loads((prepare(replace(base, out=str(tmp_path / "mit_only"), allow_licenses=("MIT",)),
+                                   progress=False) / "manifest.json").read_text())
+    web_docs = len(records) - 1  # the duplicate record is dropped as a duplicate only when web is kept
+    assert only_mit["dropped"]["license"]["documents"] == len(records)
+    assert only_mit["totals"]["documents"] == everything["totals"]["documents"] - web_docs
+    assert only_mit["filters"]["allow_licenses"] == ["MIT"]
+    # "unknown" is a licence like any other: it passes only when listed
+    listed = json.loads((prepare(replace(base, out=str(tmp_path / "u"), allow_licenses=("MIT", "unknown")),
+                                 progress=False) / "manifest.json").read_text())
+    assert listed["dropped"]["license"]["documents"] == 0
+    with pytest.raises(DataError, match="has no licence"):
+        prepare(PrepareConfig(sources=(str(mit),), out=str(tmp_path / "x")), progress=False)
+
+
+def test_opt_outs_drop_documents_by_url_domain_and_path(tmp_path):
+    mit, web, records = _filter_corpus(tmp_path)
+    opt_out = tmp_path / "opt_out.txt"
+    opt_out.write_text("# publishers who opted out\nsite1.example.org\nhttps://site2.example.org/page6\n"
+                       "*/mit/doc7.txt  # one file\n")
+    cfg = PrepareConfig(sources=(f"{mit}=MIT", f"{web}=CC-BY-4.0"), out=str(tmp_path / "o"), origin_field="url",
+                        opt_out=str(opt_out), val_fraction=0.25)
+    manifest = json.loads((prepare(cfg, progress=False) / "manifest.json").read_text())
+    site1 = sum(1 for r in records if "site1." in r["url"])  # the whole domain
+    assert manifest["dropped"]["opt_out"]["documents"] == site1 + 1 + 1  # + one URL + one file
+    assert manifest["filters"]["opt_out"]["patterns"] == 3
+    doc7 = next(e for e in manifest["files"] if e["path"] == "doc7.txt")
+    assert doc7["documents"] == 0 and doc7["dropped"] == {"opt_out": 1}
+
+
+def test_exact_and_near_duplicates_are_dropped_and_counted(tmp_path):
+    mit, web, records = _filter_corpus(tmp_path)
+    cfg = PrepareConfig(sources=(f"{mit}=MIT", f"{web}=CC-BY-4.0"), out=str(tmp_path / "exact"), val_fraction=0.25)
+    exact = json.loads((prepare(cfg, progress=False) / "manifest.json").read_text())
+    assert exact["dropped"]["exact_duplicate"]["documents"] == 2  # copy_of_doc3 and the mirrored record
+    assert exact["dropped"]["near_duplicate"]["documents"] == 0 and exact["filters"]["near_dedup"] is None
+    near = json.loads((prepare(replace(cfg, out=str(tmp_path / "near"), near_dup_threshold=0.8), progress=False)
+                       / "manifest.json").read_text())
+    assert near["dropped"]["near_duplicate"]["documents"] == 1  # near_doc5 (Jaccard ~0.95 with doc5)
+    assert next(e for e in near["files"] if e["path"] == "near_doc5.txt")["dropped"] == {"near_duplicate": 1}
+    assert near["totals"]["documents"] == exact["totals"]["documents"] - 1
+    # dropped documents are not in the shards: the token counts shrink by exactly their bytes + EOT
+    assert exact["totals"]["train_tokens"] + exact["totals"]["val_tokens"] - (
+        near["totals"]["train_tokens"] + near["totals"]["val_tokens"]) == near["dropped"]["near_duplicate"]["bytes"] + 1

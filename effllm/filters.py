@@ -1,0 +1,105 @@
+"""Document filters of `effllm prepare`: licence allow-lists, opt-outs, exact and near duplicates.
+
+- Licences: every source has one (an SPDX id, or the explicit word "unknown"). With
+  `--allow-licenses MIT,Apache-2.0` only sources with a listed licence are kept; "unknown" passes
+  only when it is listed itself.
+- Opt-outs: a file of patterns, one per line (`#` starts a comment). A document is dropped when
+  its origin (the file's path, or a jsonl record's URL field) matches a pattern:
+  - `https://site/path...`: the origin starts with it (a URL prefix);
+  - `example.com`: the origin is a URL on that host or any subdomain of it (a domain);
+  - anything else: a shell-style glob against the origin path (`*/private/*`, `/data/x.txt`).
+- Exact duplicates: the sha256 of a document's text; the first occurrence (in source order) stays.
+- Near duplicates (optional): MinHash over 5-word shingles (128 permutations), candidates found by
+  locality-sensitive hashing (32 bands of 4 rows), kept when the estimated Jaccard similarity to
+  every earlier kept document is below the threshold.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from effllm.errors import DataError
+
+UNKNOWN_LICENSE = "unknown"
+
+
+class OptOut:
+    """Opt-out patterns read from a file; `match(origin)` gives the pattern that matches, or None."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"opt-out file {path} does not exist")
+        self.path = path
+        self.patterns = []
+        for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                self.patterns.append(line)
+
+    def match(self, origin: str) -> str | None:
+        host = urlparse(origin).hostname if "://" in origin else None
+        for p in self.patterns:
+            if "://" in p:
+                if origin.startswith(p):
+                    return p
+            elif "/" not in p and "*" not in p and "." in p and host is not None:
+                domain = p.lower().lstrip(".")
+                if host == domain or host.endswith("." + domain):
+                    return p
+            elif fnmatch.fnmatchcase(origin, p):
+                return p
+        return None
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class NearDuplicates:
+    """MinHash + LSH over 5-word shingles; `seen(text)` is True for a near duplicate of an earlier
+    text, else it remembers this one and returns False."""
+
+    NUM_PERM, BANDS, SHINGLE = 128, 32, 5
+    _PRIME = (1 << 31) - 1  # a, b, h < 2^31: a*h + b fits in uint64, so numpy computes it exactly
+
+    def __init__(self, threshold: float):
+        if not 0 < threshold <= 1:
+            raise DataError(f"near-duplicate threshold must lie in (0, 1], got {threshold}")
+        self.threshold = threshold
+        rng = np.random.Generator(np.random.PCG64(20240601))  # fixed: prepare is a pure function of its input
+        self.a = rng.integers(1, self._PRIME, size=(self.NUM_PERM, 1), dtype=np.uint64)
+        self.b = rng.integers(0, self._PRIME, size=(self.NUM_PERM, 1), dtype=np.uint64)
+        self.buckets: list[dict] = [{} for _ in range(self.BANDS)]
+        self.signatures: list[np.ndarray] = []
+
+    def signature(self, text: str) -> np.ndarray | None:
+        words = text.split()
+        if len(words) < self.SHINGLE:
+            return None  # too short to compare: exact deduplication alone handles it
+        shingles = {" ".join(words[i:i + self.SHINGLE]) for i in range(len(words) - self.SHINGLE + 1)}
+        hashes = np.array([int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "big") % self._PRIME
+                           for s in sorted(shingles)], dtype=np.uint64)
+        # (a*h + b) mod p for every permutation (rows) and shingle (columns), minimum over shingles
+        return ((self.a * hashes[None, :] + self.b) % self._PRIME).min(axis=1)
+
+    def seen(self, text: str) -> bool:
+        sig = self.signature(text)
+        if sig is None:
+            return False
+        rows = self.NUM_PERM // self.BANDS
+        keys = [sig[i * rows:(i + 1) * rows].tobytes() for i in range(self.BANDS)]
+        candidates = {j for band, key in zip(self.buckets, keys) for j in band.get(key, ())}
+        for j in sorted(candidates):
+            if float(np.mean(self.signatures[j] == sig)) >= self.threshold:
+                return True
+        index = len(self.signatures)
+        self.signatures.append(sig)
+        for band, key in zip(self.buckets, keys):
+            band.setdefault(key, []).append(index)
+        return False
