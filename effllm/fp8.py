@@ -10,10 +10,10 @@ Paths: the Triton kernels (kernels/fp8_quant.py, kernels/fp8_gemm.py) on CUDA GP
 tensor cores (compute capability 8.9+); elsewhere the same quantize / dequantize / blockwise
 matmul written in PyTorch, so FP8 numerics train and test on a CPU.
 
-`convert_to_fp8(model)` swaps a model's linears for FP8Linear. It keeps in higher precision the
-parts DeepSeek-V3 keeps there: the embedding, the output head, routers and norms. It leaves alone
-any linear whose dims are not multiples of 128, and the routed experts, which have no FP8
-grouped GEMM yet. It returns what it converted and why it skipped the rest.
+`convert_to_fp8(model)` swaps a model's linears for FP8Linear and switches routed experts to
+`fp8_grouped_mm`. It keeps in higher precision the parts DeepSeek-V3 keeps there: the embedding,
+the output head, routers (and so the gate) and norms. It leaves alone any linear or expert whose
+dims are not multiples of 128. It returns what it converted and why it skipped the rest.
 """
 
 from __future__ import annotations
@@ -83,6 +83,75 @@ class FP8LinearFunction(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
+class FP8GroupedMMFunction(torch.autograd.Function):
+    """y[rows of g] = x[rows of g] · W[g]ᵀ for expert-sorted rows, all three GEMMs in FP8.
+
+    The same scaling as FP8Linear, per expert: activations and output gradients 1x128 along the
+    features, each expert's weight per 128x128 block, and for each expert's weight gradient both
+    operands tiled along that expert's own tokens (a 128-token tile never straddles two experts).
+    Each group runs the block-scaled GEMM on its rows; empty groups are skipped and get a zero
+    weight gradient. Reading the group bounds syncs with the host once per call.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, out_dtype: torch.dtype, backend: str,
+                pow2: bool):
+        quant_both, quant_w, gemm = _OPS[backend]
+        E, N, K = w.shape
+        bounds = [0] + offsets.tolist()
+        q_w, s_w = quant_w(w.reshape(E * N, K), pow2)  # 128x128 blocks never straddle experts: N % 128 == 0
+        q_w, s_w = q_w.view(E, N, K), s_w.view(E, N // TILE, K // TILE)
+        y = x.new_empty((x.shape[0], N), dtype=out_dtype)
+        saved = []  # per group: x tiled along its tokens (for wgrad), in FP8
+        for g in range(E):
+            lo, hi = bounds[g], bounds[g + 1]
+            if hi == lo:
+                saved.append(None)
+                continue
+            q_x, s_x, qt_x, st_x = quant_both(x[lo:hi].contiguous(), pow2)
+            y[lo:hi] = gemm(q_x, s_x, q_w[g], s_w[g], out_dtype)
+            saved.append((qt_x, st_x))
+        ctx.save_for_backward(q_w, s_w)
+        ctx.saved_x, ctx.bounds = saved, bounds
+        ctx.meta = (backend, pow2, x.dtype, w.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        q_w, s_w = ctx.saved_tensors
+        backend, pow2, x_dtype, w_dtype = ctx.meta
+        quant_both, _, gemm = _OPS[backend]
+        E, N, K = q_w.shape
+        dx = dy.new_zeros((dy.shape[0], K), dtype=x_dtype) if ctx.needs_input_grad[0] else None
+        dw = torch.zeros((E, N, K), dtype=w_dtype, device=dy.device) if ctx.needs_input_grad[1] else None
+        for g in range(E):
+            lo, hi = ctx.bounds[g], ctx.bounds[g + 1]
+            if hi == lo:
+                continue
+            q_dy, s_dy, qt_dy, st_dy = quant_both(dy[lo:hi].contiguous(), pow2)
+            if dx is not None:  # dX = dY · W[g], W's blocks read transposed
+                dx[lo:hi] = gemm(q_dy, s_dy, q_w[g].t(), s_w[g].t(), x_dtype)
+            if dw is not None:  # dW[g] = dYᵀ · X over this expert's tokens
+                qt_x, st_x = ctx.saved_x[g]
+                dw[g] = gemm(qt_dy, st_dy, qt_x, st_x, torch.float32, b_row_scales=True).to(w_dtype)
+        ctx.saved_x = None
+        return dx, dw, None, None, None, None
+
+
+def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "auto",
+                   pow2: bool = False) -> torch.Tensor:
+    """The FP8 twin of kernels.grouped_gemm.grouped_mm: x (M, K) rows sorted by group, w (G, N, K)
+    with N and K multiples of 128, offsets (G,) cumulative ends -> (M, N). The output takes the
+    autocast dtype under autocast, else x's; the master weight keeps its own dtype."""
+    if w.shape[1] % TILE or w.shape[2] % TILE:
+        raise ConfigError(f"FP8 experts need expert widths that are multiples of {TILE}, got {tuple(w.shape[1:])}: "
+                          "keep these experts in higher precision")
+    device = x.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    with torch.autocast(device, enabled=False):
+        return FP8GroupedMMFunction.apply(x, w, offsets, out_dtype, fp8_backend(x.device, backend), pow2)
+
+
 class FP8Linear(nn.Module):
     """A bias-free linear whose three GEMMs run in FP8 (E4M3, 1x128 / 128x128 scales).
 
@@ -126,8 +195,9 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = 
                    keep: tuple[str, ...] = ("head", "lm_head", "output")) -> dict:
     """Swap the nn.Linear layers of `model` for FP8Linear, in place.
 
-    Kept in higher precision: linears named in `keep` (the output head), linears with a bias or
-    with dims that are not multiples of 128. Embeddings, norms, routers and routed experts are not
+    Routed experts whose widths are multiples of 128 run their grouped GEMMs in FP8 (forward and
+    backward). Kept in higher precision: linears named in `keep` (the output head), linears with a
+    bias or with dims that are not multiples of 128. Embeddings, norms and routers are not
     nn.Linear, so they are never converted. Returns {"converted": [names], "skipped": {name: why}}.
     """
     from effllm.moe import RoutedExperts
@@ -137,7 +207,13 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = 
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if isinstance(child, RoutedExperts):
-                skipped[name] = "routed experts run on the grouped GEMM, which has no FP8 path yet"
+                hidden, D = child.w1.shape[1], child.w1.shape[2]
+                if hidden % TILE or D % TILE:
+                    skipped[name] = f"experts of {D} -> {hidden} are not multiples of {TILE}"
+                else:
+                    child.fp8 = (backend, pow2_scales)  # RoutedExperts.forward runs fp8_grouped_mm
+                    converted.append(name)
+                continue
             if not isinstance(child, nn.Linear):
                 continue
             if child_name in keep:

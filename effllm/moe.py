@@ -115,8 +115,17 @@ class RoutedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n, hidden, dim))  # up   (E, F, D)
         self.w2 = nn.Parameter(torch.empty(n, dim, hidden))  # down (E, D, F), the residual projection
 
+        self.fp8: tuple[str, bool] | None = None  # (backend, pow2 scales): set by effllm.fp8.convert_to_fp8
+
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
         """x (M, D) sorted by expert, offsets (E,) int32 cumulative ends -> (M, D)."""
+        if self.fp8 is not None:  # the three grouped GEMMs in FP8, master weights as they are
+            from effllm.fp8 import fp8_grouped_mm
+
+            fp8_backend, pow2 = self.fp8
+            h = F.silu(fp8_grouped_mm(x, self.w1, offsets, fp8_backend, pow2)) * fp8_grouped_mm(
+                x, self.w3, offsets, fp8_backend, pow2)
+            return fp8_grouped_mm(h, self.w2, offsets, fp8_backend, pow2)
         w1, w3, w2 = (w.to(x.dtype) for w in (self.w1, self.w3, self.w2))  # autocast's cast, by hand
         h = F.silu(grouped_mm(x, w1, offsets, backend)) * grouped_mm(x, w3, offsets, backend)  # (M, F)
         return grouped_mm(h, w2, offsets, backend)

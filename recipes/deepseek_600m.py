@@ -7,7 +7,7 @@ latent and 32-wide decoupled RoPE keys; one MTP module with loss weight 0.3.
 
 Its baselines: dense_120m has the same active parameters and forward FLOPs per token, dense_600m
 the same total parameters. Every linear width is a multiple of 128, so `--fp8` converts attention,
-dense and shared-expert linears (the routed experts stay bf16 until they get an FP8 grouped GEMM).
+dense, shared-expert and routed-expert GEMMs (the kv down-projection, 1024 -> 288, stays bf16).
 
 Sized for one 80 GB H100: 32k tokens per step (16 x 1024, 2 micro-batches), bf16 autocast. On the
 embedded 12M-token corpus 1,000 steps see the data about 2.7 times; pass --data-dir for your own.

@@ -4,11 +4,10 @@ At deepseek_tiny's width of 192 no linear is a multiple of 128, so `--fp8` would
 This recipe keeps deepseek_tiny's design (MLA + DeepSeekMoE with layer 0 dense + one MTP module,
 same data, steps and schedule) at width 256: 4 heads of 32+32 (nope + RoPE) query/key and 32 value
 dims, a 128-wide kv latent, a dense layer-0 SwiGLU of 512 and 16 routed experts of 128 (top-3, one
-shared). With fp8=True these linears run in FP8 on the PyTorch reference path on a CPU and on the
-Triton kernels on sm_89+ GPUs: the query, kv up- and output projections, the dense and
-shared-expert SwiGLUs and the MTP projection. Kept in higher precision: the 256 -> 160 kv
-down-projection (160 is not a multiple of 128), routers, norms, embedding, head and the routed
-experts (no FP8 grouped GEMM yet).
+shared). With fp8=True these GEMMs run in FP8 on the PyTorch reference path on a CPU and on the Triton
+kernels on sm_89+ GPUs: the query, kv up- and output projections, the dense and shared-expert
+SwiGLUs, the routed experts' grouped GEMMs and the MTP projection. Kept in higher precision: the
+256 -> 160 kv down-projection (160 is not a multiple of 128), routers, norms, embedding and head.
 
 `effllm train deepseek_tiny_fp8 --no-fp8` is the same run in full precision, for comparison.
 """

@@ -1,0 +1,113 @@
+"""FP8 routed experts: the grouped GEMM in FP8 (forward, dgrad, per-expert wgrad) against the
+full-precision grouped reference, ragged and empty groups, both paths, and conversion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from effllm.kernels.grouped_gemm import grouped_mm_reference
+
+from effllm import ConfigError, convert_to_fp8
+from effllm.fp8 import fp8_grouped_mm
+from effllm.moe import MoE, MoEConfig
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a, b):
+    b = b.double()
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def case(sizes, n=128, k=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(sizes), k, generator=g).to(DEVICE)
+    w = (torch.randn(len(sizes), n, k, generator=g) * 0.05).to(DEVICE)
+    dy = torch.randn(sum(sizes), n, generator=g).to(DEVICE)
+    offsets = torch.tensor(sizes).cumsum(0).to(torch.int32).to(DEVICE)
+    return x, w, dy, offsets
+
+
+# ragged groups, empty groups (first, middle, last), odd token counts, a group past one 128-token tile
+@pytest.mark.parametrize("sizes", [[13, 0, 24, 7], [0, 150, 1, 0], [37]])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_grouped_mm_and_gradients_near_full_precision(sizes, backend):
+    x, w, dy, offsets = case(sizes)
+    xq, wq = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = fp8_grouped_mm(xq, wq, offsets, backend)
+    y.backward(dy)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = grouped_mm_reference(xr, wr, offsets)
+    ref.backward(dy)
+    # the FP8Linear bound: E4M3 rounding of two operands, ~0.034 RMS relative (tests/test_fp8.py)
+    tol = 5e-2
+    assert y.dtype == x.dtype and rel(y, ref) < tol and rel(xq.grad, xr.grad) < tol
+    for gi, n in enumerate(sizes):
+        if n == 0:  # an expert without tokens gets an exact zero gradient
+            assert torch.equal(wq.grad[gi], torch.zeros_like(wq.grad[gi]))
+        else:
+            assert rel(wq.grad[gi], wr.grad[gi]) < tol
+
+
+def test_triton_and_torch_paths_agree_on_the_quantized_operands():
+    x, w, dy, offsets = case([20, 0, 45], seed=1)
+    outs = []
+    for backend in ("torch", "triton"):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8_grouped_mm(xi, wi, offsets, backend)
+        y.backward(dy)
+        outs.append((y.detach(), xi.grad, wi.grad))
+    for a, b in zip(*outs):
+        assert rel(a, b) < 1e-5
+
+
+def test_widths_that_are_not_multiples_of_128_are_refused():
+    x, w, _, offsets = case([4, 4], n=96)
+    with pytest.raises(ConfigError, match="multiples of 128"):
+        fp8_grouped_mm(x, w, offsets, "torch")
+
+
+def test_convert_to_fp8_converts_experts_and_keeps_the_router():
+    torch.manual_seed(0)
+    layer = MoE(128, MoEConfig(n_routed_experts=4, top_k=2, expert_dim=128, n_shared_experts=1)).to(DEVICE)
+    x = torch.randn(3, 11, 128, device=DEVICE)
+    ref = layer(x)
+    report = convert_to_fp8(layer, backend="torch")
+    assert "experts" in report["converted"] and layer.experts.fp8 == ("torch", False)
+    assert "router" not in " ".join(report["converted"])
+    out = layer(x)
+    # A SwiGLU expert chains FP8 GEMMs: gate and up each carry ~0.034 (two rounded operands), their
+    # product ~0.048, and the down projection re-rounds h and rounds w2: sqrt(0.048² + 0.034²) ≈ 0.059
+    # (measured 0.063). So the layer's bound is 8e-2, where one GEMM's is 5e-2.
+    assert rel(out, ref) < 8e-2
+    out.sum().backward()
+    assert layer.experts.w1.grad is not None and layer.router.weight.grad is not None
+    small = MoE(64, MoEConfig(n_routed_experts=4, top_k=2, expert_dim=32))
+    assert "not multiples of 128" in convert_to_fp8(small)["skipped"]["experts"]
+
+
+def test_fp8_moe_training_reaches_the_full_precision_loss(byte_data, tmp_path):
+    """A small DeepSeek-style model (MoE with FP8 experts, shared expert and attention in FP8) trains
+    to within 1% of the same run in fp32 (the CPU path: the kernels' quantize / blockwise matmul).
+
+    The batch (2,048 tokens) and learning rate (1e-3) keep training out of the regime where any
+    perturbation grows chaotically: at 512 tokens and lr 3e-3, two fp32 runs with different seeds
+    ended 1.4% (150 steps) to 6% (400 steps) apart, so a 1% comparison would measure noise. Here
+    seeds differ by 2.5% and FP8 against fp32 with the same seed by 0.44% (experts in fp32: 0.08%)."""
+    import json
+
+    from conftest import tiny_train_config
+
+    from effllm.model import ModelConfig
+    from effllm.train import OptimConfig, train
+
+    model = ModelConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, max_seq_len=64, ffn="moe", first_k_dense=1,
+                        moe=MoEConfig(n_routed_experts=4, top_k=2, expert_dim=128, n_shared_experts=1))
+    common = dict(model=model, max_steps=200, eval_interval=200, eval_tokens=16384, ckpt_interval=0, batch_size=32,
+                  seq_len=64, optim=OptimConfig(lr=1e-3, warmup_steps=20))
+    full = train(tiny_train_config(byte_data, tmp_path / "fp32", **common))
+    fp8 = train(tiny_train_config(byte_data, tmp_path / "fp8", fp8=True, **common))
+    assert fp8["final_val_loss"] < fp8["unigram_val_loss"] - 0.2
+    assert abs(fp8["final_val_loss"] - full["final_val_loss"]) / full["final_val_loss"] < 0.01, (fp8, full)
+    curve = [json.loads(line)["loss"] for line in (tmp_path / "fp8" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.5
