@@ -7,6 +7,8 @@
 Cases, all in one run on the same inputs:
 - moe[<backend>]: the MoE layer with each grouped GEMM backend this device has;
 - loop: the same layer with one matmul per expert (the reference path);
+- moe[fp8]: on GPUs with FP8 tensor cores, the fastest bf16 layer with its experts' grouped GEMMs
+  (and the shared expert) in FP8, DeepSeek-V3 block scaling;
 - dense: a SwiGLU whose hidden width is (top_k + n_shared) x expert_dim, so its FLOPs per token
   equal the MoE's active expert FLOPs (the router's 2·D·E FLOPs per token, 0.5% here, are not matched).
 Every case times forward + backward of the layer on random inputs (a fresh random router, so the
@@ -24,6 +26,7 @@ import torch
 from common import base_parser, environment, finish, size_and_device, time_fn, write_markdown
 from effllm.kernels.grouped_gemm import BACKENDS, pick_backend, torch_fits
 
+from effllm.fp8 import convert_to_fp8, fp8_backend
 from effllm.layers import SwiGLU
 from effllm.moe import MoE, MoEConfig
 
@@ -113,22 +116,34 @@ def main() -> None:
         rows[name] = run_case(layer, x, device, args.warmup, loop_repeats if backend == "loop" else repeats)
         load = layer.last_load.tolist()
         print(f"{name:14s} {1e3 * rows[name]['median_s']:9.2f} ms", flush=True)
+    fp8_note = None
+    if fp8_backend(device) == "triton":  # FP8 tensor cores: the same layer with experts (and shared) in FP8
+        best_bf16 = min((r["median_s"], n) for n, r in rows.items() if n.startswith("moe["))[1]
+        torch.manual_seed(0)
+        layer = MoE(dim, MoEConfig(**{**asdict(cfg), "grouped_gemm": best_bf16[4:-1]})).to(device, dtype)
+        convert_to_fp8(layer)
+        rows["moe[fp8]"] = run_case(layer, x, device, args.warmup, repeats)
+        print(f"{'moe[fp8]':14s} {1e3 * rows['moe[fp8]']['median_s']:9.2f} ms", flush=True)
+    else:
+        fp8_note = "no FP8 case: this device has no FP8 tensor cores (the CPU reference path's speed means nothing)"
     torch.manual_seed(0)
     dense = SwiGLU(dim, dense_hidden).to(device, dtype)
     rows["dense"] = run_case(dense, x, device, args.warmup, repeats)
     print(f"{'dense':14s} {1e3 * rows['dense']['median_s']:9.2f} ms", flush=True)
 
-    best = min((r["median_s"], n) for n, r in rows.items() if n.startswith("moe["))
+    best = min((r["median_s"], n) for n, r in rows.items() if n.startswith("moe[") and n != "moe[fp8]")
     ratios = {f"{best[1]} / dense time": best[0] / rows["dense"]["median_s"],
               f"loop / {best[1]} time": rows["loop"]["median_s"] / best[0]}
     for n, r in rows.items():
-        if n.startswith("moe[") and n != best[1]:
+        if n.startswith("moe[") and n not in (best[1], "moe[fp8]"):
             ratios[f"{n} / {best[1]} time"] = r["median_s"] / best[0]
+    if "moe[fp8]" in rows:
+        ratios[f"FP8 speed-up over {best[1]}"] = best[0] / rows["moe[fp8]"]["median_s"]
     result = {"bench": "moe_layer", "size": size, **environment(device, args.commit),
               "config": {"dim": dim, "tokens": spec["tokens"], "dtype": str(dtype), "dense_hidden": dense_hidden,
                          "moe": asdict(cfg), "inputs": "randn tokens, fresh random router and experts",
                          "last_load": load},
-              "rows": rows, "ratios": ratios}
+              "rows": rows, "ratios": ratios, "fp8_note": fp8_note}
     finish(args.out, result, size, write_report)
 
 
