@@ -362,7 +362,7 @@ def train(cfg: TrainConfig) -> dict:
         + f", unigram val loss {unigram:.3f}"
         + (f", resuming at step {start_step}" if start_step else ""))
     if fp8_report is not None:
-        say(f"fp8: {len(fp8_report['converted'])} linears converted; kept in higher precision: "
+        say(f"fp8: {len(fp8_report['converted'])} linears and expert groups converted; kept in higher precision: "
             + "; ".join(f"{k} ({v})" for k, v in fp8_report["skipped"].items()))
 
     tokens_seen, val_loss, last_loss = tokens_before, state.get("val_loss") if state else None, float("nan")
