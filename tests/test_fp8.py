@@ -89,14 +89,16 @@ def test_convert_to_fp8_reports_what_it_converted_and_kept():
 
 def test_fp8_training_reaches_the_full_precision_loss(byte_data, tmp_path):
     """The FP8 numerics (CPU path: the same quantize / blockwise-matmul as the kernels) train a
-    dim-128 model to within 1% of the same run in fp32 (seen: val 2.378 vs 2.355, 0.97%)."""
+    dim-128 model to within 1% of the same run in fp32. At 2,048 tokens per step and lr 1e-3, so
+    that 1% is not seed noise (see tests/test_fp8_experts.py: at 512 tokens and lr 3e-3, two fp32
+    seeds ended 1.4-6% apart). Measured: val 1.7351 in FP8 against 1.7250, 0.58% apart."""
     model = ModelConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, max_seq_len=64)
-    common = dict(model=model, max_steps=150, eval_interval=150, eval_tokens=8192, ckpt_interval=0, batch_size=8,
-                  seq_len=64, optim=OptimConfig(lr=3e-3, warmup_steps=10))
+    common = dict(model=model, max_steps=200, eval_interval=200, eval_tokens=16384, ckpt_interval=0, batch_size=32,
+                  seq_len=64, optim=OptimConfig(lr=1e-3, warmup_steps=20))
     full = train(tiny_train_config(byte_data, tmp_path / "fp32", **common))
     fp8 = train(tiny_train_config(byte_data, tmp_path / "fp8", fp8=True, **common))
     assert fp8["final_val_loss"] < fp8["unigram_val_loss"] - 0.2
-    assert abs(fp8["final_val_loss"] - full["final_val_loss"]) / full["final_val_loss"] < 0.01
+    assert abs(fp8["final_val_loss"] - full["final_val_loss"]) / full["final_val_loss"] < 0.01, (fp8, full)
     curve = [json.loads(line)["loss"] for line in (tmp_path / "fp8" / "metrics.jsonl").read_text().splitlines()]
     assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.5
 
