@@ -1,4 +1,13 @@
-"""Parallelism on torch.distributed: expert parallelism for DeepSeekMoE layers.
+"""Parallelism on torch.distributed, under torchrun: no launcher or communication layer of our own.
+
+- `dist_env` / `init_distributed`: rank, world size and device from torchrun's environment; NCCL on
+  GPUs, gloo on CPUs; a timeout on every collective.
+- `build_mesh`, `shard_experts`, `wrap_data_parallel`: a ("dp", "ep") device mesh, expert
+  parallelism, then activation checkpointing, torch.compile per block and FSDP2 (or DDP), in
+  that order.
+- `gather_full_state` / `load_full_optimizer_state`: checkpoints in the single-device layout, so any
+  world size resumes any other.
+- `clip_grad_norm_sharded`: gradient clipping across the meshes of FSDP2 and expert parallelism.
 
 Expert parallelism (EP) splits each MoE layer's routed experts across the ranks of a process group:
 rank r of an EP group of size P holds experts [r·E/P, (r+1)·E/P). The router and the shared
