@@ -51,7 +51,7 @@ from effllm.data import TokenDataset
 from effllm.flops import device_name, mfu, peak_bf16_flops, tokens_per_device_hour, train_flops_per_token
 from effllm.fp8 import convert_to_fp8
 from effllm.model import Transformer
-from effllm.train import autocast_dtype, build_optimizer, forward_backward, optimizer_update, train
+from effllm.train import autocast_dtype, build_optimizer, forward_backward, optimizer_update, rank_batch, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -90,9 +90,8 @@ def measure_throughput(cfg, device: torch.device, warmup: int, repeats: int) -> 
 
     def step() -> None:
         i = next(steps)
-        sums = forward_backward(model, step_fn, lambda micro: data.train_batch(cfg.batch_size, cfg.seq_len, cfg.seed,
-                                                                                i, 0, micro),
-                                cfg.grad_accum, cfg.model.mtp_lambda, device, amp)
+        sums = forward_backward(model, step_fn, lambda micro: rank_batch(data, cfg, i, 0, micro), cfg.grad_accum,
+                                cfg.model.mtp_lambda, device, amp)
         if not math.isfinite(sums["loss"].item()):  # the trainer's own check (and host sync)
             raise RuntimeError(f"loss is not finite at benchmark step {i}")
         optimizer_update(model, optimizer, cfg.optim.grad_clip, moe_layers)
