@@ -51,6 +51,7 @@ def gemm_rows(m: int, n: int, k: int, device: torch.device, gpu: bool) -> dict:
     a = torch.randn(m, k, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, k, device=device, dtype=torch.bfloat16)
     flops = 2 * m * n * k
+    checks = {}
     rows = {"bf16": median_s(lambda: a @ b.t(), device)}
     qa, sa = quant_rows(a) if gpu else quant_rows_ref(a)
     qb, sb = quant_blocks(b) if gpu else quant_blocks_ref(b)
@@ -58,6 +59,21 @@ def gemm_rows(m: int, n: int, k: int, device: torch.device, gpu: bool) -> dict:
     rows["fp8_block"] = median_s(lambda: gemm(qa, sa, qb, sb), device)
     quant = quant_rows if gpu else quant_rows_ref
     rows["fp8_block+quant"] = median_s(lambda: gemm(*quant(a), qb, sb), device)
+    # The backward layouts of a linear y (m, n) = x (m, k) · Wᵀ, same FLOPs: dgrad reads W's blocks
+    # transposed (a strided view), wgrad sums over the m tokens with both operands tiled along them.
+    dy = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+    qdy, sdy = quant(dy)
+    rows["fp8_dgrad"] = median_s(lambda: gemm(qdy, sdy, qb.t(), sb.t(), torch.bfloat16), device)
+    qt_dy, st_dy = quant(dy.t().contiguous())
+    qt_a, st_a = quant(a.t().contiguous())
+    rows["fp8_wgrad"] = median_s(lambda: gemm(qt_dy, st_dy, qt_a, st_a, torch.float32, b_row_scales=True), device)
+    if gpu:  # the kernel must compute its reference's function at this shape (a slice of rows)
+        rel = lambda x, y: ((x.float() - y.float()).norm() / y.float().norm()).item()  # noqa: E731
+        checks["fwd"] = rel(fp8_gemm(qa[:256], sa[:256], qb, sb), fp8_gemm_ref(qa[:256], sa[:256], qb, sb))
+        checks["dgrad"] = rel(fp8_gemm(qdy[:256], sdy[:256], qb.t(), sb.t()),
+                              fp8_gemm_ref(qdy[:256], sdy[:256], qb.t(), sb.t()))
+        checks["wgrad"] = rel(fp8_gemm(qt_dy[:256], st_dy[:256], qt_a, st_a, torch.float32, b_row_scales=True),
+                              fp8_gemm_ref(qt_dy[:256], st_dy[:256], qt_a, st_a, torch.float32, b_row_scales=True))
     if gpu:
         try:
             ra = a.abs().amax(dim=1, keepdim=True).float() / 448
@@ -67,7 +83,12 @@ def gemm_rows(m: int, n: int, k: int, device: torch.device, gpu: bool) -> dict:
                 lambda: torch._scaled_mm(fa, fb.t(), scale_a=ra, scale_b=rb.t(), out_dtype=torch.bfloat16), device)
         except (RuntimeError, AttributeError) as e:
             rows["scaled_mm_rowwise"] = f"unavailable: {str(e).splitlines()[0][:120]}"
-    return {name: ({"median_s": t, "tflops": flops / t / 1e12} if isinstance(t, float) else t) for name, t in rows.items()}
+    out = {name: ({"median_s": t, "tflops": flops / t / 1e12} if isinstance(t, float) else t) for name, t in rows.items()}
+    if checks:
+        out["rel_err_vs_ref"] = checks
+        if max(checks.values()) > 1e-3:
+            raise SystemExit(f"fp8_gemm disagrees with its reference at {m}x{n}x{k}: {checks}")
+    return out
 
 
 def quant_rows_gbps(m: int, k: int, device: torch.device) -> dict:
@@ -103,12 +124,13 @@ def write_report(folder: Path) -> Path:
     for path in sorted(folder.glob("*.json")):
         r = json.loads(path.read_text())
         lines += [f"## {r['device']}, {r['size']} ({r['date']})", "", f"torch {r['torch']}, triton {r['triton']}, "
-                  f"commit `{r['commit']}`.", "", "| M x N x K | bf16 | scaled_mm rowwise | fp8 block | fp8 block + quant |",
-                  "|---|---|---|---|---|"]
+                  f"commit `{r['commit']}`.", "", "| M x N x K | bf16 | scaled_mm rowwise | fp8 block | fp8 block + quant | fp8 dgrad | fp8 wgrad |",
+                  "|---|---|---|---|---|---|---|"]
         for shape, row in r["gemm"].items():
             cell = lambda v: f"{v['tflops']:.1f}" if isinstance(v, dict) else "n/a"  # noqa: E731
             lines.append(f"| {shape} | {cell(row['bf16'])} | {cell(row.get('scaled_mm_rowwise'))} | "
-                         f"{cell(row['fp8_block'])} | {cell(row['fp8_block+quant'])} |")
+                         f"{cell(row['fp8_block'])} | {cell(row['fp8_block+quant'])} | {cell(row.get('fp8_dgrad'))} | "
+                         f"{cell(row.get('fp8_wgrad'))} |")
         lines += ["", "TFLOP/s from median times. Ratios: " + ", ".join(f"{k} = {v:.2f}" for k, v in r["ratios"].items()), ""]
         if r.get("quant"):
             lines += ["Quantization: " + ", ".join(f"{k} {v['gb_per_s']:.0f} GB/s" for k, v in r["quant"].items()), ""]
@@ -129,7 +151,7 @@ def main() -> None:
     for m, n, k in SHAPES[size]:
         gemm[f"{m}x{n}x{k}"] = gemm_rows(m, n, k, device, gpu)
         print(f"{m}x{n}x{k}: " + ", ".join(f"{name} {v['tflops']:.1f}" for name, v in gemm[f"{m}x{n}x{k}"].items()
-                                            if isinstance(v, dict)) + " TFLOP/s", flush=True)
+                                            if isinstance(v, dict) and "tflops" in v) + " TFLOP/s", flush=True)
     linear = {f"hidden {h}, {m} tokens": linear_rows(m, h, device) for m, h in HIDDEN[size]}
     quant = quant_rows_gbps(8192, 8192, device) if gpu else None
     ratios = {}

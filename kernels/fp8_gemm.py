@@ -44,7 +44,8 @@ def _fp8_gemm_kernel(
     stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
     stride_asm, stride_ask, stride_bsn, stride_bsk,
     # meta-parameters
-    M_BUCKET, K_BUCKET,  # autotuning keys only: M and K rounded up to a power of two
+    M_BUCKET, K_BUCKET, B_K_CONTIGUOUS,  # autotuning keys only: M and K rounded up to a power of
+    # two, and whether B is K-major (the forward and wgrad) or read transposed (dgrad)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     B_ROW_SCALES: tl.constexpr,
 ):
@@ -96,7 +97,8 @@ def _hopper_configs() -> list:
 
 # Tuned per (M, K) bucket, N and scale layout: a training run sees a handful of shapes, each tuned
 # once on first use. `_fp8_gemm_tuned.best_config` tells which configuration won.
-_fp8_gemm_tuned = triton.autotune(configs=_hopper_configs(), key=["M_BUCKET", "N", "K_BUCKET", "B_ROW_SCALES"])(
+_fp8_gemm_tuned = triton.autotune(configs=_hopper_configs(), key=["M_BUCKET", "N", "K_BUCKET", "B_K_CONTIGUOUS",
+                                                                 "B_ROW_SCALES"])(
     _fp8_gemm_kernel)
 
 
@@ -138,7 +140,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
         return c
     args = (a, b, c, a_s, b_s, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-            a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), _bucket(M), _bucket(K))
+            a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), _bucket(M), _bucket(K), int(b.stride(1) == 1))
     if os.environ.get("TRITON_INTERPRET") == "1":  # small fixed tiles keep the CPU tests fast
         grid = (triton.cdiv(M, 16) * (N // 32),)
         _fp8_gemm_kernel[grid](*args, BLOCK_M=16, BLOCK_N=32, BLOCK_K=TILE, GROUP_M=2, B_ROW_SCALES=b_row_scales,
