@@ -76,8 +76,8 @@ class FP8LinearFunction(torch.autograd.Function):
         quant_both, _, gemm = _OPS[backend]
         q_dy, s_dy, qt_dy, st_dy = quant_both(dy.contiguous(), pow2)
         dx = dw = None
-        if ctx.needs_input_grad[0]:  # dX = dY · W, with W's blocks read transposed
-            dx = gemm(q_dy, s_dy, q_w.t(), s_w.t(), x_dtype)
+        if ctx.needs_input_grad[0]:  # dX = dY · W: Wᵀ made K-major (FP8 MMA reads K-major operands)
+            dx = gemm(q_dy, s_dy, q_w.t().contiguous(), s_w.t(), x_dtype)
         if ctx.needs_input_grad[1]:  # dW = dYᵀ · X, both tiled along the tokens
             dw = gemm(qt_dy, st_dy, qt_x, st_x, torch.float32, b_row_scales=True).to(w_dtype)
         return dx, dw, None, None, None

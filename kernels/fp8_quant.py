@@ -7,7 +7,7 @@ Shape letters: M rows (tokens), K the quantized row length (features), N output 
 - `quant_rows_and_cols(x)`: the same, plus the tiles of 128 rows along the token dimension,
   stored transposed for the wgrad GEMM (it sums over tokens). One read of x gives both:
   q (M, K), s (M, K/128), qt (K, M), st (K, ceil(M/128)).
-- `quant_blocks(w)`: one scale per 128x128 block (weights). w (N, K) -> q (N, K), s (N/128, K/128).
+- `quant_blocks(w)`: one scale per 128x128 block (weights). w (N, K) -> q (N, K), s (ceil(N/128), K/128).
 
 scale = amax / 448, with amax clamped to >= 1e-12 so an all-zero tile gives zeros and a finite
 scale, never NaN; `pow2=True` rounds each scale up to a power of two (exact rescaling, as some
@@ -186,15 +186,15 @@ def quant_rows_and_cols(x: torch.Tensor, pow2: bool = False):
 
 
 def quant_blocks(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (N, K), both multiples of 128 -> q (N, K) e4m3, s (N/128, K/128) fp32 per 128x128 block."""
+    """w (N, K), K a multiple of 128 -> q (N, K) e4m3, s (ceil(N/128), K/128) fp32 per 128x128 block
+    (the last block row is partial when N is not a multiple of 128)."""
     _check_2d(w, "w")
     N, K = w.shape
-    if N % TILE:
-        raise ValueError(f"w has {N} rows, not a multiple of {TILE}: weight blocks are {TILE}x{TILE}")
     q = torch.empty((N, K), dtype=FP8, device=w.device)
-    s = torch.empty((N // TILE, K // TILE), dtype=torch.float32, device=w.device)
-    _quant_blocks_kernel[(N // TILE, K // TILE)](w, q, s, N, K, w.stride(0), q.stride(0), s.stride(0),
-                                                 TILE=TILE, POW2=pow2)
+    s = torch.empty((triton.cdiv(N, TILE), K // TILE), dtype=torch.float32, device=w.device)
+    if N:
+        _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE)](w, q, s, N, K, w.stride(0), q.stride(0), s.stride(0),
+                                                     TILE=TILE, POW2=pow2)
     return q, s
 
 
@@ -229,11 +229,14 @@ def quant_cols_ref(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, t
 
 
 def quant_blocks_ref(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_2d(w, "w")
     N, K = w.shape
-    blocks = w.float().view(N // TILE, TILE, K // TILE, TILE)
-    s = _scale_ref(blocks.abs().amax(dim=(1, 3)), pow2)  # (N/128, K/128)
+    nb = -(-N // TILE)
+    padded = torch.nn.functional.pad(w.float(), (0, 0, 0, nb * TILE - N))  # zero rows never raise an amax
+    blocks = padded.view(nb, TILE, K // TILE, TILE)
+    s = _scale_ref(blocks.abs().amax(dim=(1, 3)), pow2)  # (ceil(N/128), K/128)
     q = (blocks / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.view(N, K), s
+    return q.view(nb * TILE, K)[:N], s
 
 
 def dequant_rows(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -245,4 +248,4 @@ def dequant_rows(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def dequant_blocks(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """fp32 values of a 128x128-blocked tensor."""
     N, K = q.shape
-    return (q.float().view(N // TILE, TILE, K // TILE, TILE) * s[:, None, :, None]).view(N, K)
+    return q.float() * s.repeat_interleave(TILE, 0)[:N].repeat_interleave(TILE, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FP8_SUM_TOL
 from effllm.kernels.grouped_gemm import grouped_mm_reference
 
 from effllm import ConfigError, convert_to_fp8
@@ -58,7 +59,8 @@ def test_triton_and_torch_paths_agree_on_the_quantized_operands():
         y.backward(dy)
         outs.append((y.detach(), xi.grad, wi.grad))
     for a, b in zip(*outs):
-        assert rel(a, b) < 1e-5
+        # the same quantized operands; only the sums differ: fp32 order on a CPU, the MMA accumulator on a GPU
+        assert rel(a, b) < max(FP8_SUM_TOL, 1e-5)
 
 
 def test_widths_that_are_not_multiples_of_128_are_refused():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_train_config
+from conftest import FP8_SUM_TOL, tiny_train_config
 
 from effllm.model import ModelConfig, Transformer
 from effllm.train import train
@@ -99,8 +99,7 @@ def test_mla_decoding_on_cuda_equals_training_path(decode):
 
 
 def test_fp8_linear_triton_path_on_cuda_matches_reference_and_compiles():
-    """Needs FP8 tensor cores (sm_89+). Written without GPU time left in its session: unverified
-    until a GPU run of the suite."""
+    """Needs FP8 tensor cores (sm_89+)."""
     from effllm import FP8Linear
 
     if torch.cuda.get_device_capability() < (8, 9):
@@ -118,6 +117,6 @@ def test_fp8_linear_triton_path_on_cuda_matches_reference_and_compiles():
         y.backward(dy)
         outs.append((y.detach(), xi.grad, w.grad.clone()))
         w.grad = None
-    for other in outs[1:]:
+    for other in outs[1:]:  # the same quantized operands, summed by the MMA accumulator or in fp32
         for a, b in zip(outs[0], other):
-            assert ((a - b).norm() / b.norm()).item() < 1e-5
+            assert ((a - b).norm() / b.norm()).item() < FP8_SUM_TOL
