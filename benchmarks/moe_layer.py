@@ -8,7 +8,9 @@ Cases, all in one run on the same inputs:
 - moe[<backend>]: the MoE layer with each grouped GEMM backend this device has;
 - loop: the same layer with one matmul per expert (the reference path);
 - moe[fp8]: on GPUs with FP8 tensor cores, the fastest bf16 layer with its experts' grouped GEMMs
-  (and the shared expert) in FP8, DeepSeek-V3 block scaling;
+  (kernels/fp8_grouped.py: one launch each, the dispatch gather fused into the quantization) and
+  the shared expert in FP8, DeepSeek-V3 block scaling; its output is first compared with the bf16
+  layer's on the same weights (relative error recorded);
 - dense: a SwiGLU whose hidden width is (top_k + n_shared) x expert_dim, so its FLOPs per token
   equal the MoE's active expert FLOPs (the router's 2·D·E FLOPs per token, 0.5% here, are not matched).
 Every case times forward + backward of the layer on random inputs (a fresh random router, so the
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 from common import base_parser, environment, finish, size_and_device, time_fn, write_markdown
+from effllm.kernels import fp8_grouped
 from effllm.kernels.grouped_gemm import BACKENDS, pick_backend, torch_fits
 
 from effllm.fp8 import convert_to_fp8, fp8_backend
@@ -121,8 +124,16 @@ def main() -> None:
         best_bf16 = min((r["median_s"], n) for n, r in rows.items() if n.startswith("moe["))[1]
         torch.manual_seed(0)
         layer = MoE(dim, MoEConfig(**{**asdict(cfg), "grouped_gemm": best_bf16[4:-1]})).to(device, dtype)
+        with torch.no_grad():  # same weights as the bf16 layer: its output is the reference
+            reference = MoE(dim, MoEConfig(**{**asdict(cfg), "grouped_gemm": best_bf16[4:-1]})).to(device, dtype)
+            reference.load_state_dict(layer.state_dict())
+            ref_out = reference(x).float()
         convert_to_fp8(layer)
+        with torch.no_grad():
+            fp8_rel_err = ((layer(x).float() - ref_out).norm() / ref_out.norm()).item()
+        print(f"moe[fp8] output vs the bf16 layer: relative error {fp8_rel_err:.4f}", flush=True)
         rows["moe[fp8]"] = run_case(layer, x, device, args.warmup, repeats)
+        rows["moe[fp8]"]["rel_err_vs_bf16_layer"] = fp8_rel_err
         print(f"{'moe[fp8]':14s} {1e3 * rows['moe[fp8]']['median_s']:9.2f} ms", flush=True)
     else:
         fp8_note = "no FP8 case: this device has no FP8 tensor cores (the CPU reference path's speed means nothing)"
@@ -143,7 +154,8 @@ def main() -> None:
               "config": {"dim": dim, "tokens": spec["tokens"], "dtype": str(dtype), "dense_hidden": dense_hidden,
                          "moe": asdict(cfg), "inputs": "randn tokens, fresh random router and experts",
                          "last_load": load},
-              "rows": rows, "ratios": ratios, "fp8_note": fp8_note}
+              "rows": rows, "ratios": ratios, "fp8_note": fp8_note,
+              "fp8_tuned_configs": fp8_grouped.tuned_configs() if "moe[fp8]" in rows else None}
     finish(args.out, result, size, write_report)
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from effllm.errors import ConfigError
+from effllm.kernels import fp8_grouped
 from effllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
 from effllm.kernels.fp8_quant import (
     TILE,
@@ -84,72 +85,120 @@ class FP8LinearFunction(torch.autograd.Function):
 
 
 class FP8GroupedMMFunction(torch.autograd.Function):
-    """y[rows of g] = x[rows of g] · W[g]ᵀ for expert-sorted rows, all three GEMMs in FP8.
+    """ys[i][rows of g] = x[rows of g] · ws[i][g]ᵀ for expert-sorted rows, all GEMMs in FP8.
 
     The same scaling as FP8Linear, per expert: activations and output gradients 1x128 along the
     features, each expert's weight per 128x128 block, and for each expert's weight gradient both
     operands tiled along that expert's own tokens (a 128-token tile never straddles two experts).
-    Each group runs the block-scaled GEMM on its rows; empty groups are skipped and get a zero
-    weight gradient. Reading the group bounds syncs with the host once per call.
+    Several weights may share the input (the SwiGLU's gate and up projections): it is quantized
+    once. With `src`, sorted row i is x[src[i]] (the MoE dispatch gather) and dx is scattered back.
+
+    Paths: "triton" runs kernels/fp8_grouped.py, one launch per quantization or GEMM whatever the
+    number of experts, with the tile schedule computed on the device (no host sync); "torch" loops
+    over the experts with the PyTorch reference ops (the CPU path, and the kernels' reference).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, out_dtype: torch.dtype, backend: str,
-                pow2: bool):
+    def forward(ctx, x: torch.Tensor, src: torch.Tensor | None, offsets: torch.Tensor, out_dtype: torch.dtype,
+                backend: str, pow2: bool, *ws: torch.Tensor):
         quant_both, quant_w, gemm = _OPS[backend]
-        E, N, K = w.shape
-        bounds = [0] + offsets.tolist()
-        q_w, s_w = quant_w(w.reshape(E * N, K), pow2)  # 128x128 blocks never straddle experts: N % 128 == 0
-        q_w, s_w = q_w.view(E, N, K), s_w.view(E, N // TILE, K // TILE)
-        y = x.new_empty((x.shape[0], N), dtype=out_dtype)
-        saved = []  # per group: x tiled along its tokens (for wgrad), in FP8
-        for g in range(E):
-            lo, hi = bounds[g], bounds[g + 1]
-            if hi == lo:
-                saved.append(None)
-                continue
-            q_x, s_x, qt_x, st_x = quant_both(x[lo:hi].contiguous(), pow2)
-            y[lo:hi] = gemm(q_x, s_x, q_w[g], s_w[g], out_dtype)
-            saved.append((qt_x, st_x))
-        ctx.save_for_backward(q_w, s_w)
-        ctx.saved_x, ctx.bounds = saved, bounds
-        ctx.meta = (backend, pow2, x.dtype, w.dtype)
-        return y
+        E, _, K = ws[0].shape
+        M = src.numel() if src is not None else x.shape[0]
+        qws = []
+        for w in ws:  # 128x128 blocks never straddle experts: N % 128 == 0
+            q_w, s_w = quant_w(w.reshape(-1, K), pow2)
+            qws.append((q_w.view(E, -1, K), s_w.view(E, -1, K // TILE)))
+        if backend == "triton":
+            sched = fp8_grouped.schedule(offsets, M)
+            q_x, s_x, qt_x, st_x = fp8_grouped.quant_grouped(x, sched, src, pow2)
+            ys = [fp8_grouped.grouped_gemm(q_x, s_x, q_w, s_w, sched, out_dtype) for q_w, s_w in qws]
+            ctx.state = (sched, qt_x, st_x)  # the input is kept in FP8 only, tiled for wgrad
+        else:
+            bounds = [0] + offsets.tolist()
+            rows = x[src] if src is not None else x
+            ys = [x.new_empty((M, w.shape[1]), dtype=out_dtype) for w in ws]
+            saved = []  # per group: its rows tiled along its tokens (for wgrad), in FP8
+            for g in range(E):
+                lo, hi = bounds[g], bounds[g + 1]
+                if hi == lo:
+                    saved.append(None)
+                    continue
+                q_x, s_x, qt_x, st_x = quant_both(rows[lo:hi].contiguous(), pow2)
+                for y, (q_w, s_w) in zip(ys, qws):
+                    y[lo:hi] = gemm(q_x, s_x, q_w[g], s_w[g], out_dtype)
+                saved.append((qt_x, st_x))
+            ctx.state = (bounds, saved)
+        ctx.qws, ctx.src = qws, src
+        ctx.meta = (backend, pow2, x.dtype, x.shape, [w.dtype for w in ws])
+        return tuple(ys)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        q_w, s_w = ctx.saved_tensors
-        backend, pow2, x_dtype, w_dtype = ctx.meta
+    def backward(ctx, *dys: torch.Tensor):
+        backend, pow2, x_dtype, x_shape, w_dtypes = ctx.meta
         quant_both, _, gemm = _OPS[backend]
-        E, N, K = q_w.shape
-        dx = dy.new_zeros((dy.shape[0], K), dtype=x_dtype) if ctx.needs_input_grad[0] else None
-        dw = torch.zeros((E, N, K), dtype=w_dtype, device=dy.device) if ctx.needs_input_grad[1] else None
-        for g in range(E):
-            lo, hi = ctx.bounds[g], ctx.bounds[g + 1]
-            if hi == lo:
-                continue
-            q_dy, s_dy, qt_dy, st_dy = quant_both(dy[lo:hi].contiguous(), pow2)
-            if dx is not None:  # dX = dY · W[g], W's blocks read transposed
-                dx[lo:hi] = gemm(q_dy, s_dy, q_w[g].t(), s_w[g].t(), x_dtype)
-            if dw is not None:  # dW[g] = dYᵀ · X over this expert's tokens
-                qt_x, st_x = ctx.saved_x[g]
-                dw[g] = gemm(qt_dy, st_dy, qt_x, st_x, torch.float32, b_row_scales=True).to(w_dtype)
-        ctx.saved_x = None
-        return dx, dw, None, None, None, None
+        qws, src = ctx.qws, ctx.src
+        need_dx = ctx.needs_input_grad[0]
+        dx, dws = None, []
+        part_dtype = x_dtype if len(qws) == 1 and src is None else torch.float32  # sums of parts in fp32
+        if backend == "triton":
+            sched, qt_x, st_x = ctx.state
+            for i, (dy, (q_w, s_w)) in enumerate(zip(dys, qws)):
+                if dy is None:
+                    dws.append(None)
+                    continue
+                q_dy, s_dy, qt_dy, st_dy = fp8_grouped.quant_grouped(dy.contiguous(), sched, None, pow2)
+                if need_dx:  # dX = dY · W[g]: each Wᵀ made K-major (FP8 MMA reads K-major operands)
+                    part = fp8_grouped.grouped_gemm(q_dy, s_dy, q_w.transpose(1, 2).contiguous(), s_w.transpose(1, 2),
+                                                    sched, part_dtype)
+                    dx = part if dx is None else dx.add_(part)
+                dws.append(fp8_grouped.grouped_wgrad(qt_dy, st_dy, qt_x, st_x, sched).to(w_dtypes[i])
+                           if ctx.needs_input_grad[6 + i] else None)
+        else:
+            bounds, saved = ctx.state
+            E, M = len(bounds) - 1, bounds[-1]
+            if need_dx:
+                dx = torch.zeros((M, x_shape[1]), dtype=part_dtype, device=qws[0][0].device)
+            for i, (dy, (q_w, s_w)) in enumerate(zip(dys, qws)):
+                need_dw = ctx.needs_input_grad[6 + i] and dy is not None
+                dw = torch.zeros(q_w.shape, dtype=w_dtypes[i], device=q_w.device) if need_dw else None
+                for g in range(E):
+                    lo, hi = bounds[g], bounds[g + 1]
+                    if hi == lo or dy is None:
+                        continue
+                    q_dy, s_dy, qt_dy, st_dy = quant_both(dy[lo:hi].contiguous(), pow2)
+                    if need_dx:  # dX = dY · W[g]
+                        dx[lo:hi] += gemm(q_dy, s_dy, q_w[g].t().contiguous(), s_w[g].t(), part_dtype)
+                    if need_dw:  # dW[g] = dYᵀ · X over this expert's tokens
+                        qt_x, st_x = saved[g]
+                        dw[g] = gemm(qt_dy, st_dy, qt_x, st_x, torch.float32, b_row_scales=True).to(w_dtypes[i])
+                dws.append(dw)
+        if dx is not None and src is not None:  # the gather's gradient: each source row sums its pairs
+            dx = torch.zeros(x_shape, dtype=torch.float32, device=dx.device).index_add_(0, src, dx.float())
+        if dx is not None:
+            dx = dx.to(x_dtype)
+        ctx.state = ctx.qws = ctx.src = None
+        return (dx, None, None, None, None, None, *dws)
 
 
-def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "auto",
-                   pow2: bool = False) -> torch.Tensor:
+def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...], offsets: torch.Tensor,
+                   backend: str = "auto", pow2: bool = False, src: torch.Tensor | None = None):
     """The FP8 twin of kernels.grouped_gemm.grouped_mm: x (M, K) rows sorted by group, w (G, N, K)
-    with N and K multiples of 128, offsets (G,) cumulative ends -> (M, N). The output takes the
-    autocast dtype under autocast, else x's; the master weight keeps its own dtype."""
-    if w.shape[1] % TILE or w.shape[2] % TILE:
-        raise ConfigError(f"FP8 experts need expert widths that are multiples of {TILE}, got {tuple(w.shape[1:])}: "
-                          "keep these experts in higher precision")
+    with N and K multiples of 128, offsets (G,) cumulative ends -> (M, N).
+
+    `w` may be a tuple of weights that share the input (a tuple of outputs comes back; the input is
+    quantized once). With `src` (M,) int64, x is (R, K) in any order and sorted row i is x[src[i]]:
+    the dispatch gather, fused into the quantization on the Triton path. The output takes the
+    autocast dtype under autocast, else x's; the master weights keep their own dtype."""
+    ws = w if isinstance(w, tuple) else (w,)
+    for wi in ws:
+        if wi.dim() != 3 or wi.shape[1] % TILE or wi.shape[2] % TILE or wi.shape[::2] != ws[0].shape[::2]:
+            raise ConfigError(f"FP8 experts need (G, N, K) weights with N and K multiples of {TILE} (and the same G "
+                              f"and K), got {[tuple(v.shape) for v in ws]}: keep these experts in higher precision")
     device = x.device.type
     out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     with torch.autocast(device, enabled=False):
-        return FP8GroupedMMFunction.apply(x, w, offsets, out_dtype, fp8_backend(x.device, backend), pow2)
+        ys = FP8GroupedMMFunction.apply(x, src, offsets, out_dtype, fp8_backend(x.device, backend), pow2, *ws)
+    return ys if isinstance(w, tuple) else ys[0]
 
 
 class FP8Linear(nn.Module):

@@ -117,16 +117,19 @@ class RoutedExperts(nn.Module):
 
         self.fp8: tuple[str, bool] | None = None  # (backend, pow2 scales): set by effllm.fp8.convert_to_fp8
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
-        """x (M, D) sorted by expert, offsets (E,) int32 cumulative ends -> (M, D)."""
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, backend: str, src: torch.Tensor | None = None):
+        """x (M, D) sorted by expert, offsets (E,) int32 cumulative ends -> (M, D). With `src` (M,),
+        x is (R, D) in any order and sorted row i is x[src[i]]: the dispatch gather, which the FP8
+        path fuses into its quantization (the sorted copy is never written in high precision)."""
         if self.fp8 is not None:  # the three grouped GEMMs in FP8, master weights as they are
             from effllm.fp8 import fp8_grouped_mm
 
             fp8_backend, pow2 = self.fp8
-            h = F.silu(fp8_grouped_mm(x, self.w1, offsets, fp8_backend, pow2)) * fp8_grouped_mm(
-                x, self.w3, offsets, fp8_backend, pow2)
-            return fp8_grouped_mm(h, self.w2, offsets, fp8_backend, pow2)
-        w1, w3, w2 = (w.to(x.dtype) for w in (self.w1, self.w3, self.w2))  # autocast's cast, by hand
+            gate, up = fp8_grouped_mm(x, (self.w1, self.w3), offsets, fp8_backend, pow2, src=src)  # x quantized once
+            return fp8_grouped_mm(F.silu(gate) * up, self.w2, offsets, fp8_backend, pow2)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        x = (x[src] if src is not None else x).to(dtype)
+        w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))  # autocast's cast, by hand
         h = F.silu(grouped_mm(x, w1, offsets, backend)) * grouped_mm(x, w3, offsets, backend)  # (M, F)
         return grouped_mm(h, w2, offsets, backend)
 
@@ -178,12 +181,12 @@ class MoE(nn.Module):
         token_of = order // K  # (M,) source token of each sorted pair
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         backend = pick_backend(x.device, dtype, self.cfg.grouped_gemm, (self.dim, self.cfg.expert_dim))
-        rows = tokens[token_of].to(dtype)  # (M, D) sorted by expert
         if self.ep_group is None:
-            y = self.experts(rows, offsets, backend)  # (M, D)
+            y = self.experts(tokens, offsets, backend, src=token_of)  # (M, D), rows sorted by expert
         else:  # the experts live on several ranks: send each row to its expert's rank and back
             from effllm.parallelize import expert_parallel_forward
 
+            rows = tokens[token_of].to(dtype)  # (M, D) sorted by expert
             y = expert_parallel_forward(self.experts, rows, counts, backend, self.ep_group)
         pos = torch.empty_like(order)
         pos[order] = torch.arange(order.numel(), device=x.device)  # sorted row of each (token, k) pair

@@ -95,7 +95,7 @@ def expert_parallel_forward(experts: nn.Module, rows: torch.Tensor, counts: torc
     expert_of_row = torch.arange(local, device=rows.device).repeat(P).repeat_interleave(recv.flatten())
     order = expert_of_row.argsort(stable=True)
     offsets = torch.cumsum(recv.sum(0), 0).to(torch.int32)
-    out_local = experts(received[order], offsets, backend)
+    out_local = experts(received, offsets, backend, src=order)  # the regrouping gather runs inside
     back = torch.empty_like(order)
     back[order] = torch.arange(order.numel(), device=order.device)
     out_received = out_local[back]  # (source rank, local expert) order again

@@ -143,9 +143,10 @@ def _check(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, k_dim: int) 
         raise ValueError(f"x is {x.dtype} but w is {w.dtype}: cast one")
 
 
-def tile_schedule(offsets: torch.Tensor, m: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For an upper bound of cdiv(M, BLOCK_M) + G row tiles: each tile's group (-1 = spare) and first
-    row. Computed with device ops from `offsets`, so launching needs no host synchronisation."""
+def group_tiles(offsets: torch.Tensor, m: int, block_m: int):
+    """Row tiles of BLOCK_M that never straddle two groups, for an upper bound of cdiv(M, BLOCK_M) + G
+    tiles: each tile's group (-1 = spare) and first row, and each group's tile count and first tile.
+    Computed with device ops from `offsets`, so launching needs no host synchronisation."""
     ends = offsets.long()
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
     tiles = (counts + block_m - 1) // block_m  # (G,)
@@ -156,7 +157,13 @@ def tile_schedule(offsets: torch.Tensor, m: int, block_m: int) -> tuple[torch.Te
     valid = g < offsets.numel()
     gc = g.clamp(max=offsets.numel() - 1)
     row = (ends[gc] - counts[gc]) + (t - (tile_end[gc] - tiles[gc])) * block_m
-    return torch.where(valid, gc, -1).to(torch.int32), row.to(torch.int32)
+    return (torch.where(valid, gc, -1).to(torch.int32), row.to(torch.int32), tiles.to(torch.int32),
+            (tile_end - tiles).to(torch.int32))
+
+
+def tile_schedule(offsets: torch.Tensor, m: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row tile's group (-1 = spare) and first row (`group_tiles`' first two)."""
+    return group_tiles(offsets, m, block_m)[:2]
 
 
 def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_w: bool = True) -> torch.Tensor:

@@ -1,0 +1,296 @@
+"""Grouped block-scaled FP8 GEMMs for MoE experts: one launch for all experts, no host sync.
+
+Shape letters: M rows (token-expert pairs, sorted by expert), G groups (experts), K input
+features, N output features; `offsets` (G,) int32 holds each group's cumulative end row (as in
+kernels/grouped_gemm.py), groups may be empty or ragged.
+
+The rows are cut into 128-row tiles that never straddle two groups (`schedule`, computed on the
+device). That one schedule serves three kernels:
+- `quant_grouped(x, sched, src)`: each tile read once, quantized two ways: 1x128 along K (the
+  forward and dgrad operand) and 128x1 along the tile's rows, stored transposed (the wgrad
+  operand, tiled along each group's own tokens). With `src`, row i reads x[src[i]]: the MoE
+  dispatch gather fused into the quantization, so the sorted high-precision copy is never written.
+- `grouped_gemm(a, a_s, b, b_s, sched)`: c[rows of g] = a[rows of g] · b[g]ᵀ with b[g] scaled per
+  128x128 block (forward; dgrad with a K-major copy of each Wᵀ). BLOCK_M divides 128, so the
+  autotuner may pick 64- or 128-row tiles on the same schedule.
+- `grouped_wgrad(at, at_s, bt, bt_s, sched)`: dw[g] = Σ over g's tiles of at[:, tile] · bt[:, tile]ᵀ,
+  both scaled per 1x128 tile along the tokens; an empty group gets exact zeros.
+fp32 accumulation with the scales applied per 128-wide K block (DeepSeek-V3 §3.3.2), as in
+kernels/fp8_gemm.py. The per-group loop over fp8_gemm_ref in effllm/fp8.py is their reference.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from effllm.kernels.fp8_gemm import _bucket, _hopper_configs
+from effllm.kernels.fp8_quant import FP8, TILE, _quant, _scale_of
+from effllm.kernels.grouped_gemm import group_tiles
+
+
+class Schedule(NamedTuple):
+    """128-row tiles of expert-sorted rows: tile t covers rows row[t] .. min(row[t]+128, end of
+    group[t]) - 1 of group group[t] (-1 for the spare tiles at the end); group g's tiles are
+    first[g] .. first[g] + count[g] - 1."""
+
+    group: torch.Tensor  # (T,) int32
+    row: torch.Tensor  # (T,) int32
+    first: torch.Tensor  # (G,) int32
+    count: torch.Tensor  # (G,) int32
+    ends: torch.Tensor  # (G,) int32, the offsets
+    m: int
+
+
+def schedule(offsets: torch.Tensor, m: int) -> Schedule:
+    """The tile schedule of `m` rows split by `offsets`, from device ops only. T = cdiv(m, 128) + G
+    bounds the tile count whatever the split, so launch grids never wait for the device."""
+    if offsets.dtype != torch.int32 or offsets.dim() != 1:
+        raise ValueError(f"offsets must be a 1-D int32 tensor, got {offsets.dtype} {tuple(offsets.shape)}")
+    group, row, count, first = group_tiles(offsets, m, TILE)
+    return Schedule(group, row, first, count, offsets, m)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _quant_grouped_kernel(
+    # pointers
+    x_ptr, src_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tile_group_ptr, tile_row_ptr, ends_ptr,
+    # sizes
+    K,
+    # strides
+    stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk,
+    # meta-parameters
+    GATHER: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr,
+):
+    """One 128-row tile of one group x one 128-wide K tile: row scales (1x128 along K) and column
+    scales (over the tile's rows), the column-quantized tile stored transposed."""
+    t, pid_k = tl.program_id(0), tl.program_id(1)
+    g = tl.load(tile_group_ptr + t)
+    row0 = tl.load(tile_row_ptr + t)
+    end = tl.where(g >= 0, tl.load(ends_ptr + tl.maximum(g, 0)), row0)  # a spare tile has no rows
+    rows = row0 + tl.arange(0, TILE_M)
+    cols = pid_k * TILE_K + tl.arange(0, TILE_K)
+    row_ok = rows < end
+    rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
+    if GATHER:  # the dispatch permutation: sorted row i reads x[src[i]]
+        src = tl.load(src_ptr + rows64, mask=row_ok, other=0).to(tl.int64)
+    else:
+        src = rows64
+    x = tl.load(x_ptr + src[:, None] * stride_xm + cols64[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    s_row = _scale_of(tl.max(ax, axis=1), POW2)  # (TILE_M,)
+    s_col = _scale_of(tl.max(ax, axis=0), POW2)  # (TILE_K,)
+    q = _quant(x, s_row[:, None])
+    qt = _quant(x, s_col[None, :])
+    tl.store(q_ptr + rows64[:, None] * stride_qm + cols64[None, :], q.to(q_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(s_ptr + rows64 * stride_sm + pid_k, s_row, mask=row_ok)
+    tl.store(qt_ptr + cols64[None, :] * stride_qtk + rows64[:, None], qt.to(qt_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(st_ptr + cols64 * stride_stk + t, s_col, mask=(cols < K) & (g + tl.zeros_like(cols) >= 0))
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    # pointers
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, tile_group_ptr, tile_row_ptr, ends_ptr,
+    # sizes
+    N, K, N_TILES,
+    # strides: a (M, K), b (G, N, K), c (M, N), a_s (M, K/128), b_s (G, ceil(N/128), K/128)
+    stride_am, stride_ak, stride_bg, stride_bn, stride_bk, stride_cm, stride_cn,
+    stride_asm, stride_ask, stride_bsg, stride_bsn, stride_bsk,
+    # meta-parameters
+    M_BUCKET, B_K_CONTIGUOUS,  # autotuning keys only
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TILE_M: tl.constexpr,
+):
+    """One BLOCK_M x BLOCK_N output tile of one group's rows; BLOCK_M divides the 128-row tile."""
+    SUB: tl.constexpr = TILE_M // BLOCK_M
+    pid = tl.program_id(0)
+    grid_m, grid_n = N_TILES * SUB, tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n  # L2 swizzle, as in fp8_gemm: neighbouring row tiles share b's tiles
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    t = pid_m // SUB
+    g = tl.load(tile_group_ptr + t)
+    valid = g >= 0
+    g = tl.maximum(g, 0)
+    row0 = tl.load(tile_row_ptr + t) + (pid_m % SUB) * BLOCK_M
+    end = tl.where(valid, tl.load(ends_ptr + g), row0)
+    k_blocks = tl.where(row0 < end, tl.cdiv(K, BLOCK_K), 0)  # spare and empty sub-tiles skip the loop
+    rm = row0 + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok, n_ok = rm < end, rn < N
+    rm64, rn64, g64 = rm.to(tl.int64), rn.to(tl.int64), g.to(tl.int64)
+    a_ptrs = a_ptr + rm64[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + g64 * stride_bg + rn64[None, :] * stride_bn + rk[:, None] * stride_bk  # (BLOCK_K, BLOCK_N)
+    bs_ptr += g64 * stride_bsg + (pid_n * BLOCK_N // 128) * stride_bsn  # BLOCK_N divides 128: one block scale
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, k_blocks):
+        a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+        a_s = tl.load(as_ptr + rm64 * stride_asm + kb * stride_ask, mask=m_ok, other=0.0)
+        b_s = tl.load(bs_ptr + kb * stride_bsk)
+        acc += tl.dot(a, b) * (a_s[:, None] * b_s)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _grouped_wgrad_kernel(
+    # pointers
+    at_ptr, bt_ptr, c_ptr, ats_ptr, bts_ptr, tile_row_ptr, first_ptr, count_ptr, ends_ptr,
+    # sizes
+    N, K,
+    # strides: at (N, M), bt (K, M), c (G, N, K), at_s (N, T), bt_s (K, T)
+    stride_atn, stride_btk, stride_cg, stride_cn, stride_ck, stride_atsn, stride_btsk,
+    # meta-parameters
+    M_BUCKET,  # autotuning key only
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_M: tl.constexpr,
+):
+    """dw[g] tile (BLOCK_N, BLOCK_K) = Σ over g's 128-token tiles of at[:, tile] · bt[:, tile]ᵀ."""
+    g = tl.program_id(0)
+    pid = tl.program_id(1)
+    pid_n = pid // tl.cdiv(K, BLOCK_K)
+    pid_k = pid % tl.cdiv(K, BLOCK_K)
+    first = tl.load(first_ptr + g)
+    count = tl.load(count_ptr + g)
+    end = tl.load(ends_ptr + g)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok, k_ok = rn < N, rk < K
+    rn64, rk64 = rn.to(tl.int64), rk.to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for i in range(0, count):
+        t = first + i
+        rm = tl.load(tile_row_ptr + t) + tl.arange(0, TILE_M)
+        m_ok = rm < end
+        a = tl.load(at_ptr + rn64[:, None] * stride_atn + rm[None, :], mask=n_ok[:, None] & m_ok[None, :], other=0.0)
+        b = tl.load(bt_ptr + rk64[None, :] * stride_btk + rm[:, None], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        a_s = tl.load(ats_ptr + rn64 * stride_atsn + t, mask=n_ok, other=0.0)
+        b_s = tl.load(bts_ptr + rk64 * stride_btsk + t, mask=k_ok, other=0.0)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+    c_ptrs = c_ptr + g.to(tl.int64) * stride_cg + rn64[:, None] * stride_cn + rk64[None, :] * stride_ck
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+_grouped_gemm_tuned = triton.autotune(configs=_hopper_configs(), key=["M_BUCKET", "N", "K", "B_K_CONTIGUOUS"])(
+    _grouped_gemm_kernel)
+
+
+def _wgrad_configs() -> list:
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w in ((128, 128, 8), (128, 128, 4), (64, 128, 4), (128, 64, 4)) for s in (3, 4)]
+
+
+_grouped_wgrad_tuned = triton.autotune(configs=_wgrad_configs(), key=["M_BUCKET", "N", "K"])(_grouped_wgrad_kernel)
+
+
+def tuned_configs() -> dict[str, str]:
+    """The configurations the autotuner chose so far (for benchmark reports)."""
+    return {f"{name} {key}": str(config) for name, tuned in (("gemm", _grouped_gemm_tuned),
+                                                               ("wgrad", _grouped_wgrad_tuned))
+            for key, config in tuned.cache.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def quant_grouped(x: torch.Tensor, sched: Schedule, src: torch.Tensor | None = None, pow2: bool = False):
+    """x (R, K) high precision, K % 128 == 0; rows x[src[i]] (or x[i]) in group order ->
+    q (M, K) e4m3, s (M, K/128) tiled along K, and qt (K, M), st (K, T) tiled along each group's
+    128-token tiles (column t of st belongs to tile t of the schedule)."""
+    if x.dim() != 2 or x.shape[1] % TILE:
+        raise ValueError(f"x must be (rows, K) with K a multiple of {TILE}, got {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        raise ValueError("x must be contiguous along its last dim")
+    if src is not None and (src.dim() != 1 or src.numel() != sched.m):
+        raise ValueError(f"src must hold one source row per sorted row ({sched.m}), got {tuple(src.shape)}")
+    if src is None and x.shape[0] != sched.m:
+        raise ValueError(f"x has {x.shape[0]} rows but the schedule covers {sched.m}")
+    M, K = sched.m, x.shape[1]
+    T = sched.group.numel()
+    q = torch.empty((M, K), dtype=FP8, device=x.device)
+    s = torch.empty((M, K // TILE), dtype=torch.float32, device=x.device)
+    qt = torch.empty((K, M), dtype=FP8, device=x.device)
+    st = torch.zeros((K, T), dtype=torch.float32, device=x.device)  # spare tiles' columns stay 0, never read
+    if M:
+        _quant_grouped_kernel[(T, K // TILE)](
+            x, src if src is not None else x, q, s, qt, st, sched.group, sched.row, sched.ends, K,
+            x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0),
+            GATHER=src is not None, TILE_M=TILE, TILE_K=TILE, POW2=pow2)
+    return q, s, qt, st
+
+
+def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, sched: Schedule,
+                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """c (M, N): c[rows of g] = a[rows of g] · b[g]ᵀ; a (M, K) e4m3 with a_s (M, K/128), b (G, N, K)
+    e4m3 with b_s (G, ceil(N/128), K/128). b may be any strided view; K-major runs fastest."""
+    M, K = a.shape
+    G, N = b.shape[0], b.shape[1]
+    if a.dtype != FP8 or b.dtype != FP8:
+        raise ValueError(f"grouped_gemm takes e4m3 operands, got {a.dtype} and {b.dtype}")
+    if b.dim() != 3 or b.shape[2] != K or K % TILE or M != sched.m or sched.ends.numel() != G:
+        raise ValueError(f"grouped_gemm needs a (M, K), b (G, N, K) with K % {TILE} == 0 and a schedule of M rows "
+                         f"in G groups; got a {tuple(a.shape)}, b {tuple(b.shape)}, {sched.ends.numel()} groups")
+    want_bs = (G, triton.cdiv(N, TILE), K // TILE)
+    if a_s.shape != (M, K // TILE) or b_s.shape != want_bs:
+        raise ValueError(f"scales must be a_s {(M, K // TILE)} and b_s {want_bs}, got {tuple(a_s.shape)} and "
+                         f"{tuple(b_s.shape)}")
+    c = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if M == 0:
+        return c
+    T = sched.group.numel()
+    args = (a, b, c, a_s, b_s, sched.group, sched.row, sched.ends, N, K, T,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
+            a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), b_s.stride(2), _bucket(M), int(b.stride(2) == 1))
+    if _interpreting():  # small fixed tiles keep the CPU tests fast
+        grid = (T * (TILE // 16) * triton.cdiv(N, 32),)
+        _grouped_gemm_kernel[grid](*args, BLOCK_M=16, BLOCK_N=32, BLOCK_K=TILE, GROUP_M=2, TILE_M=TILE,
+                                   num_warps=1, num_stages=1)
+    else:
+        grid = lambda meta: (T * (TILE // meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _grouped_gemm_tuned[grid](*args, BLOCK_K=TILE, TILE_M=TILE)
+    return c
+
+
+def grouped_wgrad(at: torch.Tensor, at_s: torch.Tensor, bt: torch.Tensor, bt_s: torch.Tensor, sched: Schedule,
+                  out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """dw (G, N, K): dw[g] = at[:, rows of g] · bt[:, rows of g]ᵀ; at (N, M) and bt (K, M) e4m3 from
+    `quant_grouped` (tiled along each group's tokens), at_s (N, T), bt_s (K, T)."""
+    N, M = at.shape
+    K = bt.shape[0]
+    G, T = sched.ends.numel(), sched.group.numel()
+    if at.dtype != FP8 or bt.dtype != FP8 or bt.shape[1] != M or M != sched.m:
+        raise ValueError(f"grouped_wgrad takes e4m3 at (N, M) and bt (K, M) over the schedule's {sched.m} rows; got "
+                         f"{at.dtype} {tuple(at.shape)} and {bt.dtype} {tuple(bt.shape)}")
+    if at_s.shape != (N, T) or bt_s.shape != (K, T):
+        raise ValueError(f"scales must be at_s {(N, T)} and bt_s {(K, T)}, got {tuple(at_s.shape)} and {tuple(bt_s.shape)}")
+    if at.stride(1) != 1 or bt.stride(1) != 1:
+        raise ValueError("at and bt must be contiguous along the tokens")
+    c = torch.empty((G, N, K), dtype=out_dtype, device=at.device)
+    args = (at, bt, c, at_s, bt_s, sched.row, sched.first, sched.count, sched.ends, N, K,
+            at.stride(0), bt.stride(0), c.stride(0), c.stride(1), c.stride(2), at_s.stride(0), bt_s.stride(0), _bucket(M))
+    if _interpreting():
+        _grouped_wgrad_kernel[(G, triton.cdiv(N, 32) * triton.cdiv(K, 32))](*args, BLOCK_N=32, BLOCK_K=32, TILE_M=TILE,
+                                                                            num_warps=1, num_stages=1)
+    else:
+        grid = lambda meta: (G, triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
+        _grouped_wgrad_tuned[grid](*args, TILE_M=TILE)
+    return c

@@ -1,0 +1,157 @@
+"""The single-launch grouped FP8 kernels (kernels/fp8_grouped.py) against the per-expert PyTorch
+reference: the grouped quantization (with and without the fused dispatch gather), the grouped
+block-scaled GEMM in its forward and dgrad layouts, and the grouped wgrad; ragged, empty (first,
+middle, last) and multi-tile groups. Without a GPU the kernels run under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FP8_SUM_TOL
+from effllm.kernels import fp8_grouped
+from effllm.kernels.fp8_gemm import fp8_gemm_ref
+from effllm.kernels.fp8_quant import quant_blocks, quant_cols_ref, quant_rows_ref
+from effllm.kernels.grouped_gemm import grouped_mm_reference
+
+from effllm.fp8 import fp8_grouped_mm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SIZES = [[13, 0, 150, 7, 0], [0, 1, 128, 0], [37]]
+
+
+def rel(a, b):
+    b = b.double()
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def same_bits(a, b):
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def randn(*shape, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(DEVICE)
+
+
+def offsets_of(sizes):
+    return torch.tensor(sizes).cumsum(0).to(torch.int32).to(DEVICE)
+
+
+def bounds(sizes):
+    b = [0]
+    for n in sizes:
+        b.append(b[-1] + n)
+    return b
+
+
+@pytest.mark.parametrize("sizes", SIZES)
+@pytest.mark.parametrize("gather", [False, True])
+def test_grouped_quantization_equals_the_per_group_reference(sizes, gather):
+    M, K = sum(sizes), 256
+    src = torch.randperm(M, generator=torch.Generator().manual_seed(M)).to(DEVICE) if gather else None
+    x = randn(M, K, seed=M)
+    sched = fp8_grouped.schedule(offsets_of(sizes), M)
+    q, s, qt, st = fp8_grouped.quant_grouped(x, sched, src)
+    rows = x[src] if gather else x
+    qr, sr = quant_rows_ref(rows)  # 1x128 along K does not depend on the groups
+    assert same_bits(q, qr) and torch.equal(s, sr)
+    group, first = sched.group.tolist(), sched.first.tolist()
+    for g, (lo, hi) in enumerate(zip(bounds(sizes), bounds(sizes)[1:])):
+        if hi == lo:
+            continue
+        qtr, str_ = quant_cols_ref(rows[lo:hi])  # tiles of 128 of this group's own rows
+        assert same_bits(qt[:, lo:hi], qtr)
+        tiles = range(first[g], first[g] + str_.shape[1])
+        assert all(group[t] == g for t in tiles) and torch.equal(st[:, list(tiles)], str_)
+
+
+@pytest.mark.parametrize("sizes", SIZES)
+@pytest.mark.parametrize("k_major", [True, False])
+def test_grouped_gemm_equals_the_per_group_reference(sizes, k_major):
+    M, N, K, G = sum(sizes), 256, 384, len(sizes)
+    sched = fp8_grouped.schedule(offsets_of(sizes), M)
+    q, s, _, _ = fp8_grouped.quant_grouped(randn(M, K, seed=1), sched)
+    qw, sw = quant_blocks(randn(G * N, K, seed=2, scale=0.05))
+    qw, sw = qw.view(G, N, K), sw.view(G, N // 128, K // 128)
+    if not k_major:  # the same operand read through a transposed view
+        qw = qw.transpose(1, 2).contiguous().transpose(1, 2)
+    c = fp8_grouped.grouped_gemm(q, s, qw, sw, sched, torch.float32)
+    for g, (lo, hi) in enumerate(zip(bounds(sizes), bounds(sizes)[1:])):
+        if hi > lo:
+            ref = fp8_gemm_ref(q[lo:hi], s[lo:hi], qw[g], sw[g], torch.float32)
+            assert rel(c[lo:hi], ref) < FP8_SUM_TOL
+
+
+@pytest.mark.parametrize("sizes", SIZES)
+def test_grouped_wgrad_equals_the_per_group_reference(sizes):
+    M, N, K, G = sum(sizes), 128, 256, len(sizes)
+    sched = fp8_grouped.schedule(offsets_of(sizes), M)
+    dy, x = randn(M, N, seed=3), randn(M, K, seed=4)
+    _, _, qt_dy, st_dy = fp8_grouped.quant_grouped(dy, sched)
+    _, _, qt_x, st_x = fp8_grouped.quant_grouped(x, sched)
+    dw = fp8_grouped.grouped_wgrad(qt_dy, st_dy, qt_x, st_x, sched)
+    assert dw.shape == (G, N, K)
+    for g, (lo, hi) in enumerate(zip(bounds(sizes), bounds(sizes)[1:])):
+        if hi == lo:  # an expert without tokens: exact zeros
+            assert torch.equal(dw[g], torch.zeros_like(dw[g]))
+            continue
+        a, a_s = quant_cols_ref(dy[lo:hi])
+        b, b_s = quant_cols_ref(x[lo:hi])
+        ref = fp8_gemm_ref(a, a_s, b, b_s, torch.float32, b_row_scales=True)
+        assert rel(dw[g], ref) < FP8_SUM_TOL
+        assert rel(dw[g], dy[lo:hi].double().t() @ x[lo:hi].double()) < 5e-2  # FP8's own error
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_shared_input_and_fused_gather_give_the_gathered_products_and_gradients(backend):
+    """fp8_grouped_mm(x, (w1, w3), src=...) is x[src] · w1[g]ᵀ and x[src] · w3[g]ᵀ; the input
+    gradient sums both products' dgrads and scatters them back to the source rows."""
+    sizes, T, N, K = [20, 0, 45, 9], 40, 128, 256
+    M = sum(sizes)
+    offsets = offsets_of(sizes)
+    src = torch.randint(0, T, (M,), generator=torch.Generator().manual_seed(5)).to(DEVICE)  # repeats: top-k
+    x = randn(T, K, seed=6)
+    w1, w3 = randn(len(sizes), N, K, seed=7, scale=0.05), randn(len(sizes), N, K, seed=8, scale=0.05)
+    dy1, dy3 = randn(M, N, seed=9), randn(M, N, seed=10)
+    xq, w1q, w3q = (t.clone().requires_grad_() for t in (x, w1, w3))
+    y1, y3 = fp8_grouped_mm(xq, (w1q, w3q), offsets, backend, src=src)
+    torch.autograd.backward((y1, y3), (dy1, dy3))
+    xr, w1r, w3r = (t.clone().requires_grad_() for t in (x, w1, w3))
+    r1, r3 = grouped_mm_reference(xr[src], w1r, offsets), grouped_mm_reference(xr[src], w3r, offsets)
+    torch.autograd.backward((r1, r3), (dy1, dy3))
+    tol = 5e-2  # the FP8Linear bound: E4M3 rounding of both operands (tests/test_fp8.py)
+    assert rel(y1, r1) < tol and rel(y3, r3) < tol and rel(xq.grad, xr.grad) < tol
+    for g, n in enumerate(sizes):
+        for a, b in ((w1q.grad[g], w1r.grad[g]), (w3q.grad[g], w3r.grad[g])):
+            assert torch.equal(a, torch.zeros_like(a)) if n == 0 else rel(a, b) < tol
+
+
+def test_bad_operands_are_refused():
+    sched = fp8_grouped.schedule(offsets_of([3, 4]), 7)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fp8_grouped.quant_grouped(randn(7, 100, seed=0), sched)
+    with pytest.raises(ValueError, match="rows"):
+        fp8_grouped.quant_grouped(randn(8, 128, seed=0), sched)
+    with pytest.raises(ValueError, match="int32"):
+        fp8_grouped.schedule(offsets_of([3, 4]).long(), 7)
+    q, s, _, _ = fp8_grouped.quant_grouped(randn(7, 128, seed=0), sched)
+    qw, sw = quant_blocks(randn(3 * 128, 128, seed=1))
+    with pytest.raises(ValueError, match="G groups"):
+        fp8_grouped.grouped_gemm(q, s, qw.view(3, 128, 128), sw.view(3, 1, 1), sched)
+
+
+@pytest.mark.gpu
+def test_triton_path_never_waits_for_the_host():
+    """One launch per kernel, grids sized from shapes alone: no device-to-host sync in a step."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no FP8 tensor cores")
+    sizes = [300, 0, 129, 1000]
+    offsets = offsets_of(sizes)
+    x = randn(sum(sizes), 256, seed=11).requires_grad_()
+    w = randn(len(sizes), 384, 256, seed=12, scale=0.05).requires_grad_()
+    fp8_grouped_mm(x, w, offsets, "triton").sum().backward()  # autotunes (which syncs) once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fp8_grouped_mm(x, w, offsets, "triton").sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
