@@ -234,7 +234,7 @@ def quant_grouped(x: torch.Tensor, sched: Schedule, src: torch.Tensor | None = N
         _quant_grouped_kernel[(T, K // TILE)](
             x, src if src is not None else x, q, s, qt, st, sched.group, sched.row, sched.ends, K,
             x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0),
-            GATHER=src is not None, TILE_M=TILE, TILE_K=TILE, POW2=pow2)
+            GATHER=src is not None, TILE_M=TILE, TILE_K=TILE, POW2=pow2, num_warps=1 if _interpreting() else 8)
     return q, s, qt, st
 
 
