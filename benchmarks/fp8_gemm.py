@@ -75,6 +75,15 @@ def gemm_rows(m: int, n: int, k: int, device: torch.device, gpu: bool) -> dict:
         rows["fp8_dgrad_strided"] = median_s(lambda: gemm(qdy, sdy, qb.t(), sb.t(), torch.bfloat16), device)
     else:
         rows["fp8_dgrad"] = f"n/a: dgrad reduces over n={n}, not a multiple of 128"
+    if gpu:
+        try:
+            ra = a.abs().amax(dim=1, keepdim=True).float() / 448
+            rb = b.abs().amax(dim=1, keepdim=True).float() / 448
+            fa, fb = (a / ra).to(torch.float8_e4m3fn), (b / rb).to(torch.float8_e4m3fn)
+            rows["scaled_mm_rowwise"] = median_s(
+                lambda: torch._scaled_mm(fa, fb.t(), scale_a=ra, scale_b=rb.t(), out_dtype=torch.bfloat16), device)
+        except (RuntimeError, AttributeError) as e:
+            rows["scaled_mm_rowwise"] = f"unavailable: {str(e).splitlines()[0][:120]}"
     if gpu:  # the kernel must compute its reference's function at this shape (a slice of rows)
         rel = lambda x, y: ((x.float() - y.float()).norm() / y.float().norm()).item()  # noqa: E731
         same = lambda *args, **kw: rel(fp8_gemm(*args, **kw), fp8_gemm_ref(*args, **kw))  # noqa: E731
