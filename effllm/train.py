@@ -260,7 +260,19 @@ def train(cfg: TrainConfig) -> dict:
     data.check_seq_len(cfg.seq_len)
     env = dist_env()  # rank 0 of 1 unless launched by torchrun
     check_parallel(cfg, env.world_size)
+    owns_group = env.enabled and not torch.distributed.is_initialized()
     device = init_distributed(env, cfg.device, cfg.dist_timeout_s)
+    try:
+        return _train(cfg, data, env, device)
+    finally:
+        # A process group this call opened is closed here: left to interpreter exit, gloo's threads
+        # were torn down while still joinable, and a rank sometimes aborted ("terminate called
+        # without an active exception") after a finished run.
+        if owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, data: TokenDataset, env, device: torch.device) -> dict:
     amp = autocast_dtype(cfg.precision, device)
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
