@@ -115,6 +115,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _fixed_config() -> bool:
+    """EFFLLM_FP8_AUTOTUNE=0 on a GPU: one fixed 128x128 configuration instead of autotuning."""
+    return os.environ.get("EFFLLM_FP8_AUTOTUNE") == "0" and not _interpreting()
+
+
 def _bucket(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
@@ -149,7 +154,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     args = (a, b, c, a_s, b_s, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
             a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), _bucket(M), _bucket(K), int(b.stride(1) == 1))
-    if os.environ.get("EFFLLM_FP8_AUTOTUNE") == "0" and not _interpreting():  # one fixed config (GPU tests)
+    if _fixed_config():  # the GPU tests
         grid = (triton.cdiv(M, 128) * triton.cdiv(N, 128),)
         _fp8_gemm_kernel[grid](*args, BLOCK_M=128, BLOCK_N=128, BLOCK_K=TILE, GROUP_M=8, B_ROW_SCALES=b_row_scales,
                                num_warps=8, num_stages=3)

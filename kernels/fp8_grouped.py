@@ -21,13 +21,12 @@ kernels/fp8_gemm.py. The per-group loop over fp8_gemm_ref in effllm/fp8.py is th
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-from effllm.kernels.fp8_gemm import _bucket, _hopper_configs
+from effllm.kernels.fp8_gemm import _bucket, _fixed_config, _hopper_configs, _interpreting
 from effllm.kernels.fp8_quant import FP8, TILE, _quant, _scale_of
 from effllm.kernels.grouped_gemm import group_tiles
 
@@ -52,10 +51,6 @@ def schedule(offsets: torch.Tensor, m: int) -> Schedule:
         raise ValueError(f"offsets must be a 1-D int32 tensor, got {offsets.dtype} {tuple(offsets.shape)}")
     group, row, count, first = group_tiles(offsets, m, TILE)
     return Schedule(group, row, first, count, offsets, m)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +255,7 @@ def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
     args = (a, b, c, a_s, b_s, sched.group, sched.row, sched.ends, N, K, T,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2), c.stride(0), c.stride(1),
             a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), b_s.stride(2), _bucket(M), int(b.stride(2) == 1))
-    if os.environ.get("EFFLLM_FP8_AUTOTUNE") == "0" and not _interpreting():  # one fixed config (GPU tests)
+    if _fixed_config():  # the GPU tests
         grid = (T * triton.cdiv(N, 128),)
         _grouped_gemm_kernel[grid](*args, BLOCK_M=128, BLOCK_N=128, BLOCK_K=TILE, GROUP_M=8, TILE_M=TILE,
                                    num_warps=8, num_stages=3)
@@ -291,7 +286,7 @@ def grouped_wgrad(at: torch.Tensor, at_s: torch.Tensor, bt: torch.Tensor, bt_s: 
     c = torch.empty((G, N, K), dtype=out_dtype, device=at.device)
     args = (at, bt, c, at_s, bt_s, sched.row, sched.first, sched.count, sched.ends, N, K,
             at.stride(0), bt.stride(0), c.stride(0), c.stride(1), c.stride(2), at_s.stride(0), bt_s.stride(0), _bucket(M))
-    if os.environ.get("EFFLLM_FP8_AUTOTUNE") == "0" and not _interpreting():  # one fixed config (GPU tests)
+    if _fixed_config():  # the GPU tests
         _grouped_wgrad_kernel[(G, triton.cdiv(N, 128) * triton.cdiv(K, 128))](*args, BLOCK_N=128, BLOCK_K=128,
                                                                               TILE_M=TILE, num_warps=8, num_stages=3)
     elif _interpreting():
