@@ -8,8 +8,8 @@ GEMM rows (TFLOP/s from the median time: triton.testing.do_bench on a GPU):
 - scaled_mm_rowwise: torch._scaled_mm with one scale per row of A and per column of B;
 - fp8_block: effllm's block-scaled GEMM on pre-quantized operands;
 - fp8_block+quant: the same plus quantizing the activation (1x128) inside the timed region;
-- fp8_dgrad: the input-gradient layout as FP8Linear runs it (Wᵀ copied K-major, then the GEMM);
-  fp8_dgrad_strided reads the transposed view instead; fp8_wgrad: both operands tiled along the
+- fp8_dgrad: the input-gradient layout as FP8Linear runs it (Wᵀ K-major, written by the weight
+  quantization, `quant_blocks_t`); fp8_dgrad_strided reads the transposed view of W instead; fp8_wgrad: both operands tiled along the
   tokens (K = M there). Each is checked against fp8_gemm_ref on a slice of rows.
 Shapes: 4096³, 8192³ and DeepSeek-V3's M=4096 with (N, K) = (7168, 16384), (4096, 7168) and
 (2112, 7168). The quantization kernels report GB/s as bytes read plus bytes written. FP8Linear
@@ -29,6 +29,7 @@ from effllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, tuned_configs
 from effllm.kernels.fp8_quant import (
     quant_blocks,
     quant_blocks_ref,
+    quant_blocks_t,
     quant_rows,
     quant_rows_and_cols,
     quant_rows_ref,
@@ -71,7 +72,8 @@ def gemm_rows(m: int, n: int, k: int, device: torch.device, gpu: bool) -> dict:
     dgrad = n % 128 == 0
     if dgrad:
         qdy, sdy = quant(dy)
-        rows["fp8_dgrad"] = median_s(lambda: gemm(qdy, sdy, qb.t().contiguous(), sb.t(), torch.bfloat16), device)
+        qbt = quant_blocks_t(b)[2] if gpu else qb.t().contiguous()  # K-major Wᵀ
+        rows["fp8_dgrad"] = median_s(lambda: gemm(qdy, sdy, qbt, sb.t(), torch.bfloat16), device)
         rows["fp8_dgrad_strided"] = median_s(lambda: gemm(qdy, sdy, qb.t(), sb.t(), torch.bfloat16), device)
     else:
         rows["fp8_dgrad"] = f"n/a: dgrad reduces over n={n}, not a multiple of 128"
@@ -90,7 +92,7 @@ def gemm_rows(m: int, n: int, k: int, device: torch.device, gpu: bool) -> dict:
         checks["fwd"] = same(qa[:256], sa[:256], qb, sb)
         checks["wgrad"] = same(qt_dy[:256], st_dy[:256], qt_a, st_a, torch.float32, b_row_scales=True)
         if dgrad:
-            checks["dgrad"] = same(qdy[:256], sdy[:256], qb.t().contiguous(), sb.t())
+            checks["dgrad"] = same(qdy[:256], sdy[:256], qbt, sb.t())
             checks["dgrad_strided"] = same(qdy[:256], sdy[:256], qb.t(), sb.t())
     out = {name: ({"median_s": t, "tflops": flops / t / 1e12} if isinstance(t, float) else t) for name, t in rows.items()}
     if checks:
@@ -107,6 +109,8 @@ def quant_rows_gbps(m: int, k: int, device: torch.device) -> dict:
     out["quant_rows"] = {"median_s": t, "gb_per_s": (2 * m * k + m * k + 4 * m * k // 128) / t / 1e9}
     t = median_s(lambda: quant_rows_and_cols(x), device)
     out["quant_rows_and_cols"] = {"median_s": t, "gb_per_s": (2 * m * k + 2 * (m * k + 4 * m * k // 128)) / t / 1e9}
+    t = median_s(lambda: quant_blocks_t(x), device)  # a weight: 128x128 blocks, q and its K-major transpose
+    out["quant_blocks_t"] = {"median_s": t, "gb_per_s": (2 * m * k + 2 * m * k + 4 * m * k // 128**2) / t / 1e9}
     return out
 
 

@@ -28,6 +28,7 @@ from effllm.kernels.fp8_quant import (
     TILE,
     quant_blocks,
     quant_blocks_ref,
+    quant_blocks_t,
     quant_cols_ref,
     quant_rows_and_cols,
     quant_rows_ref,
@@ -40,10 +41,16 @@ def _quant_both_ref(x: torch.Tensor, pow2: bool):
     return q, s, qt, st
 
 
+def _quant_blocks_t_ref(w: torch.Tensor, pow2: bool):
+    q, s = quant_blocks_ref(w, pow2)
+    return q, s, q.t().contiguous()
+
+
 _OPS = {
-    # backend: (rows-and-cols quantization, 128x128 block quantization, block-scaled GEMM)
-    "triton": (quant_rows_and_cols, quant_blocks, fp8_gemm),
-    "torch": (_quant_both_ref, quant_blocks_ref, fp8_gemm_ref),
+    # backend: (rows-and-cols quantization, 128x128 block quantization, the same plus a K-major qᵀ,
+    # block-scaled GEMM)
+    "triton": (quant_rows_and_cols, quant_blocks, quant_blocks_t, fp8_gemm),
+    "torch": (_quant_both_ref, quant_blocks_ref, _quant_blocks_t_ref, fp8_gemm_ref),
 }
 
 
@@ -63,22 +70,25 @@ class FP8LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, backend: str, pow2: bool):
-        quant_both, quant_w, gemm = _OPS[backend]
+        quant_both, quant_w, quant_w_t, gemm = _OPS[backend]
         q_x, s_x, qt_x, st_x = quant_both(x, pow2)  # tiles along features (forward) and tokens (wgrad)
-        q_w, s_w = quant_w(weight, pow2)
-        ctx.save_for_backward(qt_x, st_x, q_w, s_w)  # the input is kept in FP8 only
+        if ctx.needs_input_grad[0]:  # dgrad reads Wᵀ: quantized K-major from the same read of W
+            q_w, s_w, qt_w = quant_w_t(weight, pow2)
+        else:
+            (q_w, s_w), qt_w = quant_w(weight, pow2), None
+        ctx.save_for_backward(qt_x, st_x, qt_w, s_w)  # the input is kept in FP8 only
         ctx.meta = (backend, pow2, x.dtype, weight.dtype)
         return gemm(q_x, s_x, q_w, s_w, out_dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        qt_x, st_x, q_w, s_w = ctx.saved_tensors
+        qt_x, st_x, qt_w, s_w = ctx.saved_tensors
         backend, pow2, x_dtype, w_dtype = ctx.meta
-        quant_both, _, gemm = _OPS[backend]
+        quant_both, _, _, gemm = _OPS[backend]
         q_dy, s_dy, qt_dy, st_dy = quant_both(dy.contiguous(), pow2)
         dx = dw = None
-        if ctx.needs_input_grad[0]:  # dX = dY · W: Wᵀ made K-major (FP8 MMA reads K-major operands)
-            dx = gemm(q_dy, s_dy, q_w.t().contiguous(), s_w.t(), x_dtype)
+        if ctx.needs_input_grad[0]:  # dX = dY · W, with the K-major Wᵀ (FP8 MMA reads K-major operands)
+            dx = gemm(q_dy, s_dy, qt_w, s_w.t(), x_dtype)
         if ctx.needs_input_grad[1]:  # dW = dYᵀ · X, both tiled along the tokens
             dw = gemm(qt_dy, st_dy, qt_x, st_x, torch.float32, b_row_scales=True).to(w_dtype)
         return dx, dw, None, None, None
@@ -101,13 +111,15 @@ class FP8GroupedMMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, src: torch.Tensor | None, offsets: torch.Tensor, out_dtype: torch.dtype,
                 backend: str, pow2: bool, *ws: torch.Tensor):
-        quant_both, quant_w, gemm = _OPS[backend]
+        quant_both, _, quant_w_t, gemm = _OPS[backend]
         E, _, K = ws[0].shape
         M = src.numel() if src is not None else x.shape[0]
-        qws = []
+        qws, qwts = [], []
         for w in ws:  # 128x128 blocks never straddle experts: N % 128 == 0
-            q_w, s_w = quant_w(w.reshape(-1, K), pow2)
-            qws.append((q_w.view(E, -1, K), s_w.view(E, -1, K // TILE)))
+            N = w.shape[1]
+            q_w, s_w, qt_w = quant_w_t(w.reshape(-1, K), pow2)  # qt_w (K, E N): each expert's Wᵀ, K-major
+            qws.append((q_w.view(E, N, K), s_w.view(E, N // TILE, K // TILE)))
+            qwts.append((qt_w.view(K, E, N).permute(1, 0, 2), s_w.view(E, N // TILE, K // TILE).transpose(1, 2)))
         if backend == "triton":
             sched = fp8_grouped.schedule(offsets, M)
             q_x, s_x, qt_x, st_x = fp8_grouped.quant_grouped(x, sched, src, pow2)
@@ -128,46 +140,46 @@ class FP8GroupedMMFunction(torch.autograd.Function):
                     y[lo:hi] = gemm(q_x, s_x, q_w[g], s_w[g], out_dtype)
                 saved.append((qt_x, st_x))
             ctx.state = (bounds, saved)
-        ctx.qws, ctx.src = qws, src
+        ctx.qwts, ctx.src = qwts, src  # dgrad reads only the transposed weights
         ctx.meta = (backend, pow2, x.dtype, x.shape, [w.dtype for w in ws])
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *dys: torch.Tensor):
         backend, pow2, x_dtype, x_shape, w_dtypes = ctx.meta
-        quant_both, _, gemm = _OPS[backend]
-        qws, src = ctx.qws, ctx.src
+        quant_both, _, _, gemm = _OPS[backend]
+        qwts, src = ctx.qwts, ctx.src
         need_dx = ctx.needs_input_grad[0]
         dx, dws = None, []
-        part_dtype = x_dtype if len(qws) == 1 and src is None else torch.float32  # sums of parts in fp32
+        part_dtype = x_dtype if len(qwts) == 1 and src is None else torch.float32  # sums of parts in fp32
         if backend == "triton":
             sched, qt_x, st_x = ctx.state
-            for i, (dy, (q_w, s_w)) in enumerate(zip(dys, qws)):
+            for i, (dy, (qt_w, st_w)) in enumerate(zip(dys, qwts)):
                 if dy is None:
                     dws.append(None)
                     continue
                 q_dy, s_dy, qt_dy, st_dy = fp8_grouped.quant_grouped(dy.contiguous(), sched, None, pow2)
-                if need_dx:  # dX = dY · W[g]: each Wᵀ made K-major (FP8 MMA reads K-major operands)
-                    part = fp8_grouped.grouped_gemm(q_dy, s_dy, q_w.transpose(1, 2).contiguous(), s_w.transpose(1, 2),
-                                                    sched, part_dtype)
+                if need_dx:  # dX = dY · W[g], with each Wᵀ K-major (FP8 MMA reads K-major operands)
+                    part = fp8_grouped.grouped_gemm(q_dy, s_dy, qt_w, st_w, sched, part_dtype)
                     dx = part if dx is None else dx.add_(part)
-                dws.append(fp8_grouped.grouped_wgrad(qt_dy, st_dy, qt_x, st_x, sched).to(w_dtypes[i])
-                           if ctx.needs_input_grad[6 + i] else None)
+                dws.append(fp8_grouped.grouped_wgrad(qt_dy, st_dy, qt_x, st_x, sched, w_dtypes[i])
+                           if ctx.needs_input_grad[6 + i] else None)  # fp32 sums, cast once on the store
         else:
             bounds, saved = ctx.state
             E, M = len(bounds) - 1, bounds[-1]
             if need_dx:
-                dx = torch.zeros((M, x_shape[1]), dtype=part_dtype, device=qws[0][0].device)
-            for i, (dy, (q_w, s_w)) in enumerate(zip(dys, qws)):
+                dx = torch.zeros((M, x_shape[1]), dtype=part_dtype, device=qwts[0][0].device)
+            for i, (dy, (qt_w, st_w)) in enumerate(zip(dys, qwts)):
                 need_dw = ctx.needs_input_grad[6 + i] and dy is not None
-                dw = torch.zeros(q_w.shape, dtype=w_dtypes[i], device=q_w.device) if need_dw else None
+                E, K, N = qt_w.shape
+                dw = torch.zeros((E, N, K), dtype=w_dtypes[i], device=qt_w.device) if need_dw else None
                 for g in range(E):
                     lo, hi = bounds[g], bounds[g + 1]
                     if hi == lo or dy is None:
                         continue
                     q_dy, s_dy, qt_dy, st_dy = quant_both(dy[lo:hi].contiguous(), pow2)
                     if need_dx:  # dX = dY · W[g]
-                        dx[lo:hi] += gemm(q_dy, s_dy, q_w[g].t().contiguous(), s_w[g].t(), part_dtype)
+                        dx[lo:hi] += gemm(q_dy, s_dy, qt_w[g], st_w[g], part_dtype)
                     if need_dw:  # dW[g] = dYᵀ · X over this expert's tokens
                         qt_x, st_x = saved[g]
                         dw[g] = gemm(qt_dy, st_dy, qt_x, st_x, torch.float32, b_row_scales=True).to(w_dtypes[i])
@@ -176,7 +188,7 @@ class FP8GroupedMMFunction(torch.autograd.Function):
             dx = torch.zeros(x_shape, dtype=torch.float32, device=dx.device).index_add_(0, src, dx.float())
         if dx is not None:
             dx = dx.to(x_dtype)
-        ctx.state = ctx.qws = ctx.src = None
+        ctx.state = ctx.qwts = ctx.src = None
         return (dx, None, None, None, None, None, *dws)
 
 

@@ -34,8 +34,29 @@ import os
 import torch
 import triton
 import triton.language as tl
+from effllm.kernels.fp8_quant import _interpreting
 
 TILE = 128
+
+
+@triton.jit
+def _block_scales(as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk, m_ok, n_ok, B_ROW_SCALES: tl.constexpr):
+    """K block kb's scales: a_s (BLOCK_M,), and b_s (BLOCK_N,) in row mode or one scalar in block mode."""
+    a_s = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
+    if B_ROW_SCALES:
+        b_s = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)
+    else:
+        b_s = tl.load(bs_ptrs + kb * stride_bsk)
+    return a_s, b_s
+
+
+@triton.jit
+def _promote(acc, part, a_s, b_s, B_ROW_SCALES: tl.constexpr):
+    """acc + one K block's fp32 partial product times its scales (DeepSeek-V3's promotion)."""
+    if B_ROW_SCALES:
+        return acc + part * a_s[:, None] * b_s[None, :]
+    else:  # one multiply-add per element: the row scale times the block scale first
+        return acc + part * (a_s * b_s)[:, None]
 
 
 @triton.jit
@@ -51,7 +72,7 @@ def _fp8_gemm_kernel(
     M_BUCKET, K_BUCKET, B_K_CONTIGUOUS,  # autotuning keys only: M and K rounded up to a power of
     # two, and whether B is K-major (the forward and wgrad) or read transposed (dgrad)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    B_ROW_SCALES: tl.constexpr,
+    B_ROW_SCALES: tl.constexpr, PIPE: tl.constexpr = False, WS: tl.constexpr = False,
 ):
     # One program per output tile, numbered so that GROUP_M row-tiles sweep the same columns of B
     # together: B's tiles are read from L2 instead of HBM by the neighbours of the first reader.
@@ -69,20 +90,41 @@ def _fp8_gemm_kernel(
     rm64, rn64 = rm.to(tl.int64), rn.to(tl.int64)
     a_ptrs = a_ptr + rm64[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + rn64[None, :] * stride_bn + rk[:, None] * stride_bk  # (BLOCK_K, BLOCK_N) view of Bᵀ
+    as_ptrs = as_ptr + rm64 * stride_asm
+    if B_ROW_SCALES:
+        bs_ptrs = bs_ptr + rn64 * stride_bsn
+    else:  # one block scale for the whole tile: BLOCK_N divides 128
+        bs_ptrs = bs_ptr + (pid_n * BLOCK_N // 128) * stride_bsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        k_ok = kb * BLOCK_K + rk < K
+    n_k = tl.cdiv(K, BLOCK_K)
+    if PIPE:
+        # Experimental: block kb's MMA is issued before block kb-1 is promoted, so that the
+        # promotion's FFMAs could overlap the tensor cores (at the cost of a third register tile).
+        k_ok = rk < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        a_s = tl.load(as_ptr + rm64 * stride_asm + kb * stride_ask, mask=m_ok, other=0.0)  # (BLOCK_M,)
-        if B_ROW_SCALES:
-            b_s = tl.load(bs_ptr + rn64 * stride_bsn + kb * stride_bsk, mask=n_ok, other=0.0)  # (BLOCK_N,)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-        else:  # one block scale for the whole tile: BLOCK_N divides 128
-            b_s = tl.load(bs_ptr + (pid_n * BLOCK_N // 128) * stride_bsn + kb * stride_bsk)
-            acc += tl.dot(a, b) * (a_s[:, None] * b_s)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_s, b_s = _block_scales(as_ptrs, bs_ptrs, 0, stride_ask, stride_bsk, m_ok, n_ok, B_ROW_SCALES)
+        part = tl.dot(a, b)
+        for kb in tl.range(1, n_k, warp_specialize=WS):
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+            k_ok = kb * BLOCK_K + rk < K
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            nxt = tl.dot(a, b)
+            acc = _promote(acc, part, a_s, b_s, B_ROW_SCALES)
+            a_s, b_s = _block_scales(as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk, m_ok, n_ok, B_ROW_SCALES)
+            part = nxt
+        acc = _promote(acc, part, a_s, b_s, B_ROW_SCALES)
+    else:
+        for kb in tl.range(0, n_k, warp_specialize=WS):
+            k_ok = kb * BLOCK_K + rk < K
+            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            a_s, b_s = _block_scales(as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk, m_ok, n_ok, B_ROW_SCALES)
+            acc = _promote(acc, tl.dot(a, b), a_s, b_s, B_ROW_SCALES)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
     c_ptrs = c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -109,10 +151,6 @@ _fp8_gemm_tuned = triton.autotune(configs=_hopper_configs(), key=["M_BUCKET", "N
 def tuned_configs() -> dict[str, str]:
     """The configuration the autotuner chose for each shape key so far (for benchmark reports)."""
     return {str(key): str(config) for key, config in _fp8_gemm_tuned.cache.items()}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _fixed_config() -> bool:

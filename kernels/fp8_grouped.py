@@ -14,7 +14,10 @@ device). That one schedule serves three kernels:
   128x128 block (forward; dgrad with a K-major copy of each Wᵀ). BLOCK_M divides 128, so the
   autotuner may pick 64- or 128-row tiles on the same schedule.
 - `grouped_wgrad(at, at_s, bt, bt_s, sched)`: dw[g] = Σ over g's tiles of at[:, tile] · bt[:, tile]ᵀ,
-  both scaled per 1x128 tile along the tokens; an empty group gets exact zeros.
+  both scaled per 1x128 tile along the tokens; an empty group gets exact zeros. The transposed
+  operands give each tile its own 128 columns, zero-padded past its group's end, so the wgrad's
+  loads along the tokens start 128-aligned (DeepGEMM aligns its groups the same way). Read from
+  each group's first row instead, they were unaligned, and the wgrad ran at ~40 TFLOP/s on an H100.
 fp32 accumulation with the scales applied per 128-wide K block (DeepSeek-V3 §3.3.2), as in
 kernels/fp8_gemm.py. The per-group loop over fp8_gemm_ref in effllm/fp8.py is their reference.
 """
@@ -90,8 +93,11 @@ def _quant_grouped_kernel(
     qt = _quant(x, s_col[None, :])
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols64[None, :], q.to(q_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(s_ptr + rows64 * stride_sm + pid_k, s_row, mask=row_ok)
-    tl.store(qt_ptr + cols64[:, None] * stride_qtk + rows64[None, :], tl.trans(qt).to(qt_ptr.dtype.element_ty),
-             mask=row_ok[None, :])  # a register transpose first: coalesced along qt's rows
+    # tile t owns columns 128t .. 128t+127 of qt, rows past the group's end written as zeros: the
+    # wgrad reads whole aligned tiles (vector loads, no masks). A register transpose first, so the
+    # store is coalesced along qt's rows.
+    tcols = t.to(tl.int64) * TILE_M + tl.arange(0, TILE_M)
+    tl.store(qt_ptr + cols64[:, None] * stride_qtk + tcols[None, :], tl.trans(qt).to(qt_ptr.dtype.element_ty))
     tl.store(st_ptr + cols64 * stride_stk + t, s_col, mask=(cols < K) & (g + tl.zeros_like(cols) >= 0))
 
 
@@ -149,37 +155,43 @@ def _grouped_gemm_kernel(
 @triton.jit
 def _grouped_wgrad_kernel(
     # pointers
-    at_ptr, bt_ptr, c_ptr, ats_ptr, bts_ptr, tile_row_ptr, first_ptr, count_ptr, ends_ptr,
+    at_ptr, bt_ptr, c_ptr, ats_ptr, bts_ptr, first_ptr, count_ptr,
     # sizes
     N, K,
-    # strides: at (N, M), bt (K, M), c (G, N, K), at_s (N, T), bt_s (K, T)
+    # strides: at (N, 128 T), bt (K, 128 T), c (G, N, K), at_s (N, T), bt_s (K, T)
     stride_atn, stride_btk, stride_cg, stride_cn, stride_ck, stride_atsn, stride_btsk,
     # meta-parameters
     M_BUCKET,  # autotuning key only
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_M: tl.constexpr,
 ):
-    """dw[g] tile (BLOCK_N, BLOCK_K) = Σ over g's 128-token tiles of at[:, tile] · bt[:, tile]ᵀ."""
+    """dw[g] tile (BLOCK_N, BLOCK_K) = Σ over g's 128-token tiles t of at[:, tile t] · bt[:, tile t]ᵀ,
+    tile t being columns 128t .. 128t+127 (zero-padded past the group's end by quant_grouped)."""
     g = tl.program_id(0)
     pid = tl.program_id(1)
     pid_n = pid // tl.cdiv(K, BLOCK_K)
     pid_k = pid % tl.cdiv(K, BLOCK_K)
     first = tl.load(first_ptr + g)
     count = tl.load(count_ptr + g)
-    end = tl.load(ends_ptr + g)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok, k_ok = rn < N, rk < K
     rn64, rk64 = rn.to(tl.int64), rk.to(tl.int64)
+    rm = first.to(tl.int64) * TILE_M + tl.arange(0, TILE_M)  # 128-aligned: wide loads
+    a_ptrs = at_ptr + rn64[:, None] * stride_atn + rm[None, :]
+    b_ptrs = bt_ptr + rk64[None, :] * stride_btk + rm[:, None]
+    as_ptrs = ats_ptr + rn64 * stride_atsn + first
+    bs_ptrs = bts_ptr + rk64 * stride_btsk + first
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for i in range(0, count):
-        t = first + i
-        rm = tl.load(tile_row_ptr + t) + tl.arange(0, TILE_M)
-        m_ok = rm < end
-        a = tl.load(at_ptr + rn64[:, None] * stride_atn + rm[None, :], mask=n_ok[:, None] & m_ok[None, :], other=0.0)
-        b = tl.load(bt_ptr + rk64[None, :] * stride_btk + rm[:, None], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        a_s = tl.load(ats_ptr + rn64 * stride_atsn + t, mask=n_ok, other=0.0)
-        b_s = tl.load(bts_ptr + rk64 * stride_btsk + t, mask=k_ok, other=0.0)
+    for _ in range(0, count):
+        a = tl.load(a_ptrs, mask=n_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
+        a_s = tl.load(as_ptrs, mask=n_ok, other=0.0)
+        b_s = tl.load(bs_ptrs, mask=k_ok, other=0.0)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += TILE_M
+        b_ptrs += TILE_M
+        as_ptrs += 1
+        bs_ptrs += 1
     c_ptrs = c_ptr + g.to(tl.int64) * stride_cg + rn64[:, None] * stride_cn + rk64[None, :] * stride_ck
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
@@ -209,8 +221,9 @@ def tuned_configs() -> dict[str, str]:
 
 def quant_grouped(x: torch.Tensor, sched: Schedule, src: torch.Tensor | None = None, pow2: bool = False):
     """x (R, K) high precision, K % 128 == 0; rows x[src[i]] (or x[i]) in group order ->
-    q (M, K) e4m3, s (M, K/128) tiled along K, and qt (K, M), st (K, T) tiled along each group's
-    128-token tiles (column t of st belongs to tile t of the schedule)."""
+    q (M, K) e4m3, s (M, K/128) tiled along K, and qt (K, 128 T), st (K, T) tiled along each
+    group's 128-token tiles: tile t of the schedule owns columns 128t .. 128t+127 of qt (zeros past
+    its group's end) and column t of st."""
     if x.dim() != 2 or x.shape[1] % TILE:
         raise ValueError(f"x must be (rows, K) with K a multiple of {TILE}, got {tuple(x.shape)}")
     if x.stride(1) != 1:
@@ -223,7 +236,7 @@ def quant_grouped(x: torch.Tensor, sched: Schedule, src: torch.Tensor | None = N
     T = sched.group.numel()
     q = torch.empty((M, K), dtype=FP8, device=x.device)
     s = torch.empty((M, K // TILE), dtype=torch.float32, device=x.device)
-    qt = torch.empty((K, M), dtype=FP8, device=x.device)
+    qt = torch.empty((K, T * TILE), dtype=FP8, device=x.device)  # every column written
     st = torch.zeros((K, T), dtype=torch.float32, device=x.device)  # spare tiles' columns stay 0, never read
     if M:
         _quant_grouped_kernel[(T, K // TILE)](
@@ -271,21 +284,22 @@ def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
 
 def grouped_wgrad(at: torch.Tensor, at_s: torch.Tensor, bt: torch.Tensor, bt_s: torch.Tensor, sched: Schedule,
                   out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """dw (G, N, K): dw[g] = at[:, rows of g] · bt[:, rows of g]ᵀ; at (N, M) and bt (K, M) e4m3 from
-    `quant_grouped` (tiled along each group's tokens), at_s (N, T), bt_s (K, T)."""
-    N, M = at.shape
-    K = bt.shape[0]
+    """dw (G, N, K): dw[g] = at[:, rows of g] · bt[:, rows of g]ᵀ, accumulated in fp32 and written in
+    `out_dtype`; at (N, 128 T) and bt (K, 128 T) e4m3 in `quant_grouped`'s per-tile layout (tiled
+    along each group's tokens), at_s (N, T), bt_s (K, T)."""
+    N, K = at.shape[0], bt.shape[0]
     G, T = sched.ends.numel(), sched.group.numel()
-    if at.dtype != FP8 or bt.dtype != FP8 or bt.shape[1] != M or M != sched.m:
-        raise ValueError(f"grouped_wgrad takes e4m3 at (N, M) and bt (K, M) over the schedule's {sched.m} rows; got "
-                         f"{at.dtype} {tuple(at.shape)} and {bt.dtype} {tuple(bt.shape)}")
+    if at.dtype != FP8 or bt.dtype != FP8 or at.dim() != 2 or at.shape[1] != T * TILE or bt.shape[1] != T * TILE:
+        raise ValueError(f"grouped_wgrad takes e4m3 at (N, {T * TILE}) and bt (K, {T * TILE}) in quant_grouped's "
+                         f"layout of the schedule's {T} tiles; got {at.dtype} {tuple(at.shape)} and {bt.dtype} "
+                         f"{tuple(bt.shape)}")
     if at_s.shape != (N, T) or bt_s.shape != (K, T):
         raise ValueError(f"scales must be at_s {(N, T)} and bt_s {(K, T)}, got {tuple(at_s.shape)} and {tuple(bt_s.shape)}")
     if at.stride(1) != 1 or bt.stride(1) != 1:
         raise ValueError("at and bt must be contiguous along the tokens")
     c = torch.empty((G, N, K), dtype=out_dtype, device=at.device)
-    args = (at, bt, c, at_s, bt_s, sched.row, sched.first, sched.count, sched.ends, N, K,
-            at.stride(0), bt.stride(0), c.stride(0), c.stride(1), c.stride(2), at_s.stride(0), bt_s.stride(0), _bucket(M))
+    args = (at, bt, c, at_s, bt_s, sched.first, sched.count, N, K,
+            at.stride(0), bt.stride(0), c.stride(0), c.stride(1), c.stride(2), at_s.stride(0), bt_s.stride(0), _bucket(sched.m))
     if _fixed_config():  # the GPU tests
         _grouped_wgrad_kernel[(G, triton.cdiv(N, 128) * triton.cdiv(K, 128))](*args, BLOCK_N=128, BLOCK_K=128,
                                                                               TILE_M=TILE, num_warps=8, num_stages=3)

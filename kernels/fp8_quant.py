@@ -23,6 +23,8 @@ to agree bit for bit.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -127,28 +129,36 @@ def _quant_rows_and_cols_kernel(
 @triton.jit
 def _quant_blocks_kernel(
     # pointers
-    w_ptr, q_ptr, s_ptr,
+    w_ptr, q_ptr, s_ptr, qt_ptr,
     # sizes
     N, K,
     # strides
-    stride_wn, stride_qn, stride_sn,
+    stride_wn, stride_qn, stride_sn, stride_qtk,
     # meta-parameters
-    TILE: tl.constexpr, POW2: tl.constexpr,
+    TILE: tl.constexpr, POW2: tl.constexpr, ROWS: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
-    """One 128x128 block, one scale."""
+    """One 128x128 block, one scale; q (N, K) when ROWS, its transpose qt (K, N) when TRANSPOSED
+    (the K-major Wᵀ the dgrad GEMM reads), both from one read of the block."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = (pid_n * TILE + tl.arange(0, TILE)).to(tl.int64)
-    cols = pid_k * TILE + tl.arange(0, TILE)
+    cols = (pid_k * TILE + tl.arange(0, TILE)).to(tl.int64)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-    q = _quant(w, s)
-    tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+    q = _quant(w, s).to(q_ptr.dtype.element_ty)
+    if ROWS:
+        tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], q, mask=mask)
+    if TRANSPOSED:  # through a register transpose: coalesced along qt's rows
+        tl.store(qt_ptr + cols[:, None] * stride_qtk + rows[None, :], tl.trans(q), mask=tl.trans(mask))
     tl.store(s_ptr + pid_n * stride_sn + pid_k, s)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check_2d(x: torch.Tensor, name: str, k_multiple: bool = True) -> None:
@@ -198,9 +208,25 @@ def quant_blocks(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, tor
     q = torch.empty((N, K), dtype=FP8, device=w.device)
     s = torch.empty((triton.cdiv(N, TILE), K // TILE), dtype=torch.float32, device=w.device)
     if N:
-        _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE)](w, q, s, N, K, w.stride(0), q.stride(0), s.stride(0),
-                                                     TILE=TILE, POW2=pow2)
+        _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE)](w, q, s, q, N, K, w.stride(0), q.stride(0), s.stride(0),
+                                                                0, TILE=TILE, POW2=pow2, ROWS=True, TRANSPOSED=False)
     return q, s
+
+
+def quant_blocks_t(w: torch.Tensor, pow2: bool = False, rows: bool = True):
+    """`quant_blocks` plus qt (K, N) = qᵀ stored K-major, from the same read of w: the dgrad GEMM
+    reads Wᵀ, and FP8 MMA wants K-major operands, so this saves a transposing copy per step. qt's
+    scales are sᵀ. With rows=False only qt is written (q comes back None)."""
+    _check_2d(w, "w")
+    N, K = w.shape
+    q = torch.empty((N, K), dtype=FP8, device=w.device) if rows else None
+    s = torch.empty((triton.cdiv(N, TILE), K // TILE), dtype=torch.float32, device=w.device)
+    qt = torch.empty((K, N), dtype=FP8, device=w.device)
+    if N:
+        _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE)](
+            w, q if rows else qt, s, qt, N, K, w.stride(0), q.stride(0) if rows else 0, s.stride(0), qt.stride(0),
+            TILE=TILE, POW2=pow2, ROWS=rows, TRANSPOSED=True, num_warps=1 if _interpreting() else 8)
+    return q, s, qt
 
 
 # ---------------------------------------------------------------------------------------------

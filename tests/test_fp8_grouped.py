@@ -56,13 +56,17 @@ def test_grouped_quantization_equals_the_per_group_reference(sizes, gather):
     qr, sr = quant_rows_ref(rows)  # 1x128 along K does not depend on the groups
     assert same_bits(q, qr) and torch.equal(s, sr)
     group, first = sched.group.tolist(), sched.first.tolist()
+    assert qt.shape == (K, 128 * len(group))
     for g, (lo, hi) in enumerate(zip(bounds(sizes), bounds(sizes)[1:])):
         if hi == lo:
             continue
         qtr, str_ = quant_cols_ref(rows[lo:hi])  # tiles of 128 of this group's own rows
-        assert same_bits(qt[:, lo:hi], qtr)
-        tiles = range(first[g], first[g] + str_.shape[1])
-        assert all(group[t] == g for t in tiles) and torch.equal(st[:, list(tiles)], str_)
+        tiles = list(range(first[g], first[g] + str_.shape[1]))
+        assert all(group[t] == g for t in tiles) and torch.equal(st[:, tiles], str_)
+        # tile t in columns 128t .. 128t+127 of qt, zeros past the group's end
+        cols = torch.cat([qt[:, 128 * t : 128 * (t + 1)] for t in tiles], dim=1)
+        n = hi - lo
+        assert same_bits(cols[:, :n], qtr) and not cols[:, n:].view(torch.uint8).any()
 
 
 @pytest.mark.parametrize("sizes", SIZES)

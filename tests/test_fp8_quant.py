@@ -14,6 +14,7 @@ from effllm.kernels.fp8_quant import (
     dequant_rows,
     quant_blocks,
     quant_blocks_ref,
+    quant_blocks_t,
     quant_cols_ref,
     quant_rows,
     quant_rows_and_cols,
@@ -77,6 +78,19 @@ def test_block_kernel_equals_reference(n, k, pow2):
     if n % 128 and not pow2:  # a partial last block is scaled by the rows it has
         last = w[n // 128 * 128 :].float().abs().view(n % 128, k // 128, 128).amax(dim=(0, 2))
         assert torch.equal(s[-1], last / 448)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("n,k", [(128, 256), (200, 384)])
+def test_block_kernel_with_transposed_copy_equals_reference(n, k, pow2):
+    """quant_blocks_t: the same q and s, plus qᵀ stored K-major (what the dgrad GEMM reads)."""
+    w = sample((n, k), seed=n * 3 + k, dtype=torch.bfloat16)
+    qr, sr = quant_blocks_ref(w, pow2)
+    q, s, qt = quant_blocks_t(w, pow2)
+    assert same_bits(q, qr) and torch.equal(s, sr)
+    assert qt.shape == (k, n) and qt.stride() == (n, 1) and same_bits(qt, qr.t().contiguous())
+    q2, s2, qt2 = quant_blocks_t(w, pow2, rows=False)
+    assert q2 is None and torch.equal(s2, sr) and same_bits(qt2, qt)
 
 
 def test_dequantization_error_within_the_e4m3_bound():
