@@ -159,9 +159,9 @@ class FP8GroupedMMFunction(torch.autograd.Function):
                     dws.append(None)
                     continue
                 q_dy, s_dy, qt_dy, st_dy = fp8_grouped.quant_grouped(dy.contiguous(), sched, None, pow2)
-                if need_dx:  # dX = dY · W[g], with each Wᵀ K-major (FP8 MMA reads K-major operands)
-                    part = fp8_grouped.grouped_gemm(q_dy, s_dy, qt_w, st_w, sched, part_dtype)
-                    dx = part if dx is None else dx.add_(part)
+                if need_dx:  # dX = dY · W[g], with each Wᵀ K-major (FP8 MMA reads K-major operands); a
+                    # second weight's part is added in the GEMM's epilogue
+                    dx = fp8_grouped.grouped_gemm(q_dy, s_dy, qt_w, st_w, sched, part_dtype, accumulate=dx)
                 dws.append(fp8_grouped.grouped_wgrad(qt_dy, st_dy, qt_x, st_x, sched, w_dtypes[i])
                            if ctx.needs_input_grad[6 + i] else None)  # fp32 sums, cast once on the store
         else:

@@ -72,7 +72,7 @@ def _fp8_gemm_kernel(
     M_BUCKET, K_BUCKET, B_K_CONTIGUOUS,  # autotuning keys only: M and K rounded up to a power of
     # two, and whether B is K-major (the forward and wgrad) or read transposed (dgrad)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    B_ROW_SCALES: tl.constexpr, PIPE: tl.constexpr = False, WS: tl.constexpr = False,
+    B_ROW_SCALES: tl.constexpr,
 ):
     # One program per output tile, numbered so that GROUP_M row-tiles sweep the same columns of B
     # together: B's tiles are read from L2 instead of HBM by the neighbours of the first reader.
@@ -96,35 +96,14 @@ def _fp8_gemm_kernel(
     else:  # one block scale for the whole tile: BLOCK_N divides 128
         bs_ptrs = bs_ptr + (pid_n * BLOCK_N // 128) * stride_bsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    n_k = tl.cdiv(K, BLOCK_K)
-    if PIPE:
-        # Experimental: block kb's MMA is issued before block kb-1 is promoted, so that the
-        # promotion's FFMAs could overlap the tensor cores (at the cost of a third register tile).
-        k_ok = rk < K
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = kb * BLOCK_K + rk < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        a_s, b_s = _block_scales(as_ptrs, bs_ptrs, 0, stride_ask, stride_bsk, m_ok, n_ok, B_ROW_SCALES)
-        part = tl.dot(a, b)
-        for kb in tl.range(1, n_k, warp_specialize=WS):
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
-            k_ok = kb * BLOCK_K + rk < K
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            nxt = tl.dot(a, b)
-            acc = _promote(acc, part, a_s, b_s, B_ROW_SCALES)
-            a_s, b_s = _block_scales(as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk, m_ok, n_ok, B_ROW_SCALES)
-            part = nxt
-        acc = _promote(acc, part, a_s, b_s, B_ROW_SCALES)
-    else:
-        for kb in tl.range(0, n_k, warp_specialize=WS):
-            k_ok = kb * BLOCK_K + rk < K
-            a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            a_s, b_s = _block_scales(as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk, m_ok, n_ok, B_ROW_SCALES)
-            acc = _promote(acc, tl.dot(a, b), a_s, b_s, B_ROW_SCALES)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+        a_s, b_s = _block_scales(as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk, m_ok, n_ok, B_ROW_SCALES)
+        acc = _promote(acc, tl.dot(a, b), a_s, b_s, B_ROW_SCALES)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
     c_ptrs = c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 from effllm.kernels.fp8_gemm import _bucket, _fixed_config, _hopper_configs, _interpreting
-from effllm.kernels.fp8_quant import FP8, TILE, _quant, _scale_of
+from effllm.kernels.fp8_quant import FP8, TILE, _hw_cast, _quant, _scale_of
 from effllm.kernels.grouped_gemm import group_tiles
 
 
@@ -69,7 +69,7 @@ def _quant_grouped_kernel(
     # strides
     stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk,
     # meta-parameters
-    GATHER: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr,
+    GATHER: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr,
 ):
     """One 128-row tile of one group x one 128-wide K tile: row scales (1x128 along K) and column
     scales (over the tile's rows), the column-quantized tile stored transposed."""
@@ -89,8 +89,8 @@ def _quant_grouped_kernel(
     ax = tl.abs(x)
     s_row = _scale_of(tl.max(ax, axis=1), POW2)  # (TILE_M,)
     s_col = _scale_of(tl.max(ax, axis=0), POW2)  # (TILE_K,)
-    q = _quant(x, s_row[:, None])
-    qt = _quant(x, s_col[None, :])
+    q = _quant(x, s_row[:, None], HW_CAST)
+    qt = _quant(x, s_col[None, :], HW_CAST)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols64[None, :], q.to(q_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(s_ptr + rows64 * stride_sm + pid_k, s_row, mask=row_ok)
     # tile t owns columns 128t .. 128t+127 of qt, rows past the group's end written as zeros: the
@@ -113,9 +113,10 @@ def _grouped_gemm_kernel(
     # meta-parameters
     M_BUCKET, B_K_CONTIGUOUS,  # autotuning keys only
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TILE_M: tl.constexpr,
+    TILE_M: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    """One BLOCK_M x BLOCK_N output tile of one group's rows; BLOCK_M divides the 128-row tile."""
+    """One BLOCK_M x BLOCK_N output tile of one group's rows; BLOCK_M divides the 128-row tile.
+    With ACCUMULATE the tile is added to what c holds (in fp32, then rounded once)."""
     SUB: tl.constexpr = TILE_M // BLOCK_M
     pid = tl.program_id(0)
     grid_m, grid_n = N_TILES * SUB, tl.cdiv(N, BLOCK_N)
@@ -149,6 +150,8 @@ def _grouped_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     c_ptrs = c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -196,8 +199,9 @@ def _grouped_wgrad_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
-_grouped_gemm_tuned = triton.autotune(configs=_hopper_configs(), key=["M_BUCKET", "N", "K", "B_K_CONTIGUOUS"])(
-    _grouped_gemm_kernel)
+# restore_value: timing a configuration runs the kernel, which with ACCUMULATE adds into c
+_grouped_gemm_tuned = triton.autotune(configs=_hopper_configs(), key=["M_BUCKET", "N", "K", "B_K_CONTIGUOUS"],
+                                      restore_value=["c_ptr"])(_grouped_gemm_kernel)
 
 
 def _wgrad_configs() -> list:
@@ -242,14 +246,18 @@ def quant_grouped(x: torch.Tensor, sched: Schedule, src: torch.Tensor | None = N
         _quant_grouped_kernel[(T, K // TILE)](
             x, src if src is not None else x, q, s, qt, st, sched.group, sched.row, sched.ends, K,
             x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0),
-            GATHER=src is not None, TILE_M=TILE, TILE_K=TILE, POW2=pow2, num_warps=1 if _interpreting() else 8)
+            GATHER=src is not None, TILE_M=TILE, TILE_K=TILE, POW2=pow2, HW_CAST=_hw_cast(x.device),
+            num_warps=1 if _interpreting() else 8)
     return q, s, qt, st
 
 
 def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, sched: Schedule,
-                 out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                 out_dtype: torch.dtype = torch.bfloat16, accumulate: torch.Tensor | None = None) -> torch.Tensor:
     """c (M, N): c[rows of g] = a[rows of g] · b[g]ᵀ; a (M, K) e4m3 with a_s (M, K/128), b (G, N, K)
-    e4m3 with b_s (G, ceil(N/128), K/128). b may be any strided view; K-major runs fastest."""
+    e4m3 with b_s (G, ceil(N/128), K/128). b may be any strided view; K-major runs fastest. With
+    `accumulate` (M, N), the product is added into it in place (in its dtype; out_dtype is then
+    unused) and it is returned (one pass
+    instead of a second output and an add: the dgrad of weights that share an input)."""
     M, K = a.shape
     G, N = b.shape[0], b.shape[1]
     if a.dtype != FP8 or b.dtype != FP8:
@@ -261,7 +269,9 @@ def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
     if a_s.shape != (M, K // TILE) or b_s.shape != want_bs:
         raise ValueError(f"scales must be a_s {(M, K // TILE)} and b_s {want_bs}, got {tuple(a_s.shape)} and "
                          f"{tuple(b_s.shape)}")
-    c = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    if accumulate is not None and (accumulate.shape != (M, N) or accumulate.stride(1) != 1):
+        raise ValueError(f"accumulate must be ({M}, {N}) and contiguous along N, got {tuple(accumulate.shape)}")
+    c = accumulate if accumulate is not None else torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0:
         return c
     T = sched.group.numel()
@@ -271,14 +281,14 @@ def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
     if _fixed_config():  # the GPU tests
         grid = (T * triton.cdiv(N, 128),)
         _grouped_gemm_kernel[grid](*args, BLOCK_M=128, BLOCK_N=128, BLOCK_K=TILE, GROUP_M=8, TILE_M=TILE,
-                                   num_warps=8, num_stages=3)
+                                   ACCUMULATE=accumulate is not None, num_warps=8, num_stages=3)
     elif _interpreting():  # small fixed tiles keep the CPU tests fast
         grid = (T * (TILE // 16) * triton.cdiv(N, 32),)
         _grouped_gemm_kernel[grid](*args, BLOCK_M=16, BLOCK_N=32, BLOCK_K=TILE, GROUP_M=2, TILE_M=TILE,
-                                   num_warps=1, num_stages=1)
+                                   ACCUMULATE=accumulate is not None, num_warps=1, num_stages=1)
     else:
         grid = lambda meta: (T * (TILE // meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _grouped_gemm_tuned[grid](*args, BLOCK_K=TILE, TILE_M=TILE)
+        _grouped_gemm_tuned[grid](*args, BLOCK_K=TILE, TILE_M=TILE, ACCUMULATE=accumulate is not None)
     return c
 
 

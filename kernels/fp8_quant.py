@@ -8,11 +8,13 @@ Shape letters: M rows (tokens), K the quantized row length (features), N output 
   stored transposed for the wgrad GEMM (it sums over tokens). One read of x gives both:
   q (M, K), s (M, K/128), qt (K, M), st (K, ceil(M/128)).
 - `quant_blocks(w)`: one scale per 128x128 block (weights). w (N, K) -> q (N, K), s (ceil(N/128), K/128).
+  `quant_blocks_t(w)` also writes qᵀ (K, N) K-major from the same read (the dgrad operand).
 
 scale = amax / 448, with amax clamped to >= 1e-12 so an all-zero tile gives zeros and a finite
 scale, never NaN; `pow2=True` rounds each scale up to a power of two (exact rescaling, as some
-recipes prefer). The value x / scale is clamped to +-448 and rounded to nearest-even onto the E4M3
-grid in fp32 before the cast, so the cast itself is exact. Rounding in fp32 first matters twice:
+recipes prefer). The value x / scale is clamped to +-448 and rounded to nearest-even onto E4M3.
+On sm_90+ the compiled cast does that rounding (the hardware conversion). Elsewhere the value is
+rounded onto the E4M3 grid in fp32 before the cast, so the cast itself is exact, because:
 - Triton's interpreter drops the carry when rounding overflows the mantissa (126.8 became 64; an
   open Triton pull request, #11897, describes it);
 - the compiled fp32->e4m3 cast was reported to round through fp16 and send ~0.4% of values one
@@ -63,10 +65,16 @@ def _scale_of(amax, POW2: tl.constexpr):
 
 
 @triton.jit
-def _quant(x, s):
-    # div_rn: IEEE round-to-nearest division, as torch divides; compiled, `x / s` is an approximate
-    # division that put some values on the other side of a rounding midpoint (seen on an H100)
-    return _round_to_e4m3(tl.clamp(tl.math.div_rn(x, s), -448.0, 448.0))
+def _quant(x, s, HW_CAST: tl.constexpr):
+    """x / s clamped to +-448, in fp32, ready for the cast to e4m3. div_rn: IEEE round-to-nearest
+    division, as torch divides; compiled, `x / s` is an approximate division that put some values on
+    the other side of a rounding midpoint (seen on an H100). With HW_CAST (sm_90+, compiled) the
+    store's cast rounds (cvt.rn.satfinite to e4m3, ties to even); otherwise the value is rounded onto
+    the E4M3 grid here first, so that the cast is exact."""
+    v = tl.clamp(tl.math.div_rn(x, s), -448.0, 448.0)
+    if HW_CAST:
+        return v
+    return _round_to_e4m3(v)
 
 
 @triton.jit
@@ -78,7 +86,7 @@ def _quant_rows_kernel(
     # strides
     stride_xm, stride_qm, stride_sm,
     # meta-parameters
-    BLOCK_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr,
 ):
     """BLOCK_M rows x one 128-wide tile: a scale per row of the tile."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -87,7 +95,7 @@ def _quant_rows_kernel(
     rows64 = rows.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = _scale_of(tl.max(tl.abs(x), axis=1), POW2)  # (BLOCK_M,)
-    q = _quant(x, s[:, None])
+    q = _quant(x, s[:, None], HW_CAST)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows64 * stride_sm + tl.program_id(1), s, mask=rows < M)
 
@@ -101,7 +109,7 @@ def _quant_rows_and_cols_kernel(
     # strides
     stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk,
     # meta-parameters
-    TILE_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr,
 ):
     """One 128x128 tile read once: row scales (1x128 along K) and column scales (128x1 along M),
     the column-quantized tile stored transposed."""
@@ -115,8 +123,8 @@ def _quant_rows_and_cols_kernel(
     ax = tl.abs(x)
     s_row = _scale_of(tl.max(ax, axis=1), POW2)  # (TILE_M,)
     s_col = _scale_of(tl.max(ax, axis=0), POW2)  # (TILE_K,)
-    q = _quant(x, s_row[:, None])
-    qt = _quant(x, s_col[None, :])
+    q = _quant(x, s_row[:, None], HW_CAST)
+    qt = _quant(x, s_col[None, :], HW_CAST)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols64[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows64 * stride_sm + pid_k, s_row, mask=row_ok)
     # stored through a register transpose, so each thread writes along the rows of qt (coalesced):
@@ -135,7 +143,7 @@ def _quant_blocks_kernel(
     # strides
     stride_wn, stride_qn, stride_sn, stride_qtk,
     # meta-parameters
-    TILE: tl.constexpr, POW2: tl.constexpr, ROWS: tl.constexpr, TRANSPOSED: tl.constexpr,
+    TILE: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr, ROWS: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     """One 128x128 block, one scale; q (N, K) when ROWS, its transpose qt (K, N) when TRANSPOSED
     (the K-major Wᵀ the dgrad GEMM reads), both from one read of the block."""
@@ -145,7 +153,7 @@ def _quant_blocks_kernel(
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-    q = _quant(w, s).to(q_ptr.dtype.element_ty)
+    q = _quant(w, s, HW_CAST).to(q_ptr.dtype.element_ty)
     if ROWS:
         tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], q, mask=mask)
     if TRANSPOSED:  # through a register transpose: coalesced along qt's rows
@@ -159,6 +167,14 @@ def _quant_blocks_kernel(
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _hw_cast(device: torch.device) -> bool:
+    """Whether the compiled fp32 -> e4m3 cast rounds to nearest-even on `device`: on sm_90+ Triton
+    emits the hardware conversion; the interpreter drops the carry, and on sm_89 the cast was
+    reported to round through fp16, so there the kernels round in fp32 first (`_round_to_e4m3`).
+    The GPU tests hold both to torch's cast bit for bit, rounding midpoints included."""
+    return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _check_2d(x: torch.Tensor, name: str, k_multiple: bool = True) -> None:
@@ -180,7 +196,8 @@ def quant_rows(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch
     if M:
         block_m = 16
         _quant_rows_kernel[(triton.cdiv(M, block_m), K // TILE)](
-            x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), BLOCK_M=block_m, TILE_K=TILE, POW2=pow2)
+            x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), BLOCK_M=block_m, TILE_K=TILE, POW2=pow2,
+            HW_CAST=_hw_cast(x.device))
     return q, s
 
 
@@ -196,7 +213,8 @@ def quant_rows_and_cols(x: torch.Tensor, pow2: bool = False):
     if M:
         _quant_rows_and_cols_kernel[(triton.cdiv(M, TILE), K // TILE)](
             x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0),
-            TILE_M=TILE, TILE_K=TILE, POW2=pow2, num_warps=8)  # a 128x128 fp32 tile: 8 warps hold it
+            TILE_M=TILE, TILE_K=TILE, POW2=pow2, HW_CAST=_hw_cast(x.device),
+            num_warps=8)  # a 128x128 fp32 tile: 8 warps hold it
     return q, s, qt, st
 
 
@@ -209,7 +227,8 @@ def quant_blocks(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, tor
     s = torch.empty((triton.cdiv(N, TILE), K // TILE), dtype=torch.float32, device=w.device)
     if N:
         _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE)](w, q, s, q, N, K, w.stride(0), q.stride(0), s.stride(0),
-                                                                0, TILE=TILE, POW2=pow2, ROWS=True, TRANSPOSED=False)
+                                                                0, TILE=TILE, POW2=pow2, HW_CAST=_hw_cast(w.device),
+                                                                ROWS=True, TRANSPOSED=False)
     return q, s
 
 
@@ -225,7 +244,8 @@ def quant_blocks_t(w: torch.Tensor, pow2: bool = False, rows: bool = True):
     if N:
         _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE)](
             w, q if rows else qt, s, qt, N, K, w.stride(0), q.stride(0) if rows else 0, s.stride(0), qt.stride(0),
-            TILE=TILE, POW2=pow2, ROWS=rows, TRANSPOSED=True, num_warps=1 if _interpreting() else 8)
+            TILE=TILE, POW2=pow2, HW_CAST=_hw_cast(w.device), ROWS=rows, TRANSPOSED=True,
+            num_warps=1 if _interpreting() else 8)
     return q, s, qt
 
 

@@ -80,10 +80,13 @@ def test_grouped_gemm_equals_the_per_group_reference(sizes, k_major):
     if not k_major:  # the same operand read through a transposed view
         qw = qw.transpose(1, 2).contiguous().transpose(1, 2)
     c = fp8_grouped.grouped_gemm(q, s, qw, sw, sched, torch.float32)
+    c0 = randn(M, N, seed=11)
+    acc = fp8_grouped.grouped_gemm(q, s, qw, sw, sched, accumulate=c0.clone())  # adds into what it holds
     for g, (lo, hi) in enumerate(zip(bounds(sizes), bounds(sizes)[1:])):
         if hi > lo:
             ref = fp8_gemm_ref(q[lo:hi], s[lo:hi], qw[g], sw[g], torch.float32)
             assert rel(c[lo:hi], ref) < FP8_SUM_TOL
+            assert rel(acc[lo:hi], c0[lo:hi] + ref) < FP8_SUM_TOL
 
 
 @pytest.mark.parametrize("sizes", SIZES)
