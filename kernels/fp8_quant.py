@@ -153,11 +153,15 @@ def _quant_blocks_kernel(
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-    q = _quant(w, s, HW_CAST).to(q_ptr.dtype.element_ty)
+    v = _quant(w, s, HW_CAST)
     if ROWS:
-        tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], q, mask=mask)
-    if TRANSPOSED:  # through a register transpose: coalesced along qt's rows
-        tl.store(qt_ptr + cols[:, None] * stride_qtk + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+        tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], v.to(q_ptr.dtype.element_ty), mask=mask)
+    if TRANSPOSED:
+        # through a register transpose (coalesced along qt's rows) of the fp32 values, cast after:
+        # transposing the e4m3 tile instead gave garbage codes on an H100 (triton 3.6) for fp32
+        # weights with the hardware cast, while bf16 weights came out right
+        tl.store(qt_ptr + cols[:, None] * stride_qtk + rows[None, :], tl.trans(v).to(qt_ptr.dtype.element_ty),
+                 mask=(cols < K)[:, None] & (rows < N)[None, :])
     tl.store(s_ptr + pid_n * stride_sn + pid_k, s)
 
 
