@@ -153,15 +153,11 @@ def _quant_blocks_kernel(
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-    v = _quant(w, s, HW_CAST)
+    q = _quant(w, s, HW_CAST).to(q_ptr.dtype.element_ty)
     if ROWS:
-        tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], v.to(q_ptr.dtype.element_ty), mask=mask)
-    if TRANSPOSED:
-        # through a register transpose (coalesced along qt's rows) of the fp32 values, cast after:
-        # transposing the e4m3 tile instead gave garbage codes on an H100 (triton 3.6) for fp32
-        # weights with the hardware cast, while bf16 weights came out right
-        tl.store(qt_ptr + cols[:, None] * stride_qtk + rows[None, :], tl.trans(v).to(qt_ptr.dtype.element_ty),
-                 mask=(cols < K)[:, None] & (rows < N)[None, :])
+        tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], q, mask=mask)
+    if TRANSPOSED:  # through a register transpose: coalesced along qt's rows
+        tl.store(qt_ptr + cols[:, None] * stride_qtk + rows[None, :], tl.trans(q), mask=tl.trans(mask))
     tl.store(s_ptr + pid_n * stride_sn + pid_k, s)
 
 
@@ -248,8 +244,10 @@ def quant_blocks_t(w: torch.Tensor, pow2: bool = False, rows: bool = True):
     if N:
         _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE)](
             w, q if rows else qt, s, qt, N, K, w.stride(0), q.stride(0) if rows else 0, s.stride(0), qt.stride(0),
-            TILE=TILE, POW2=pow2, HW_CAST=_hw_cast(w.device), ROWS=rows, TRANSPOSED=True,
-            num_warps=1 if _interpreting() else 8)
+            # HW_CAST=False: with the hardware cast, the transposed copy of an fp32 weight came out wrong
+            # on an H100 (triton 3.6), whether the e4m3 tile or the fp32 values were transposed; bf16
+            # weights were right. Rounding in fp32 first, as for sm_89, gave the right codes there.
+            TILE=TILE, POW2=pow2, HW_CAST=False, ROWS=rows, TRANSPOSED=True, num_warps=1 if _interpreting() else 8)
     return q, s, qt
 
 
