@@ -255,9 +255,9 @@ def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
                  out_dtype: torch.dtype = torch.bfloat16, accumulate: torch.Tensor | None = None) -> torch.Tensor:
     """c (M, N): c[rows of g] = a[rows of g] · b[g]ᵀ; a (M, K) e4m3 with a_s (M, K/128), b (G, N, K)
     e4m3 with b_s (G, ceil(N/128), K/128). b may be any strided view; K-major runs fastest. With
-    `accumulate` (M, N), the product is added into it in place (in its dtype; out_dtype is then
-    unused) and it is returned (one pass
-    instead of a second output and an add: the dgrad of weights that share an input)."""
+    `accumulate` (M, N), the product is added into it in place, in its dtype (out_dtype is unused),
+    and it is returned: one pass instead of a second output and an add (the dgrad of weights that
+    share an input)."""
     M, K = a.shape
     G, N = b.shape[0], b.shape[1]
     if a.dtype != FP8 or b.dtype != FP8:
@@ -308,8 +308,8 @@ def grouped_wgrad(at: torch.Tensor, at_s: torch.Tensor, bt: torch.Tensor, bt_s: 
     if at.stride(1) != 1 or bt.stride(1) != 1:
         raise ValueError("at and bt must be contiguous along the tokens")
     c = torch.empty((G, N, K), dtype=out_dtype, device=at.device)
-    args = (at, bt, c, at_s, bt_s, sched.first, sched.count, N, K,
-            at.stride(0), bt.stride(0), c.stride(0), c.stride(1), c.stride(2), at_s.stride(0), bt_s.stride(0), _bucket(sched.m))
+    args = (at, bt, c, at_s, bt_s, sched.first, sched.count, N, K, at.stride(0), bt.stride(0),
+            c.stride(0), c.stride(1), c.stride(2), at_s.stride(0), bt_s.stride(0), _bucket(sched.m))
     if _fixed_config():  # the GPU tests
         _grouped_wgrad_kernel[(G, triton.cdiv(N, 128) * triton.cdiv(K, 128))](*args, BLOCK_N=128, BLOCK_K=128,
                                                                               TILE_M=TILE, num_warps=8, num_stages=3)
