@@ -9,8 +9,8 @@ GEMM rows (TFLOP/s from the median time: triton.testing.do_bench on a GPU):
 - fp8_block: effllm's block-scaled GEMM on pre-quantized operands;
 - fp8_block+quant: the same plus quantizing the activation (1x128) inside the timed region;
 - fp8_dgrad: the input-gradient layout as FP8Linear runs it (Wᵀ K-major, written by the weight
-  quantization, `quant_blocks_t`); fp8_dgrad_strided reads the transposed view of W instead; fp8_wgrad: both operands tiled along the
-  tokens (K = M there). Each is checked against fp8_gemm_ref on a slice of rows.
+  quantization, `quant_blocks_t`); fp8_dgrad_strided reads the transposed view of W instead;
+  fp8_wgrad: both operands tiled along the tokens (K = M there). Each is checked against fp8_gemm_ref on a slice of rows.
 Shapes: 4096³, 8192³ and DeepSeek-V3's M=4096 with (N, K) = (7168, 16384), (4096, 7168) and
 (2112, 7168). The quantization kernels report GB/s as bytes read plus bytes written. FP8Linear
 forward+backward is compared with a bf16 nn.Linear at hidden 4096 and 8192 (M=8192 tokens).

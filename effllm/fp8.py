@@ -118,8 +118,9 @@ class FP8GroupedMMFunction(torch.autograd.Function):
         for w in ws:  # 128x128 blocks never straddle experts: N % 128 == 0
             N = w.shape[1]
             q_w, s_w, qt_w = quant_w_t(w.reshape(-1, K), pow2)  # qt_w (K, E N): each expert's Wᵀ, K-major
-            qws.append((q_w.view(E, N, K), s_w.view(E, N // TILE, K // TILE)))
-            qwts.append((qt_w.view(K, E, N).permute(1, 0, 2), s_w.view(E, N // TILE, K // TILE).transpose(1, 2)))
+            s_w = s_w.view(E, N // TILE, K // TILE)
+            qws.append((q_w.view(E, N, K), s_w))
+            qwts.append((qt_w.view(K, E, N).permute(1, 0, 2), s_w.transpose(1, 2)))
         if backend == "triton":
             sched = fp8_grouped.schedule(offsets, M)
             q_x, s_x, qt_x, st_x = fp8_grouped.quant_grouped(x, sched, src, pow2)

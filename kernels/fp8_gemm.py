@@ -40,26 +40,6 @@ TILE = 128
 
 
 @triton.jit
-def _block_scales(as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk, m_ok, n_ok, B_ROW_SCALES: tl.constexpr):
-    """K block kb's scales: a_s (BLOCK_M,), and b_s (BLOCK_N,) in row mode or one scalar in block mode."""
-    a_s = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)
-    if B_ROW_SCALES:
-        b_s = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)
-    else:
-        b_s = tl.load(bs_ptrs + kb * stride_bsk)
-    return a_s, b_s
-
-
-@triton.jit
-def _promote(acc, part, a_s, b_s, B_ROW_SCALES: tl.constexpr):
-    """acc + one K block's fp32 partial product times its scales (DeepSeek-V3's promotion)."""
-    if B_ROW_SCALES:
-        return acc + part * a_s[:, None] * b_s[None, :]
-    else:  # one multiply-add per element: the row scale times the block scale first
-        return acc + part * (a_s * b_s)[:, None]
-
-
-@triton.jit
 def _fp8_gemm_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr,
@@ -100,8 +80,13 @@ def _fp8_gemm_kernel(
         k_ok = kb * BLOCK_K + rk < K
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        a_s, b_s = _block_scales(as_ptrs, bs_ptrs, kb, stride_ask, stride_bsk, m_ok, n_ok, B_ROW_SCALES)
-        acc = _promote(acc, tl.dot(a, b), a_s, b_s, B_ROW_SCALES)
+        a_s = tl.load(as_ptrs + kb * stride_ask, mask=m_ok, other=0.0)  # (BLOCK_M,)
+        if B_ROW_SCALES:
+            b_s = tl.load(bs_ptrs + kb * stride_bsk, mask=n_ok, other=0.0)  # (BLOCK_N,)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        else:  # one multiply-add per element: the row scale times the block scale first
+            b_s = tl.load(bs_ptrs + kb * stride_bsk)
+            acc += tl.dot(a, b) * (a_s * b_s)[:, None]
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     c_ptrs = c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn
