@@ -89,8 +89,8 @@ class FP8LinearFunction(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:  # dX = dY · W, with the K-major Wᵀ (FP8 MMA reads K-major operands)
             dx = gemm(q_dy, s_dy, qt_w, s_w.t(), x_dtype)
-        if ctx.needs_input_grad[1]:  # dW = dYᵀ · X, both tiled along the tokens
-            dw = gemm(qt_dy, st_dy, qt_x, st_x, torch.float32, b_row_scales=True).to(w_dtype)
+        if ctx.needs_input_grad[1]:  # dW = dYᵀ · X, both tiled along the tokens (fp32 sums, rounded once)
+            dw = gemm(qt_dy, st_dy, qt_x, st_x, w_dtype, b_row_scales=True)
         return dx, dw, None, None, None
 
 
@@ -101,7 +101,8 @@ class FP8GroupedMMFunction(torch.autograd.Function):
     features, each expert's weight per 128x128 block, and for each expert's weight gradient both
     operands tiled along that expert's own tokens (a 128-token tile never straddles two experts).
     Several weights may share the input (the SwiGLU's gate and up projections): it is quantized
-    once. With `src`, sorted row i is x[src[i]] (the MoE dispatch gather) and dx is scattered back.
+    once. With `src`, sorted row i is x[src[i]] (the MoE dispatch gather), and each source row's
+    gradient is the sum of its sorted rows' (on the Triton path a gather in a fixed order, no atomics).
 
     Paths: "triton" runs kernels/fp8_grouped.py, one launch per quantization or GEMM whatever the
     number of experts, with the tile schedule computed on the device (no host sync); "torch" loops
@@ -186,7 +187,10 @@ class FP8GroupedMMFunction(torch.autograd.Function):
                         dw[g] = gemm(qt_dy, st_dy, qt_x, st_x, torch.float32, b_row_scales=True).to(w_dtypes[i])
                 dws.append(dw)
         if dx is not None and src is not None:  # the gather's gradient: each source row sums its pairs
-            dx = torch.zeros(x_shape, dtype=torch.float32, device=dx.device).index_add_(0, src, dx.float())
+            if backend == "triton":  # gathered per source row in a fixed order: no atomics, deterministic
+                dx = fp8_grouped.sum_by_source(dx, src, x_shape[0], x_dtype)
+            else:
+                dx = torch.zeros(x_shape, dtype=torch.float32, device=dx.device).index_add_(0, src, dx.float())
         if dx is not None:
             dx = dx.to(x_dtype)
         ctx.state = ctx.qwts = ctx.src = None

@@ -18,6 +18,8 @@ device). That one schedule serves three kernels:
   operands give each tile its own 128 columns, zero-padded past its group's end, so the wgrad's
   loads along the tokens start 128-aligned (DeepGEMM aligns its groups the same way). Read from
   each group's first row instead, they were unaligned, and the wgrad ran at ~40 TFLOP/s on an H100.
+- `sum_by_source(dx, src, rows)`: the fused gather's gradient, each source row the fp32 sum of its
+  sorted rows, gathered in a fixed order (no atomics, so the same on every run).
 fp32 accumulation with the scales applied per 128-wide K block (DeepSeek-V3 §3.3.2), as in
 kernels/fp8_gemm.py. The per-group loop over fp8_gemm_ref in effllm/fp8.py is their reference.
 """
@@ -199,6 +201,31 @@ def _grouped_wgrad_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
 
+@triton.jit
+def _sum_by_source_kernel(
+    # pointers
+    dx_ptr, order_ptr, bounds_ptr, out_ptr,
+    # sizes
+    D,
+    # strides
+    stride_dx, stride_out,
+    # meta-parameters
+    BLOCK_D: tl.constexpr,
+):
+    """One source row r x BLOCK_D columns: the fp32 sum of dx's rows order[bounds[r]] ..
+    order[bounds[r+1] - 1] (the sorted rows gathered from r), in that fixed order."""
+    r, pid_d = tl.program_id(0), tl.program_id(1)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = cols < D
+    lo = tl.load(bounds_ptr + r)
+    hi = tl.load(bounds_ptr + r + 1)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j in range(lo, hi):
+        row = tl.load(order_ptr + j).to(tl.int64)
+        acc += tl.load(dx_ptr + row * stride_dx + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + r.to(tl.int64) * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # restore_value: timing a configuration runs the kernel, which with ACCUMULATE adds into c
 _grouped_gemm_tuned = triton.autotune(configs=_hopper_configs(), key=["M_BUCKET", "N", "K", "B_K_CONTIGUOUS"],
                                       restore_value=["c_ptr"])(_grouped_gemm_kernel)
@@ -320,3 +347,25 @@ def grouped_wgrad(at: torch.Tensor, at_s: torch.Tensor, bt: torch.Tensor, bt_s: 
         grid = lambda meta: (G, triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
         _grouped_wgrad_tuned[grid](*args, TILE_M=TILE)
     return c
+
+
+def sum_by_source(dx: torch.Tensor, src: torch.Tensor, rows: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """The fused dispatch gather's gradient: out (rows, D) in `out_dtype`, out[r] the fp32 sum of the
+    rows dx[i] with src[i] == r (zeros where none), taken in increasing i. Each source row gathers
+    its own sorted rows, so there are no atomics: the result is the same on every run, unlike an
+    index_add on a GPU, and the fp32 (rows, D) buffer and its cast are never written. The grouping
+    is a stable sort of src and a binary search: no host sync."""
+    if dx.dim() != 2 or src.dim() != 1 or src.numel() != dx.shape[0]:
+        raise ValueError(f"sum_by_source takes dx (M, D) and src (M,), got {tuple(dx.shape)} and {tuple(src.shape)}")
+    if dx.stride(1) != 1:
+        raise ValueError("dx must be contiguous along its last dim")
+    D = dx.shape[1]
+    out = torch.empty((rows, D), dtype=out_dtype, device=dx.device)
+    if rows == 0 or D == 0:
+        return out
+    sorted_src, order = torch.sort(src, stable=True)
+    bounds = torch.searchsorted(sorted_src, torch.arange(rows + 1, device=src.device, dtype=sorted_src.dtype))
+    block_d = min(1024, triton.next_power_of_2(D))
+    _sum_by_source_kernel[(rows, triton.cdiv(D, block_d))](dx, order, bounds, out, D, dx.stride(0), out.stride(0),
+                                                           BLOCK_D=block_d, num_warps=1 if _interpreting() else 4)
+    return out

@@ -103,3 +103,23 @@ def test_fp8_moe_training_reaches_the_full_precision_loss(byte_data, tmp_path):
     model = ModelConfig(vocab_size=256, dim=128, n_layers=2, n_heads=4, max_seq_len=64, ffn="moe", first_k_dense=1,
                         moe=MoEConfig(n_routed_experts=4, top_k=2, expert_dim=128, n_shared_experts=1))
     assert_fp8_trains_like_fp32(byte_data, tmp_path, model)
+
+
+@pytest.mark.gpu
+def test_fp8_moe_gradients_are_the_same_on_every_run():
+    """The FP8 MoE layer's backward on the GPU has no atomics (the dispatch gradient is a gather-sum
+    per token, kernels.fp8_grouped.sum_by_source): two runs give the same gradients bit for bit."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("no FP8 tensor cores")
+    torch.manual_seed(0)
+    layer = MoE(256, MoEConfig(n_routed_experts=8, top_k=3, expert_dim=128, n_shared_experts=1)).to(DEVICE)
+    assert "experts" in convert_to_fp8(layer)["converted"]
+    x = torch.randn(4, 97, 256, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        layer(xi).pow(2).sum().backward()
+        runs.append([xi.grad] + [p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -133,6 +133,28 @@ def test_shared_input_and_fused_gather_give_the_gathered_products_and_gradients(
             assert torch.equal(a, torch.zeros_like(a)) if n == 0 else rel(a, b) < tol
 
 
+@pytest.mark.parametrize("D", [200, 1030])  # one partial column block; two column blocks
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_sum_by_source_equals_the_sequential_index_add(D, out_dtype):
+    """The fused gather's gradient: each source row sums its sorted rows in increasing order, which
+    is the order of a CPU index_add, so the fp32 sums agree bit for bit (on a GPU too, where the
+    index_add would use atomics). Rows that no sorted row reads get zeros."""
+    rows, M = 23, 61
+    src = torch.randint(0, rows - 3, (M,), generator=torch.Generator().manual_seed(21)).to(DEVICE)  # 3 unread
+    dx = randn(M, D, seed=22)
+    out = fp8_grouped.sum_by_source(dx, src, rows, out_dtype)
+    ref = torch.zeros(rows, D).index_add_(0, src.cpu(), dx.cpu())
+    if out_dtype == torch.bfloat16 and DEVICE == "cpu":
+        # Triton's interpreter rounds fp32 -> bf16 toward zero (its cast passes no rounding mode);
+        # compiled kernels round to nearest even, as torch does. Same fp32 sums, so exact either way.
+        ref = (ref.view(torch.int32) & ~0xFFFF).view(torch.float32)
+    assert out.dtype == out_dtype and torch.equal(out.cpu(), ref.to(out_dtype))
+    assert torch.equal(out[rows - 3:].cpu(), torch.zeros(3, D, dtype=out_dtype))
+    assert fp8_grouped.sum_by_source(dx[:0], src[:0], rows, out_dtype).abs().sum() == 0  # no rows: zeros
+    with pytest.raises(ValueError, match="src"):
+        fp8_grouped.sum_by_source(dx, src[1:], rows, out_dtype)
+
+
 def test_bad_operands_are_refused():
     sched = fp8_grouped.schedule(offsets_of([3, 4]), 7)
     with pytest.raises(ValueError, match="multiple of 128"):
@@ -148,17 +170,21 @@ def test_bad_operands_are_refused():
 
 
 @pytest.mark.gpu
-def test_triton_path_never_waits_for_the_host():
-    """One launch per kernel, grids sized from shapes alone: no device-to-host sync in a step."""
+@pytest.mark.parametrize("gather", [False, True])
+def test_triton_path_never_waits_for_the_host(gather):
+    """One launch per kernel, grids sized from shapes alone: no device-to-host sync in a step, the
+    fused gather and its gradient (sum_by_source) included."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no FP8 tensor cores")
     sizes = [300, 0, 129, 1000]
     offsets = offsets_of(sizes)
-    x = randn(sum(sizes), 256, seed=11).requires_grad_()
+    M = sum(sizes)
+    src = torch.randperm(M, generator=torch.Generator().manual_seed(13)).to(DEVICE) % 700 if gather else None
+    x = randn(700 if gather else M, 256, seed=11).requires_grad_()
     w = randn(len(sizes), 384, 256, seed=12, scale=0.05).requires_grad_()
-    fp8_grouped_mm(x, w, offsets, "triton").sum().backward()  # autotunes (which syncs) once
+    fp8_grouped_mm(x, w, offsets, "triton", src=src).sum().backward()  # autotunes (which syncs) once
     torch.cuda.set_sync_debug_mode("error")
     try:
-        fp8_grouped_mm(x, w, offsets, "triton").sum().backward()
+        fp8_grouped_mm(x, w, offsets, "triton", src=src).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
