@@ -10,8 +10,10 @@ Paths: the Triton kernels (kernels/fp8_quant.py, kernels/fp8_gemm.py) on CUDA GP
 tensor cores (compute capability 8.9+); elsewhere the same quantize / dequantize / blockwise
 matmul written in PyTorch, so FP8 numerics train and test on a CPU.
 
-`convert_to_fp8(model)` swaps a model's linears for FP8Linear and switches routed experts to
-`fp8_grouped_mm`. It keeps in higher precision the parts DeepSeek-V3 keeps there: the embedding,
+`fp8_grouped_mm` runs grouped GEMMs over expert-sorted rows the same way. `fp8_swiglu_experts`
+runs whole SwiGLU experts (six grouped GEMMs) with the SwiGLU and its gradients computed inside
+the quantizations. `convert_to_fp8(model)` swaps a model's linears for FP8Linear and switches
+routed experts to `fp8_swiglu_experts`. It keeps in higher precision the parts DeepSeek-V3 keeps there: the embedding,
 the output head, routers (and so the gate) and norms. It leaves alone any linear or expert whose
 dims are not multiples of 128. It returns what it converted and why it skipped the rest.
 """
@@ -94,107 +96,196 @@ class FP8LinearFunction(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
+class _Grouped:
+    """The grouped FP8 operations of one step over expert-sorted rows, on one backend: "triton" runs
+    kernels/fp8_grouped.py (one launch per quantization or GEMM whatever the number of experts,
+    the tile schedule computed on the device, no host sync); "torch" loops over the experts with
+    the PyTorch reference ops (the CPU path, and the kernels' reference).
+
+    A quantized operand is what `quant` returns: on "triton" (q, s, qt, st) for all rows, in
+    quant_grouped's layout; on "torch" one (q, s, qt, st) per expert (None for an empty one).
+    Both are tiled 1x128 along the features (q, s: forward and dgrad) and along each expert's own
+    tokens (qt, st: wgrad; a 128-token tile never straddles two experts)."""
+
+    def __init__(self, backend: str, offsets: torch.Tensor, m: int, pow2: bool):
+        self.backend, self.m, self.pow2, self.device = backend, m, pow2, offsets.device
+        if backend == "triton":
+            self.sched = fp8_grouped.schedule(offsets, m)
+        else:
+            self.bounds = [0] + offsets.tolist()
+
+    def _per_expert(self, rows: torch.Tensor) -> list:
+        quant_both = _OPS["torch"][0]
+        return [quant_both(rows[lo:hi].contiguous(), self.pow2) if hi > lo else None
+                for lo, hi in zip(self.bounds, self.bounds[1:])]
+
+    def quant(self, x: torch.Tensor, src: torch.Tensor | None = None):
+        """Rows x[src[i]] (or x[i]), quantized both ways; the gather is fused on "triton"."""
+        if self.backend == "triton":
+            return fp8_grouped.quant_grouped(x, self.sched, src, self.pow2)
+        return self._per_expert(x[src] if src is not None else x)
+
+    def quant_swiglu(self, gate, up, dh=None, wrt=None):
+        """silu(gate)·up, or its gradient along `wrt`, computed in fp32 and quantized both ways."""
+        if self.backend == "triton":
+            return fp8_grouped.quant_swiglu(gate, up, self.sched, self.pow2, dh, wrt)
+        return self._per_expert(fp8_grouped.swiglu_ref(gate, up, dh, wrt))
+
+    @staticmethod
+    def for_wgrad(a):
+        """The part of a quantized operand that the wgrad reads (the rest need not be kept)."""
+        if isinstance(a, tuple):
+            return (None, None, a[2], a[3])
+        return [None if p is None else (None, None, p[2], p[3]) for p in a]
+
+    def gemm(self, a, w, out_dtype: torch.dtype | None, accumulate: torch.Tensor | None = None) -> torch.Tensor:
+        """c[rows of g] = a[rows of g] · w[g]ᵀ, w = (q (G, N, K), s (G, N/128, K/128)); with
+        `accumulate`, added into it in fp32 and stored in its dtype."""
+        q_w, s_w = w
+        if self.backend == "triton":
+            return fp8_grouped.grouped_gemm(a[0], a[1], q_w, s_w, self.sched, out_dtype, accumulate=accumulate)
+        gemm = _OPS["torch"][3]
+        c = accumulate if accumulate is not None else torch.zeros((self.m, q_w.shape[1]), dtype=out_dtype,
+                                                                  device=self.device)
+        for g, (p, lo, hi) in enumerate(zip(a, self.bounds, self.bounds[1:])):
+            if p is None:
+                continue
+            part = gemm(p[0], p[1], q_w[g], s_w[g], torch.float32)
+            c[lo:hi] = (part + c[lo:hi].float() if accumulate is not None else part).to(c.dtype)
+        return c
+
+    def wgrad(self, at, bt, shape: tuple[int, int, int], out_dtype: torch.dtype) -> torch.Tensor:
+        """dw (G, N, K) = per expert, at[rows of g]ᵀ · bt[rows of g] over its tokens (exact zeros for
+        an expert without tokens), accumulated in fp32 and stored in `out_dtype`."""
+        if self.backend == "triton":
+            return fp8_grouped.grouped_wgrad(at[2], at[3], bt[2], bt[3], self.sched, out_dtype)
+        gemm = _OPS["torch"][3]
+        dw = torch.zeros(shape, dtype=out_dtype, device=self.device)
+        for g, (a, b) in enumerate(zip(at, bt)):
+            if a is not None:
+                dw[g] = gemm(a[2], a[3], b[2], b[3], out_dtype, b_row_scales=True)
+        return dw
+
+    def input_grad(self, dx: torch.Tensor, src: torch.Tensor | None, rows: int, out_dtype: torch.dtype):
+        """The input's gradient from the sorted rows' (fp32 or out_dtype): with `src`, each source
+        row sums its sorted rows (the gather's gradient); on "triton" a gather in a fixed order,
+        no atomics, so the same on every run."""
+        if src is None:
+            return dx.to(out_dtype)
+        if self.backend == "triton":
+            return fp8_grouped.sum_by_source(dx, src, rows, out_dtype)
+        out = torch.zeros((rows, dx.shape[1]), dtype=torch.float32, device=dx.device)
+        return out.index_add_(0, src, dx.float()).to(out_dtype)
+
+
+def _quant_expert_weights(ws, backend: str, pow2: bool):
+    """Each (G, N, K) weight per 128x128 block (blocks never straddle experts: N % 128 == 0) ->
+    [(q, s)] for the forward and [(qᵀ, sᵀ)] for dgrad, each expert's Wᵀ K-major (FP8 MMA reads
+    K-major operands), written by the same pass that reads W."""
+    quant_w_t = _OPS[backend][2]
+    qws, qwts = [], []
+    for w in ws:
+        E, N, K = w.shape
+        q_w, s_w, qt_w = quant_w_t(w.reshape(-1, K), pow2)  # qt_w (K, E N)
+        s_w = s_w.view(E, N // TILE, K // TILE)
+        qws.append((q_w.view(E, N, K), s_w))
+        qwts.append((qt_w.view(K, E, N).permute(1, 0, 2), s_w.transpose(1, 2)))
+    return qws, qwts
+
+
 class FP8GroupedMMFunction(torch.autograd.Function):
     """ys[i][rows of g] = x[rows of g] · ws[i][g]ᵀ for expert-sorted rows, all GEMMs in FP8.
 
     The same scaling as FP8Linear, per expert: activations and output gradients 1x128 along the
     features, each expert's weight per 128x128 block, and for each expert's weight gradient both
-    operands tiled along that expert's own tokens (a 128-token tile never straddles two experts).
-    Several weights may share the input (the SwiGLU's gate and up projections): it is quantized
-    once. With `src`, sorted row i is x[src[i]] (the MoE dispatch gather), and each source row's
-    gradient is the sum of its sorted rows' (on the Triton path a gather in a fixed order, no atomics).
-
-    Paths: "triton" runs kernels/fp8_grouped.py, one launch per quantization or GEMM whatever the
-    number of experts, with the tile schedule computed on the device (no host sync); "torch" loops
-    over the experts with the PyTorch reference ops (the CPU path, and the kernels' reference).
+    operands tiled along that expert's own tokens. Several weights may share the input (the
+    SwiGLU's gate and up projections): it is quantized once. With `src`, sorted row i is x[src[i]]
+    (the MoE dispatch gather), and each source row's gradient is the sum of its sorted rows'.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, src: torch.Tensor | None, offsets: torch.Tensor, out_dtype: torch.dtype,
                 backend: str, pow2: bool, *ws: torch.Tensor):
-        quant_both, _, quant_w_t, gemm = _OPS[backend]
-        E, _, K = ws[0].shape
         M = src.numel() if src is not None else x.shape[0]
-        qws, qwts = [], []
-        for w in ws:  # 128x128 blocks never straddle experts: N % 128 == 0
-            N = w.shape[1]
-            q_w, s_w, qt_w = quant_w_t(w.reshape(-1, K), pow2)  # qt_w (K, E N): each expert's Wᵀ, K-major
-            s_w = s_w.view(E, N // TILE, K // TILE)
-            qws.append((q_w.view(E, N, K), s_w))
-            qwts.append((qt_w.view(K, E, N).permute(1, 0, 2), s_w.transpose(1, 2)))
-        if backend == "triton":
-            sched = fp8_grouped.schedule(offsets, M)
-            q_x, s_x, qt_x, st_x = fp8_grouped.quant_grouped(x, sched, src, pow2)
-            ys = [fp8_grouped.grouped_gemm(q_x, s_x, q_w, s_w, sched, out_dtype) for q_w, s_w in qws]
-            ctx.state = (sched, qt_x, st_x)  # the input is kept in FP8 only, tiled for wgrad
-        else:
-            bounds = [0] + offsets.tolist()
-            rows = x[src] if src is not None else x
-            ys = [x.new_empty((M, w.shape[1]), dtype=out_dtype) for w in ws]
-            saved = []  # per group: its rows tiled along its tokens (for wgrad), in FP8
-            for g in range(E):
-                lo, hi = bounds[g], bounds[g + 1]
-                if hi == lo:
-                    saved.append(None)
-                    continue
-                q_x, s_x, qt_x, st_x = quant_both(rows[lo:hi].contiguous(), pow2)
-                for y, (q_w, s_w) in zip(ys, qws):
-                    y[lo:hi] = gemm(q_x, s_x, q_w[g], s_w[g], out_dtype)
-                saved.append((qt_x, st_x))
-            ctx.state = (bounds, saved)
-        ctx.qwts, ctx.src = qwts, src  # dgrad reads only the transposed weights
-        ctx.meta = (backend, pow2, x.dtype, x.shape, [w.dtype for w in ws])
-        return tuple(ys)
+        qws, qwts = _quant_expert_weights(ws, backend, pow2)
+        ops = _Grouped(backend, offsets, M, pow2)
+        q_x = ops.quant(x, src)
+        ys = tuple(ops.gemm(q_x, q_w, out_dtype) for q_w in qws)
+        ctx.ops, ctx.q_x, ctx.qwts, ctx.src = ops, ops.for_wgrad(q_x), qwts, src  # the input is kept in FP8 only
+        ctx.meta = (x.dtype, x.shape[0], [w.shape for w in ws], [w.dtype for w in ws])
+        return ys
 
     @staticmethod
     def backward(ctx, *dys: torch.Tensor):
-        backend, pow2, x_dtype, x_shape, w_dtypes = ctx.meta
-        quant_both, _, _, gemm = _OPS[backend]
-        qwts, src = ctx.qwts, ctx.src
-        need_dx = ctx.needs_input_grad[0]
+        x_dtype, x_rows, w_shapes, w_dtypes = ctx.meta
+        ops, q_x, src = ctx.ops, ctx.q_x, ctx.src
         dx, dws = None, []
-        part_dtype = x_dtype if len(qwts) == 1 and src is None else torch.float32  # sums of parts in fp32
-        if backend == "triton":
-            sched, qt_x, st_x = ctx.state
-            for i, (dy, (qt_w, st_w)) in enumerate(zip(dys, qwts)):
-                if dy is None:
-                    dws.append(None)
-                    continue
-                q_dy, s_dy, qt_dy, st_dy = fp8_grouped.quant_grouped(dy.contiguous(), sched, None, pow2)
-                if need_dx:  # dX = dY · W[g], with each Wᵀ K-major (FP8 MMA reads K-major operands); a
-                    # second weight's part is added in the GEMM's epilogue
-                    dx = fp8_grouped.grouped_gemm(q_dy, s_dy, qt_w, st_w, sched, part_dtype, accumulate=dx)
-                dws.append(fp8_grouped.grouped_wgrad(qt_dy, st_dy, qt_x, st_x, sched, w_dtypes[i])
-                           if ctx.needs_input_grad[6 + i] else None)  # fp32 sums, cast once on the store
-        else:
-            bounds, saved = ctx.state
-            E, M = len(bounds) - 1, bounds[-1]
-            if need_dx:
-                dx = torch.zeros((M, x_shape[1]), dtype=part_dtype, device=qwts[0][0].device)
-            for i, (dy, (qt_w, st_w)) in enumerate(zip(dys, qwts)):
-                need_dw = ctx.needs_input_grad[6 + i] and dy is not None
-                E, K, N = qt_w.shape
-                dw = torch.zeros((E, N, K), dtype=w_dtypes[i], device=qt_w.device) if need_dw else None
-                for g in range(E):
-                    lo, hi = bounds[g], bounds[g + 1]
-                    if hi == lo or dy is None:
-                        continue
-                    q_dy, s_dy, qt_dy, st_dy = quant_both(dy[lo:hi].contiguous(), pow2)
-                    if need_dx:  # dX = dY · W[g]
-                        dx[lo:hi] += gemm(q_dy, s_dy, qt_w[g], st_w[g], part_dtype)
-                    if need_dw:  # dW[g] = dYᵀ · X over this expert's tokens
-                        qt_x, st_x = saved[g]
-                        dw[g] = gemm(qt_dy, st_dy, qt_x, st_x, torch.float32, b_row_scales=True).to(w_dtypes[i])
-                dws.append(dw)
-        if dx is not None and src is not None:  # the gather's gradient: each source row sums its pairs
-            if backend == "triton":  # gathered per source row in a fixed order: no atomics, deterministic
-                dx = fp8_grouped.sum_by_source(dx, src, x_shape[0], x_dtype)
-            else:
-                dx = torch.zeros(x_shape, dtype=torch.float32, device=dx.device).index_add_(0, src, dx.float())
+        part_dtype = x_dtype if len(dys) == 1 and src is None else torch.float32  # sums of parts in fp32
+        for i, (dy, qwt) in enumerate(zip(dys, ctx.qwts)):
+            if dy is None:
+                dws.append(None)
+                continue
+            q_dy = ops.quant(dy.contiguous())
+            if ctx.needs_input_grad[0]:  # dX = dY · W[g]; a second weight's part is added in the epilogue
+                dx = ops.gemm(q_dy, qwt, part_dtype, accumulate=dx)
+            dws.append(ops.wgrad(q_dy, q_x, w_shapes[i], w_dtypes[i]) if ctx.needs_input_grad[6 + i] else None)
         if dx is not None:
-            dx = dx.to(x_dtype)
-        ctx.state = ctx.qwts = ctx.src = None
+            dx = ops.input_grad(dx, src, x_rows, x_dtype)
+        ctx.ops = ctx.q_x = ctx.qwts = ctx.src = None
         return (dx, None, None, None, None, None, *dws)
+
+
+class FP8SwiGLUExpertsFunction(torch.autograd.Function):
+    """y[rows of g] = (silu(x · w1[g]ᵀ) ⊙ (x · w3[g]ᵀ)) · w2[g]ᵀ for expert-sorted rows: the routed
+    experts, their six GEMMs in FP8, scaled as in FP8GroupedMMFunction.
+
+    One function for the whole expert, so the SwiGLU's high-precision terms are computed in fp32
+    inside the quantizations and never stored: the forward quantizes h = silu(gate)·up straight from
+    gate and up, and the backward quantizes the gradients along gate and up straight from dh, gate
+    and up. Kept for the backward: gate and up (out_dtype) and the input and h in FP8.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, src: torch.Tensor | None, offsets: torch.Tensor, out_dtype: torch.dtype,
+                backend: str, pow2: bool, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
+        M = src.numel() if src is not None else x.shape[0]
+        (q1, q3, q2), qwts = _quant_expert_weights((w1, w3, w2), backend, pow2)
+        ops = _Grouped(backend, offsets, M, pow2)
+        q_x = ops.quant(x, src)
+        gate, up = ops.gemm(q_x, q1, out_dtype), ops.gemm(q_x, q3, out_dtype)
+        q_h = ops.quant_swiglu(gate, up)
+        y = ops.gemm(q_h, q2, out_dtype)
+        ctx.ops, ctx.qwts, ctx.src = ops, qwts, src
+        ctx.kept = (ops.for_wgrad(q_x), gate, up, ops.for_wgrad(q_h))
+        ctx.meta = (x.dtype, x.shape[0], [w.shape for w in (w1, w3, w2)], [w.dtype for w in (w1, w3, w2)])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x_dtype, x_rows, w_shapes, w_dtypes = ctx.meta
+        ops, src, (t1, t3, t2) = ctx.ops, ctx.src, ctx.qwts
+        q_x, gate, up, q_h = ctx.kept
+        need = ctx.needs_input_grad
+        q_dy = ops.quant(dy.contiguous())
+        dw2 = ops.wgrad(q_dy, q_h, w_shapes[2], w_dtypes[2]) if need[8] else None
+        dh = ops.gemm(q_dy, t2, gate.dtype)  # dH = dY · W2[g]
+        q_dg = ops.quant_swiglu(gate, up, dh, "gate")
+        q_du = ops.quant_swiglu(gate, up, dh, "up")
+        dx = None
+        if need[0]:  # dX = dGate · W1[g] + dUp · W3[g], summed in fp32 in the second GEMM's epilogue
+            dx = ops.gemm(q_du, t3, None, accumulate=ops.gemm(q_dg, t1, torch.float32))
+            dx = ops.input_grad(dx, src, x_rows, x_dtype)
+        dw1 = ops.wgrad(q_dg, q_x, w_shapes[0], w_dtypes[0]) if need[6] else None
+        dw3 = ops.wgrad(q_du, q_x, w_shapes[1], w_dtypes[1]) if need[7] else None
+        ctx.ops = ctx.qwts = ctx.src = ctx.kept = None
+        return dx, None, None, None, None, None, dw1, dw3, dw2
+
+
+def _check_expert_weights(ws) -> None:
+    for wi in ws:
+        if wi.dim() != 3 or wi.shape[1] % TILE or wi.shape[2] % TILE or wi.shape[::2] != ws[0].shape[::2]:
+            raise ConfigError(f"FP8 experts need (G, N, K) weights with N and K multiples of {TILE} (and the same G "
+                              f"and K), got {[tuple(v.shape) for v in ws]}: keep these experts in higher precision")
 
 
 def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...], offsets: torch.Tensor,
@@ -207,15 +298,34 @@ def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...], 
     the dispatch gather, fused into the quantization on the Triton path. The output takes the
     autocast dtype under autocast, else x's; the master weights keep their own dtype."""
     ws = w if isinstance(w, tuple) else (w,)
-    for wi in ws:
-        if wi.dim() != 3 or wi.shape[1] % TILE or wi.shape[2] % TILE or wi.shape[::2] != ws[0].shape[::2]:
-            raise ConfigError(f"FP8 experts need (G, N, K) weights with N and K multiples of {TILE} (and the same G "
-                              f"and K), got {[tuple(v.shape) for v in ws]}: keep these experts in higher precision")
+    _check_expert_weights(ws)
     device = x.device.type
     out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     with torch.autocast(device, enabled=False):
         ys = FP8GroupedMMFunction.apply(x, src, offsets, out_dtype, fp8_backend(x.device, backend), pow2, *ws)
     return ys if isinstance(w, tuple) else ys[0]
+
+
+def fp8_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                       offsets: torch.Tensor, backend: str = "auto", pow2: bool = False,
+                       src: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU experts in FP8: (silu(x · w1[g]ᵀ) ⊙ (x · w3[g]ᵀ)) · w2[g]ᵀ for the rows of group g.
+
+    x (M, D) rows sorted by group (or, with `src`, (R, D) in any order, sorted row i being x[src[i]]);
+    w1, w3 (G, F, D) gate and up, w2 (G, D, F) down, D and F multiples of 128; offsets (G,) int32
+    cumulative ends -> (M, D). What `fp8_grouped_mm` and a SwiGLU between two of them compute, but
+    the SwiGLU runs in fp32 inside the quantizations (FP8SwiGLUExpertsFunction), so neither it nor
+    its gradients are stored in high precision. The output takes the autocast dtype under autocast,
+    else x's."""
+    _check_expert_weights((w1, w3))
+    if w2.dim() != 3 or w2.shape != (w1.shape[0], w1.shape[2], w1.shape[1]):
+        raise ConfigError(f"the down projection must be (G, D, F) = {(w1.shape[0], w1.shape[2], w1.shape[1])} "
+                          f"for gate and up of {tuple(w1.shape)}, got {tuple(w2.shape)}")
+    device = x.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    with torch.autocast(device, enabled=False):
+        return FP8SwiGLUExpertsFunction.apply(x, src, offsets, out_dtype, fp8_backend(x.device, backend), pow2,
+                                              w1, w3, w2)
 
 
 class FP8Linear(nn.Module):

@@ -122,11 +122,10 @@ class RoutedExperts(nn.Module):
         x is (R, D) in any order and sorted row i is x[src[i]]: the dispatch gather, which the FP8
         path fuses into its quantization (the sorted copy is never written in high precision)."""
         if self.fp8 is not None:  # the three grouped GEMMs in FP8, master weights as they are
-            from effllm.fp8 import fp8_grouped_mm
+            from effllm.fp8 import fp8_swiglu_experts
 
             fp8_backend, pow2 = self.fp8
-            gate, up = fp8_grouped_mm(x, (self.w1, self.w3), offsets, fp8_backend, pow2, src=src)  # x quantized once
-            return fp8_grouped_mm(F.silu(gate) * up, self.w2, offsets, fp8_backend, pow2)
+            return fp8_swiglu_experts(x, self.w1, self.w3, self.w2, offsets, fp8_backend, pow2, src=src)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         x = (x[src] if src is not None else x).to(dtype)
         w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))  # autocast's cast, by hand

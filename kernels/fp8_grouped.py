@@ -5,11 +5,14 @@ features, N output features; `offsets` (G,) int32 holds each group's cumulative 
 kernels/grouped_gemm.py), groups may be empty or ragged.
 
 The rows are cut into 128-row tiles that never straddle two groups (`schedule`, computed on the
-device). That one schedule serves three kernels:
+device). That one schedule serves these kernels:
 - `quant_grouped(x, sched, src)`: each tile read once, quantized two ways: 1x128 along K (the
   forward and dgrad operand) and 128x1 along the tile's rows, stored transposed (the wgrad
   operand, tiled along each group's own tokens). With `src`, row i reads x[src[i]]: the MoE
   dispatch gather fused into the quantization, so the sorted high-precision copy is never written.
+  `quant_swiglu(gate, up, sched)` quantizes h = silu(gate)·up the same way, computed in fp32 in
+  the same pass; given dh, it quantizes h's gradient along gate or along up instead. The SwiGLU
+  and its gradients are then never stored in high precision.
 - `grouped_gemm(a, a_s, b, b_s, sched)`: c[rows of g] = a[rows of g] · b[g]ᵀ with b[g] scaled per
   128x128 block (forward; dgrad with a K-major copy of each Wᵀ). BLOCK_M divides 128, so the
   autotuner may pick 64- or 128-row tiles on the same schedule.
@@ -62,19 +65,26 @@ def schedule(offsets: torch.Tensor, m: int) -> Schedule:
 # Kernels
 
 
+# What the grouped quantization quantizes: x itself, or a SwiGLU term computed from x = gate, u = up
+# and d = the gradient of the product, in fp32 (the bf16 product and its gradients are never stored)
+ACT_NONE, ACT_SWIGLU, ACT_SWIGLU_DGATE, ACT_SWIGLU_DUP = 0, 1, 2, 3
+
+
 @triton.jit
 def _quant_grouped_kernel(
     # pointers
-    x_ptr, src_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tile_group_ptr, tile_row_ptr, ends_ptr,
+    x_ptr, u_ptr, d_ptr, src_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tile_group_ptr, tile_row_ptr, ends_ptr,
     # sizes
     K,
-    # strides
+    # strides (u and d share x's)
     stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk,
     # meta-parameters
-    GATHER: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr,
+    GATHER: tl.constexpr, ACT: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr,
+    HW_CAST: tl.constexpr,
 ):
     """One 128-row tile of one group x one 128-wide K tile: row scales (1x128 along K) and column
-    scales (over the tile's rows), the column-quantized tile stored transposed."""
+    scales (over the tile's rows), the column-quantized tile stored transposed. ACT picks the value:
+    x; silu(x)·u; d·u·silu'(x) (the product's gradient along the gate); d·silu(x) (along up)."""
     t, pid_k = tl.program_id(0), tl.program_id(1)
     g = tl.load(tile_group_ptr + t)
     row0 = tl.load(tile_row_ptr + t)
@@ -87,7 +97,18 @@ def _quant_grouped_kernel(
         src = tl.load(src_ptr + rows64, mask=row_ok, other=0).to(tl.int64)
     else:
         src = rows64
-    x = tl.load(x_ptr + src[:, None] * stride_xm + cols64[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    offs = src[:, None] * stride_xm + cols64[None, :]
+    x = tl.load(x_ptr + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if ACT != 0:
+        sig = tl.sigmoid(x)
+        if ACT == 1:  # h = silu(gate) * up
+            x = x * sig * tl.load(u_ptr + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+        elif ACT == 2:  # dh * up * silu'(gate), silu'(g) = sig(g) (1 + g (1 - sig(g)))
+            du = tl.load(d_ptr + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            du *= tl.load(u_ptr + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            x = du * sig * (1.0 + x * (1.0 - sig))
+        else:  # dh * silu(gate)
+            x = tl.load(d_ptr + offs, mask=row_ok[:, None], other=0.0).to(tl.float32) * (x * sig)
     ax = tl.abs(x)
     s_row = _scale_of(tl.max(ax, axis=1), POW2)  # (TILE_M,)
     s_col = _scale_of(tl.max(ax, axis=0), POW2)  # (TILE_K,)
@@ -263,6 +284,41 @@ def quant_grouped(x: torch.Tensor, sched: Schedule, src: torch.Tensor | None = N
         raise ValueError(f"src must hold one source row per sorted row ({sched.m}), got {tuple(src.shape)}")
     if src is None and x.shape[0] != sched.m:
         raise ValueError(f"x has {x.shape[0]} rows but the schedule covers {sched.m}")
+    return _quant_grouped(x, None, None, src, sched, ACT_NONE, pow2)
+
+
+def quant_swiglu(gate: torch.Tensor, up: torch.Tensor, sched: Schedule, pow2: bool = False,
+                 dh: torch.Tensor | None = None, wrt: str | None = None):
+    """`quant_grouped` of a SwiGLU term computed in fp32 in the same pass, so it is never stored in
+    high precision. gate, up (M, F) in group order. Without dh: h = silu(gate)·up, the input of the
+    down projection. With dh, the gradient of h: along the gate (wrt="gate": dh·up·silu'(gate)) or
+    along up (wrt="up": dh·silu(gate); `up` is not read). `swiglu_ref` is the reference."""
+    parts = [gate, up] + ([dh] if dh is not None else [])
+    if any(p.shape != gate.shape or p.stride() != gate.stride() for p in parts) or gate.dim() != 2:
+        raise ValueError(f"gate, up and dh must be (M, F) tensors of one layout, got {[tuple(p.shape) for p in parts]}")
+    if gate.shape[1] % TILE or gate.stride(1) != 1 or gate.shape[0] != sched.m:
+        raise ValueError(f"gate must be ({sched.m}, F) with F a multiple of {TILE}, contiguous along F; "
+                         f"got {tuple(gate.shape)}")
+    if (dh is None) != (wrt is None) or wrt not in (None, "gate", "up"):
+        raise ValueError(f"pass dh with wrt='gate' or wrt='up' (the gradient), or neither (the product); "
+                         f"got wrt={wrt!r}")
+    act = ACT_SWIGLU if dh is None else ACT_SWIGLU_DGATE if wrt == "gate" else ACT_SWIGLU_DUP
+    return _quant_grouped(gate, up, dh, None, sched, act, pow2)
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor | None = None,
+               wrt: str | None = None) -> torch.Tensor:
+    """quant_swiglu's value in fp32 PyTorch ops: silu(gate)·up, or its gradient along gate or up."""
+    g = gate.float()
+    sig = torch.sigmoid(g)
+    if dh is None:
+        return g * sig * up.float()
+    if wrt == "gate":
+        return dh.float() * up.float() * sig * (1.0 + g * (1.0 - sig))
+    return dh.float() * (g * sig)
+
+
+def _quant_grouped(x, u, d, src, sched: Schedule, act: int, pow2: bool):
     M, K = sched.m, x.shape[1]
     T = sched.group.numel()
     q = torch.empty((M, K), dtype=FP8, device=x.device)
@@ -271,9 +327,9 @@ def quant_grouped(x: torch.Tensor, sched: Schedule, src: torch.Tensor | None = N
     st = torch.zeros((K, T), dtype=torch.float32, device=x.device)  # spare tiles' columns stay 0, never read
     if M:
         _quant_grouped_kernel[(T, K // TILE)](
-            x, src if src is not None else x, q, s, qt, st, sched.group, sched.row, sched.ends, K,
-            x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0),
-            GATHER=src is not None, TILE_M=TILE, TILE_K=TILE, POW2=pow2, HW_CAST=_hw_cast(x.device),
+            x, u if u is not None else x, d if d is not None else x, src if src is not None else x, q, s, qt, st,
+            sched.group, sched.row, sched.ends, K, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0),
+            GATHER=src is not None, ACT=act, TILE_M=TILE, TILE_K=TILE, POW2=pow2, HW_CAST=_hw_cast(x.device),
             num_warps=1 if _interpreting() else 8)
     return q, s, qt, st
 

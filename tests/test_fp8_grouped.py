@@ -13,7 +13,7 @@ from effllm.kernels.fp8_gemm import fp8_gemm_ref
 from effllm.kernels.fp8_quant import quant_blocks, quant_cols_ref, quant_rows_ref
 from effllm.kernels.grouped_gemm import grouped_mm_reference
 
-from effllm.fp8 import fp8_grouped_mm
+from effllm.fp8 import fp8_grouped_mm, fp8_swiglu_experts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = [[13, 0, 150, 7, 0], [0, 1, 128, 0], [37]]
@@ -133,6 +133,41 @@ def test_shared_input_and_fused_gather_give_the_gathered_products_and_gradients(
             assert torch.equal(a, torch.zeros_like(a)) if n == 0 else rel(a, b) < tol
 
 
+@pytest.mark.parametrize("wrt", [None, "gate", "up"])
+def test_quant_swiglu_quantizes_the_swiglu_terms_like_the_grouped_quantization(wrt):
+    """silu(gate)·up and its gradients along gate and up, computed in the quantization pass, against
+    swiglu_ref: each tile's scale is its amax / 448 and each element within the E4M3 rounding bound,
+    in both layouts. Not bit for bit: Triton's sigmoid and torch's differ in the last bit for ~17% of
+    inputs, which moves a scale by an ulp. (quant_grouped's rounding is checked bit for bit above.)"""
+    sizes, F = [13, 0, 150, 7, 0], 256
+    M = sum(sizes)
+    gate, up, dh = randn(M, F, seed=31, scale=3.0), randn(M, F, seed=32), randn(M, F, seed=33)
+    sched = fp8_grouped.schedule(offsets_of(sizes), M)
+    q, s, qt, st = fp8_grouped.quant_swiglu(gate, up, sched, dh=dh if wrt else None, wrt=wrt)
+    v = fp8_grouped.swiglu_ref(gate, up, dh if wrt else None, wrt).double()
+
+    def check(q, s, v):
+        """q e4m3 and v fp64 (rows, 128 n), s (rows, n): one scale per row of each 128-wide tile."""
+        amax = v.abs().unflatten(1, (-1, 128)).amax(dim=2)
+        assert torch.allclose(s.double(), amax.clamp_min(1e-12) / 448, rtol=1e-6, atol=0)
+        scale = s.double().repeat_interleave(128, dim=1)
+        bound = scale * torch.clamp((v / scale).abs() * 2**-4, min=2**-10)  # half an E4M3 step
+        assert torch.all((q.double() * scale - v).abs() <= bound * (1 + 1e-5))
+
+    check(q, s, v)  # 1x128 along the features
+    first = sched.first.tolist()
+    for g, (lo, hi) in enumerate(zip(bounds(sizes), bounds(sizes)[1:])):
+        for i in range((hi - lo + 127) // 128):  # each of the group's 128-row tiles, along the rows
+            t, r0 = first[g] + i, lo + 128 * i
+            n = min(128, hi - r0)
+            rows = torch.zeros(128, F, dtype=torch.float64, device=v.device)
+            rows[:n] = v[r0 : r0 + n]  # the kernel pads the tile with zeros past the group's end
+            check(qt[:, 128 * t : 128 * (t + 1)], st[:, t : t + 1], rows.t())
+            assert not qt[:, 128 * t + n : 128 * (t + 1)].view(torch.uint8).any()
+    with pytest.raises(ValueError, match="wrt"):
+        fp8_grouped.quant_swiglu(gate, up, sched, dh=dh)
+
+
 @pytest.mark.parametrize("D", [200, 1030])  # one partial column block; two column blocks
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_sum_by_source_equals_the_sequential_index_add(D, out_dtype):
@@ -173,7 +208,7 @@ def test_bad_operands_are_refused():
 @pytest.mark.parametrize("gather", [False, True])
 def test_triton_path_never_waits_for_the_host(gather):
     """One launch per kernel, grids sized from shapes alone: no device-to-host sync in a step, the
-    fused gather and its gradient (sum_by_source) included."""
+    fused gather and its gradient (sum_by_source) and the fused SwiGLU experts included."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("no FP8 tensor cores")
     sizes = [300, 0, 129, 1000]
@@ -182,9 +217,15 @@ def test_triton_path_never_waits_for_the_host(gather):
     src = torch.randperm(M, generator=torch.Generator().manual_seed(13)).to(DEVICE) % 700 if gather else None
     x = randn(700 if gather else M, 256, seed=11).requires_grad_()
     w = randn(len(sizes), 384, 256, seed=12, scale=0.05).requires_grad_()
-    fp8_grouped_mm(x, w, offsets, "triton", src=src).sum().backward()  # autotunes (which syncs) once
+    w2 = randn(len(sizes), 256, 384, seed=14, scale=0.05).requires_grad_()
+
+    def step():
+        fp8_grouped_mm(x, w, offsets, "triton", src=src).sum().backward()
+        fp8_swiglu_experts(x, w, w, w2, offsets, "triton", src=src).sum().backward()
+
+    step()  # autotunes (which syncs) once
     torch.cuda.set_sync_debug_mode("error")
     try:
-        fp8_grouped_mm(x, w, offsets, "triton", src=src).sum().backward()
+        step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
