@@ -8,7 +8,8 @@ Cases, all in one run on the same inputs:
 - moe[<backend>]: the MoE layer with each grouped GEMM backend this device has;
 - loop: the same layer with one matmul per expert (the reference path);
 - moe[fp8]: on GPUs with FP8 tensor cores, the fastest bf16 layer with its experts' grouped GEMMs
-  (kernels/fp8_grouped.py: one launch each, the dispatch gather fused into the quantization) and
+  (kernels/fp8_grouped.py: one launch each, the dispatch gather and the SwiGLU fused into the
+  quantizations) and
   the shared expert in FP8, DeepSeek-V3 block scaling; its output is first compared with the bf16
   layer's on the same weights (relative error recorded);
 - dense: a SwiGLU whose hidden width is (top_k + n_shared) x expert_dim, so its FLOPs per token

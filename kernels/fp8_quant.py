@@ -247,6 +247,8 @@ def quant_blocks_t(w: torch.Tensor, pow2: bool = False, rows: bool = True):
             # HW_CAST=False: with the hardware cast, the transposed copy of an fp32 weight came out wrong
             # on an H100 (triton 3.6), whether the e4m3 tile or the fp32 values were transposed; bf16
             # weights were right. Rounding in fp32 first, as for sm_89, gave the right codes there.
+            # Probably Triton miscompiling the transpose of fp8 tiles (triton-lang/triton#11111,
+            # mlc-ai/pith-train#74): see benchmarks/results/fp8_gemm/NOTES.md.
             TILE=TILE, POW2=pow2, HW_CAST=False, ROWS=rows, TRANSPOSED=True, num_warps=1 if _interpreting() else 8)
     return q, s, qt
 
