@@ -1,7 +1,5 @@
 """`python -m effllm` runs the `effllm` command."""
 
-import sys
+from effllm.cli import console
 
-from effllm.cli import main
-
-sys.exit(main())
+console()

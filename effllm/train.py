@@ -265,9 +265,10 @@ def train(cfg: TrainConfig) -> dict:
     try:
         return _train(cfg, data, env, device)
     finally:
-        # A process group this call opened is closed here: left to interpreter exit, gloo's threads
-        # were torn down while still joinable, and a rank sometimes aborted ("terminate called
-        # without an active exception") after a finished run.
+        # A process group this call opened is closed here. gloo's worker threads can outlive this
+        # (the groups are also held on the C++ side), and one that releases a finished work item
+        # while the interpreter finalizes aborts the rank after a finished run: the `effllm`
+        # command therefore ends torchrun ranks without finalization (effllm.cli.console).
         if owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

@@ -98,4 +98,19 @@ def test_wheel_ships_kernels_and_recipes_inside_the_package(tmp_path):
     assert "effllm/kernels/__init__.py" in names and "effllm/recipes/dense_tiny.py" in names
     assert not [n for n in names if n.split("/")[0] in ("kernels", "recipes", "tests", "benchmarks")]
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "effllm = effllm.cli:main" in entry_points
+    assert "effllm = effllm.cli:console" in entry_points
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_the_command_flushes_its_output_and_keeps_its_exit_code_under_torchrun(world_size):
+    """Under torchrun (WORLD_SIZE > 1) `python -m effllm` ends with os._exit, skipping the
+    interpreter's finalization, in which gloo's threads could abort a finished rank. Its output
+    must still arrive whole through a pipe (block-buffered, so lost without a flush), and its exit
+    code must be main()'s."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"WORLD_SIZE": world_size}
+    ok = subprocess.run([sys.executable, "-m", "effllm", "recipes"], capture_output=True, text=True, env=env,
+                        timeout=120)
+    assert ok.returncode == 0 and ok.stdout.split() == recipe_names()
+    bad = subprocess.run([sys.executable, "-m", "effllm", "no-such-command"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert bad.returncode == 2 and "unknown command 'no-such-command'" in bad.stderr
