@@ -167,7 +167,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args)
-        return
+        # A rank ends as the effllm command's do, without interpreter finalization, in which a
+        # gloo worker thread freeing a finished work item can abort it (effllm.cli.console).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     gpus = torch.cuda.device_count()
     if not args.quick and gpus < 2:
         sys.exit("the GPU case needs 2 or more GPUs; use --quick for the CPU case")

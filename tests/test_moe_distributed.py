@@ -35,6 +35,9 @@ def _rank(rank: int, port: int, results) -> None:
         results[rank] = (layer.router.expert_bias.tolist(), stats["max_over_mean"])
     finally:
         dist.destroy_process_group()
+    # Done and reported: end without interpreter finalization, in which a gloo worker thread that
+    # frees a finished work item can abort the process (see effllm.cli.console).
+    os._exit(0)
 
 
 def test_bias_update_uses_the_load_summed_over_ranks():
