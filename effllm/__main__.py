@@ -1,5 +1,7 @@
 """`python -m effllm` runs the `effllm` command."""
 
+import sys
+
 from effllm.cli import console
 
-console()
+sys.exit(console())

@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def console() -> None:
-    """The `effllm` command and `python -m effllm`: run `main`, then exit with its code.
+def console() -> int:
+    """The `effllm` command and `python -m effllm`: run `main` and return its exit code.
 
     Under torchrun (WORLD_SIZE > 1) the process ends with os._exit once its output is flushed,
     skipping the interpreter's finalization. The reason is gloo. Its worker threads outlive
@@ -209,8 +209,8 @@ def console() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":
-    console()
+    sys.exit(console())
