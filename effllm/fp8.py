@@ -13,9 +13,10 @@ matmul written in PyTorch, so FP8 numerics train and test on a CPU.
 `fp8_grouped_mm` runs grouped GEMMs over expert-sorted rows the same way. `fp8_swiglu_experts`
 runs whole SwiGLU experts (six grouped GEMMs) with the SwiGLU and its gradients computed inside
 the quantizations. `convert_to_fp8(model)` swaps a model's linears for FP8Linear and switches
-routed experts to `fp8_swiglu_experts`. It keeps in higher precision the parts DeepSeek-V3 keeps there: the embedding,
-the output head, routers (and so the gate) and norms. It leaves alone any linear or expert whose
-dims are not multiples of 128. It returns what it converted and why it skipped the rest.
+routed experts to `fp8_swiglu_experts`. It keeps in higher precision the parts DeepSeek-V3 keeps
+there: the embedding, the output head, routers (and so the gate) and norms. It leaves alone any
+linear or expert whose dims are not multiples of 128. It returns what it converted and why it
+skipped the rest.
 """
 
 from __future__ import annotations
