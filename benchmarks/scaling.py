@@ -166,12 +166,10 @@ def main() -> None:
     parser.add_argument("--ep", type=int, default=1, help=argparse_hidden())
     args = parser.parse_args()
     if args.worker:
+        from effllm.parallelize import exit_rank
+
         worker(args)
-        # A rank ends as the effllm command's do, without interpreter finalization, in which a
-        # gloo worker thread freeing a finished work item can abort it (effllm.cli.console).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        exit_rank(0)  # without interpreter finalization, in which gloo's threads can abort a finished rank
     gpus = torch.cuda.device_count()
     if not args.quick and gpus < 2:
         sys.exit("the GPU case needs 2 or more GPUs; use --quick for the CPU case")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import logging
 import os
 import pkgutil
 import sys
@@ -191,24 +190,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console() -> int:
-    """The `effllm` command and `python -m effllm`: run `main` and return its exit code.
-
-    Under torchrun (WORLD_SIZE > 1) the process ends with os._exit once its output is flushed,
-    skipping the interpreter's finalization. The reason is gloo. Its worker threads outlive
-    destroy_process_group: the groups are still held on the C++ side, and the threads stay
-    alive. A worker that releases a finished work item (the last barrier, with the tensors of the
-    gathers before it) must take the GIL to drop those tensors' Python objects. If that happens
-    while the interpreter is finalizing, the thread is unwound through a C++ destructor, and the
-    rank aborts ("terminate called without an active exception") after a run that has finished
-    and saved everything. A core dump of such a rank showed exactly this. Under CPU contention it
-    happened in about 1 of 25 two-rank runs. Everything is on disk by then: checkpoints and
-    metrics are written and closed before train() returns."""
+    """The `effllm` command and `python -m effllm`: run `main` and return its exit code. Under
+    torchrun (WORLD_SIZE > 1) the rank ends through effllm.parallelize.exit_rank instead, skipping
+    the interpreter's finalization, in which gloo's threads can abort a finished rank. Everything
+    is on disk by then: checkpoints and metrics are written and closed before train() returns."""
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        from effllm.parallelize import exit_rank
+
+        exit_rank(code)
     return code
 
 

@@ -268,7 +268,7 @@ def train(cfg: TrainConfig) -> dict:
         # A process group this call opened is closed here. gloo's worker threads can outlive this
         # (the groups are also held on the C++ side), and one that releases a finished work item
         # while the interpreter finalizes aborts the rank after a finished run: the `effllm`
-        # command therefore ends torchrun ranks without finalization (effllm.cli.console).
+        # command therefore ends torchrun ranks without finalization (parallelize.exit_rank).
         if owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

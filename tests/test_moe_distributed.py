@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from effllm.moe import MoE, MoEConfig, load_stats
+from effllm.parallelize import exit_rank
 
 
 def _free_port() -> int:
@@ -35,9 +36,7 @@ def _rank(rank: int, port: int, results) -> None:
         results[rank] = (layer.router.expert_bias.tolist(), stats["max_over_mean"])
     finally:
         dist.destroy_process_group()
-    # Done and reported: end without interpreter finalization, in which a gloo worker thread that
-    # frees a finished work item can abort the process (see effllm.cli.console).
-    os._exit(0)
+    exit_rank(0)  # done and reported: no interpreter finalization, in which gloo's threads can abort
 
 
 def test_bias_update_uses_the_load_summed_over_ranks():

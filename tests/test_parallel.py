@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from effllm import ConfigError
 from effllm.moe import MoE, MoEConfig
-from effllm.parallelize import shard_experts
+from effllm.parallelize import exit_rank, shard_experts
 
 
 def _free_port() -> int:
@@ -70,9 +70,7 @@ def _ep_rank(rank: int, port: int, results) -> None:
         results[rank] = errors
     finally:
         dist.destroy_process_group()
-    # Done and reported: end without interpreter finalization, in which a gloo worker thread that
-    # frees a finished work item can abort the process (see effllm.cli.console).
-    os._exit(0)
+    exit_rank(0)  # done and reported: no interpreter finalization, in which gloo's threads can abort
 
 
 def test_expert_parallel_moe_equals_the_single_process_layer():
