@@ -11,8 +11,8 @@ tensor cores (compute capability 8.9+); elsewhere the same quantize / dequantize
 matmul written in PyTorch, so FP8 numerics train and test on a CPU.
 
 `fp8_grouped_mm` runs grouped GEMMs over expert-sorted rows the same way. `fp8_swiglu_experts`
-runs whole SwiGLU experts (six grouped GEMMs) with the SwiGLU and its gradients computed inside
-the quantizations. `convert_to_fp8(model)` swaps a model's linears for FP8Linear and switches
+runs whole SwiGLU experts, gate and up stacked into one GEMM, with the SwiGLU and its gradients
+computed inside the quantizations. `convert_to_fp8(model)` swaps a model's linears for FP8Linear and switches
 routed experts to `fp8_swiglu_experts`. It keeps in higher precision the parts DeepSeek-V3 keeps
 there: the embedding, the output head, routers (and so the gate) and norms. It leaves alone any
 linear or expert whose dims are not multiples of 128. It returns what it converted and why it
@@ -126,18 +126,20 @@ class _Grouped:
             return fp8_grouped.quant_grouped(x, self.sched, src, self.pow2)
         return self._per_expert(x[src] if src is not None else x)
 
-    def quant_swiglu(self, gate, up, dh=None, wrt=None):
-        """silu(gate)·up, or its gradient along `wrt`, computed in fp32 and quantized both ways."""
+    def quant_swiglu(self, gate, up, dh=None):
+        """silu(gate)·up, or with dh its gradients [along gate | along up], computed in fp32 and
+        quantized both ways."""
         if self.backend == "triton":
-            return fp8_grouped.quant_swiglu(gate, up, self.sched, self.pow2, dh, wrt)
-        return self._per_expert(fp8_grouped.swiglu_ref(gate, up, dh, wrt))
+            return fp8_grouped.quant_swiglu(gate, up, self.sched, self.pow2, dh)
+        return self._per_expert(fp8_grouped.swiglu_ref(gate, up, dh))
 
     @staticmethod
-    def for_wgrad(a):
-        """The part of a quantized operand that the wgrad reads (the rest need not be kept)."""
+    def for_wgrad(a, lo: int | None = None, hi: int | None = None):
+        """The part of a quantized operand that the wgrad reads (the rest need not be kept), of its
+        features lo .. hi - 1 (all by default)."""
         if isinstance(a, tuple):
-            return (None, None, a[2], a[3])
-        return [None if p is None else (None, None, p[2], p[3]) for p in a]
+            return (None, None, a[2][lo:hi], a[3][lo:hi])
+        return [None if p is None else (None, None, p[2][lo:hi], p[3][lo:hi]) for p in a]
 
     def gemm(self, a, w, out_dtype: torch.dtype | None, accumulate: torch.Tensor | None = None) -> torch.Tensor:
         """c[rows of g] = a[rows of g] · w[g]ᵀ, w = (q (G, N, K), s (G, N/128, K/128)); with
@@ -180,18 +182,12 @@ class _Grouped:
 
 
 def _quant_expert_weights(ws, backend: str, pow2: bool):
-    """Each (G, N, K) weight per 128x128 block (blocks never straddle experts: N % 128 == 0) ->
-    [(q, s)] for the forward and [(qᵀ, sᵀ)] for dgrad, each expert's Wᵀ K-major (FP8 MMA reads
-    K-major operands), written by the same pass that reads W."""
-    quant_w_t = _OPS[backend][2]
-    qws, qwts = [], []
-    for w in ws:
-        E, N, K = w.shape
-        q_w, s_w, qt_w = quant_w_t(w.reshape(-1, K), pow2)  # qt_w (K, E N)
-        s_w = s_w.view(E, N // TILE, K // TILE)
-        qws.append((q_w.view(E, N, K), s_w))
-        qwts.append((qt_w.view(K, E, N).permute(1, 0, 2), s_w.transpose(1, 2)))
-    return qws, qwts
+    """(G, N_i, K) expert weights stacked side by side along N, per 128x128 block -> (q (G, ΣN, K),
+    s) for the forward and (qᵀ (G, K, ΣN), sᵀ) for the dgrad, each expert's Wᵀ K-major (FP8 MMA
+    reads K-major operands), written by the same pass that reads W."""
+    quant = fp8_grouped.quant_expert_weights if backend == "triton" else fp8_grouped.quant_expert_weights_ref
+    q, s, qt = quant(ws, pow2)
+    return (q, s), (qt, s.transpose(1, 2))
 
 
 class FP8GroupedMMFunction(torch.autograd.Function):
@@ -208,7 +204,7 @@ class FP8GroupedMMFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, src: torch.Tensor | None, offsets: torch.Tensor, out_dtype: torch.dtype,
                 backend: str, pow2: bool, *ws: torch.Tensor):
         M = src.numel() if src is not None else x.shape[0]
-        qws, qwts = _quant_expert_weights(ws, backend, pow2)
+        qws, qwts = zip(*(_quant_expert_weights((w,), backend, pow2) for w in ws))
         ops = _Grouped(backend, offsets, M, pow2)
         q_x = ops.quant(x, src)
         ys = tuple(ops.gemm(q_x, q_w, out_dtype) for q_w in qws)
@@ -238,46 +234,50 @@ class FP8GroupedMMFunction(torch.autograd.Function):
 
 class FP8SwiGLUExpertsFunction(torch.autograd.Function):
     """y[rows of g] = (silu(x · w1[g]ᵀ) ⊙ (x · w3[g]ᵀ)) · w2[g]ᵀ for expert-sorted rows: the routed
-    experts, their six GEMMs in FP8, scaled as in FP8GroupedMMFunction.
+    experts, their GEMMs in FP8, scaled as in FP8GroupedMMFunction.
 
-    One function for the whole expert, so the SwiGLU's high-precision terms are computed in fp32
-    inside the quantizations and never stored: the forward quantizes h = silu(gate)·up straight from
-    gate and up, and the backward quantizes the gradients along gate and up straight from dh, gate
-    and up. Kept for the backward: gate and up (out_dtype) and the input and h in FP8.
+    One function for the whole expert:
+    - The gate and up weights are quantized side by side into one (G, 2F, D) operand, so gate and
+      up come from one GEMM, and the input's gradient from one GEMM with K = 2F, written in x's
+      dtype: no second GEMM, no fp32 partial sum.
+    - The SwiGLU's high-precision terms are computed in fp32 inside the quantizations and never
+      stored: the forward quantizes h = silu(gate)·up straight from gate and up, the backward both
+      of h's gradients (along gate and along up) straight from dh, gate and up, in one pass.
+    Kept for the backward: gate|up (out_dtype), and the input and h in FP8.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, src: torch.Tensor | None, offsets: torch.Tensor, out_dtype: torch.dtype,
                 backend: str, pow2: bool, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
-        M = src.numel() if src is not None else x.shape[0]
-        (q1, q3, q2), qwts = _quant_expert_weights((w1, w3, w2), backend, pow2)
+        M, F = (src.numel() if src is not None else x.shape[0]), w1.shape[1]
+        q13, t13 = _quant_expert_weights((w1, w3), backend, pow2)
+        q2, t2 = _quant_expert_weights((w2,), backend, pow2)
         ops = _Grouped(backend, offsets, M, pow2)
         q_x = ops.quant(x, src)
-        gate, up = ops.gemm(q_x, q1, out_dtype), ops.gemm(q_x, q3, out_dtype)
-        q_h = ops.quant_swiglu(gate, up)
+        gate_up = ops.gemm(q_x, q13, out_dtype)  # (M, 2F): gate, then up
+        q_h = ops.quant_swiglu(gate_up[:, :F], gate_up[:, F:])
         y = ops.gemm(q_h, q2, out_dtype)
-        ctx.ops, ctx.qwts, ctx.src = ops, qwts, src
-        ctx.kept = (ops.for_wgrad(q_x), gate, up, ops.for_wgrad(q_h))
+        ctx.ops, ctx.qwts, ctx.src = ops, (t13, t2), src
+        ctx.kept = (ops.for_wgrad(q_x), gate_up, ops.for_wgrad(q_h))
         ctx.meta = (x.dtype, x.shape[0], [w.shape for w in (w1, w3, w2)], [w.dtype for w in (w1, w3, w2)])
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x_dtype, x_rows, w_shapes, w_dtypes = ctx.meta
-        ops, src, (t1, t3, t2) = ctx.ops, ctx.src, ctx.qwts
-        q_x, gate, up, q_h = ctx.kept
+        ops, src, (t13, t2) = ctx.ops, ctx.src, ctx.qwts
+        q_x, gate_up, q_h = ctx.kept
+        F = w_shapes[0][1]
         need = ctx.needs_input_grad
         q_dy = ops.quant(dy.contiguous())
         dw2 = ops.wgrad(q_dy, q_h, w_shapes[2], w_dtypes[2]) if need[8] else None
-        dh = ops.gemm(q_dy, t2, gate.dtype)  # dH = dY · W2[g]
-        q_dg = ops.quant_swiglu(gate, up, dh, "gate")
-        q_du = ops.quant_swiglu(gate, up, dh, "up")
+        dh = ops.gemm(q_dy, t2, gate_up.dtype)  # dH = dY · W2[g]
+        q_dgu = ops.quant_swiglu(gate_up[:, :F], gate_up[:, F:], dh)  # (M, 2F): along gate, then along up
         dx = None
-        if need[0]:  # dX = dGate · W1[g] + dUp · W3[g], summed in fp32 in the second GEMM's epilogue
-            dx = ops.gemm(q_du, t3, None, accumulate=ops.gemm(q_dg, t1, torch.float32))
-            dx = ops.input_grad(dx, src, x_rows, x_dtype)
-        dw1 = ops.wgrad(q_dg, q_x, w_shapes[0], w_dtypes[0]) if need[6] else None
-        dw3 = ops.wgrad(q_du, q_x, w_shapes[1], w_dtypes[1]) if need[7] else None
+        if need[0]:  # dX = [dGate | dUp] · [W1[g]; W3[g]]: one GEMM, K = 2F, rows in x's dtype
+            dx = ops.input_grad(ops.gemm(q_dgu, t13, x_dtype), src, x_rows, x_dtype)
+        dw1 = ops.wgrad(ops.for_wgrad(q_dgu, 0, F), q_x, w_shapes[0], w_dtypes[0]) if need[6] else None
+        dw3 = ops.wgrad(ops.for_wgrad(q_dgu, F), q_x, w_shapes[1], w_dtypes[1]) if need[7] else None
         ctx.ops = ctx.qwts = ctx.src = ctx.kept = None
         return dx, None, None, None, None, None, dw1, dw3, dw2
 
@@ -315,9 +315,11 @@ def fp8_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: 
     x (M, D) rows sorted by group (or, with `src`, (R, D) in any order, sorted row i being x[src[i]]);
     w1, w3 (G, F, D) gate and up, w2 (G, D, F) down, D and F multiples of 128; offsets (G,) int32
     cumulative ends -> (M, D). What `fp8_grouped_mm` and a SwiGLU between two of them compute, but
-    the SwiGLU runs in fp32 inside the quantizations (FP8SwiGLUExpertsFunction), so neither it nor
-    its gradients are stored in high precision. The output takes the autocast dtype under autocast,
-    else x's."""
+    gate and up come from one GEMM against both weights stacked, and the SwiGLU runs in fp32 inside
+    the quantizations (FP8SwiGLUExpertsFunction), so neither it nor its gradients are stored in high
+    precision. The input's gradient comes from one GEMM over both, in x's dtype per sorted row (then
+    summed in fp32 over each token's rows with `src`). The output takes the autocast dtype under
+    autocast, else x's."""
     _check_expert_weights((w1, w3))
     if w2.dim() != 3 or w2.shape != (w1.shape[0], w1.shape[2], w1.shape[1]):
         raise ConfigError(f"the down projection must be (G, D, F) = {(w1.shape[0], w1.shape[2], w1.shape[1])} "

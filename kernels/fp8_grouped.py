@@ -11,8 +11,10 @@ device). That one schedule serves these kernels:
   operand, tiled along each group's own tokens). With `src`, row i reads x[src[i]]: the MoE
   dispatch gather fused into the quantization, so the sorted high-precision copy is never written.
   `quant_swiglu(gate, up, sched)` quantizes h = silu(gate)·up the same way, computed in fp32 in
-  the same pass; given dh, it quantizes h's gradient along gate or along up instead. The SwiGLU
-  and its gradients are then never stored in high precision.
+  the same pass; given dh, it quantizes h's gradients along gate and along up, side by side. The
+  SwiGLU and its gradients are then never stored in high precision.
+- `quant_expert_weights(ws)`: expert weights per 128x128 block, stacked side by side along N
+  (gate and up: one GEMM each way instead of two), with each expert's Wᵀ K-major for the dgrad.
 - `grouped_gemm(a, a_s, b, b_s, sched)`: c[rows of g] = a[rows of g] · b[g]ᵀ with b[g] scaled per
   128x128 block (forward; dgrad with a K-major copy of each Wᵀ). BLOCK_M divides 128, so the
   autotuner may pick 64- or 128-row tiles on the same schedule.
@@ -35,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 from effllm.kernels.fp8_gemm import _bucket, _fixed_config, _hopper_configs, _interpreting
-from effllm.kernels.fp8_quant import FP8, TILE, _hw_cast, _quant, _scale_of
+from effllm.kernels.fp8_quant import FP8, TILE, _hw_cast, _quant, _scale_of, quant_blocks_ref, quant_blocks_t_into
 from effllm.kernels.grouped_gemm import group_tiles
 
 
@@ -66,49 +68,54 @@ def schedule(offsets: torch.Tensor, m: int) -> Schedule:
 
 
 # What the grouped quantization quantizes: x itself, or a SwiGLU term computed from x = gate, u = up
-# and d = the gradient of the product, in fp32 (the bf16 product and its gradients are never stored)
-ACT_NONE, ACT_SWIGLU, ACT_SWIGLU_DGATE, ACT_SWIGLU_DUP = 0, 1, 2, 3
+# and d = the gradient of the product, in fp32 (the bf16 product and its gradients are never stored):
+# the product, or its gradients along gate and along up side by side
+ACT_NONE, ACT_SWIGLU, ACT_SWIGLU_GRAD = 0, 1, 2
 
 
 @triton.jit
 def _quant_grouped_kernel(
     # pointers
     x_ptr, u_ptr, d_ptr, src_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, tile_group_ptr, tile_row_ptr, ends_ptr,
-    # sizes
-    K,
-    # strides (u and d share x's)
-    stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk,
+    # sizes: K the output's width; the input's is IN_TILES 128-wide tiles (K, or K / 2 for ACT 2)
+    K, IN_TILES,
+    # strides (u shares x's)
+    stride_xm, stride_dm, stride_qm, stride_sm, stride_qtk, stride_stk,
     # meta-parameters
     GATHER: tl.constexpr, ACT: tl.constexpr, TILE_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr,
     HW_CAST: tl.constexpr,
 ):
     """One 128-row tile of one group x one 128-wide K tile: row scales (1x128 along K) and column
     scales (over the tile's rows), the column-quantized tile stored transposed. ACT picks the value:
-    x; silu(x)·u; d·u·silu'(x) (the product's gradient along the gate); d·silu(x) (along up)."""
+    x; silu(x)·u; or, with the output twice the input's width, d·u·silu'(x) (the product's gradient
+    along the gate) in the first half and d·silu(x) (along up) in the second."""
     t, pid_k = tl.program_id(0), tl.program_id(1)
     g = tl.load(tile_group_ptr + t)
     row0 = tl.load(tile_row_ptr + t)
     end = tl.where(g >= 0, tl.load(ends_ptr + tl.maximum(g, 0)), row0)  # a spare tile has no rows
     rows = row0 + tl.arange(0, TILE_M)
-    cols = pid_k * TILE_K + tl.arange(0, TILE_K)
+    cols = pid_k * TILE_K + tl.arange(0, TILE_K)  # of the output
     row_ok = rows < end
     rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
     if GATHER:  # the dispatch permutation: sorted row i reads x[src[i]]
         src = tl.load(src_ptr + rows64, mask=row_ok, other=0).to(tl.int64)
     else:
         src = rows64
-    offs = src[:, None] * stride_xm + cols64[None, :]
+    in_cols = ((pid_k % IN_TILES) * TILE_K + tl.arange(0, TILE_K)).to(tl.int64)
+    offs = src[:, None] * stride_xm + in_cols[None, :]
     x = tl.load(x_ptr + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
     if ACT != 0:
         sig = tl.sigmoid(x)
         if ACT == 1:  # h = silu(gate) * up
             x = x * sig * tl.load(u_ptr + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        elif ACT == 2:  # dh * up * silu'(gate), silu'(g) = sig(g) (1 + g (1 - sig(g)))
-            du = tl.load(d_ptr + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            du *= tl.load(u_ptr + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            x = du * sig * (1.0 + x * (1.0 - sig))
-        else:  # dh * silu(gate)
-            x = tl.load(d_ptr + offs, mask=row_ok[:, None], other=0.0).to(tl.float32) * (x * sig)
+        else:
+            d = tl.load(d_ptr + src[:, None] * stride_dm + in_cols[None, :], mask=row_ok[:, None], other=0.0)
+            d = d.to(tl.float32)
+            if pid_k < IN_TILES:  # dh * up * silu'(gate), silu'(g) = sig(g) (1 + g (1 - sig(g)))
+                u = tl.load(u_ptr + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+                x = d * u * sig * (1.0 + x * (1.0 - sig))
+            else:  # dh * silu(gate)
+                x = d * (x * sig)
     ax = tl.abs(x)
     s_row = _scale_of(tl.max(ax, axis=1), POW2)  # (TILE_M,)
     s_col = _scale_of(tl.max(ax, axis=0), POW2)  # (TILE_K,)
@@ -288,38 +295,35 @@ def quant_grouped(x: torch.Tensor, sched: Schedule, src: torch.Tensor | None = N
 
 
 def quant_swiglu(gate: torch.Tensor, up: torch.Tensor, sched: Schedule, pow2: bool = False,
-                 dh: torch.Tensor | None = None, wrt: str | None = None):
+                 dh: torch.Tensor | None = None):
     """`quant_grouped` of a SwiGLU term computed in fp32 in the same pass, so it is never stored in
-    high precision. gate, up (M, F) in group order. Without dh: h = silu(gate)·up, the input of the
-    down projection. With dh, the gradient of h: along the gate (wrt="gate": dh·up·silu'(gate)) or
-    along up (wrt="up": dh·silu(gate); `up` is not read). `swiglu_ref` is the reference."""
+    high precision. gate, up (M, F) in group order (views of one (M, 2F) tensor will do). Without
+    dh: h = silu(gate)·up (M, F), the input of the down projection. With dh, h's gradients side by
+    side (M, 2F): along the gate, dh·up·silu'(gate), then along up, dh·silu(gate); the operand of
+    one dgrad GEMM against the stacked gate and up weights. `swiglu_ref` is the reference."""
     parts = [gate, up] + ([dh] if dh is not None else [])
-    if any(p.shape != gate.shape or p.stride() != gate.stride() for p in parts) or gate.dim() != 2:
-        raise ValueError(f"gate, up and dh must be (M, F) tensors of one layout, got {[tuple(p.shape) for p in parts]}")
+    if any(p.shape != gate.shape for p in parts) or gate.dim() != 2 or up.stride() != gate.stride():
+        raise ValueError(f"gate, up and dh must be (M, F), gate and up of one layout (views of one (M, 2F) "
+                         f"tensor will do); got {[(tuple(p.shape), p.stride()) for p in parts]}")
+    if dh is not None and dh.stride(1) != 1:
+        raise ValueError("dh must be contiguous along its last dim")
     if gate.shape[1] % TILE or gate.stride(1) != 1 or gate.shape[0] != sched.m:
         raise ValueError(f"gate must be ({sched.m}, F) with F a multiple of {TILE}, contiguous along F; "
                          f"got {tuple(gate.shape)}")
-    if (dh is None) != (wrt is None) or wrt not in (None, "gate", "up"):
-        raise ValueError(f"pass dh with wrt='gate' or wrt='up' (the gradient), or neither (the product); "
-                         f"got wrt={wrt!r}")
-    act = ACT_SWIGLU if dh is None else ACT_SWIGLU_DGATE if wrt == "gate" else ACT_SWIGLU_DUP
-    return _quant_grouped(gate, up, dh, None, sched, act, pow2)
+    return _quant_grouped(gate, up, dh, None, sched, ACT_SWIGLU if dh is None else ACT_SWIGLU_GRAD, pow2)
 
 
-def swiglu_ref(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor | None = None,
-               wrt: str | None = None) -> torch.Tensor:
-    """quant_swiglu's value in fp32 PyTorch ops: silu(gate)·up, or its gradient along gate or up."""
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor, dh: torch.Tensor | None = None) -> torch.Tensor:
+    """quant_swiglu's value in fp32 PyTorch ops: silu(gate)·up, or [its gradient along gate | along up]."""
     g = gate.float()
     sig = torch.sigmoid(g)
     if dh is None:
         return g * sig * up.float()
-    if wrt == "gate":
-        return dh.float() * up.float() * sig * (1.0 + g * (1.0 - sig))
-    return dh.float() * (g * sig)
+    return torch.cat([dh.float() * up.float() * sig * (1.0 + g * (1.0 - sig)), dh.float() * (g * sig)], dim=1)
 
 
 def _quant_grouped(x, u, d, src, sched: Schedule, act: int, pow2: bool):
-    M, K = sched.m, x.shape[1]
+    M, K = sched.m, x.shape[1] * (2 if act == ACT_SWIGLU_GRAD else 1)
     T = sched.group.numel()
     q = torch.empty((M, K), dtype=FP8, device=x.device)
     s = torch.empty((M, K // TILE), dtype=torch.float32, device=x.device)
@@ -328,10 +332,42 @@ def _quant_grouped(x, u, d, src, sched: Schedule, act: int, pow2: bool):
     if M:
         _quant_grouped_kernel[(T, K // TILE)](
             x, u if u is not None else x, d if d is not None else x, src if src is not None else x, q, s, qt, st,
-            sched.group, sched.row, sched.ends, K, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0),
+            sched.group, sched.row, sched.ends, K, x.shape[1] // TILE,
+            x.stride(0), d.stride(0) if d is not None else 0, q.stride(0), s.stride(0), qt.stride(0), st.stride(0),
             GATHER=src is not None, ACT=act, TILE_M=TILE, TILE_K=TILE, POW2=pow2, HW_CAST=_hw_cast(x.device),
             num_warps=1 if _interpreting() else 8)
     return q, s, qt, st
+
+
+def quant_expert_weights(ws, pow2: bool = False):
+    """Expert weights (G, N_i, K) stacked side by side along N, each per 128x128 block (N_i and K
+    multiples of 128, so no block straddles two weights or experts): q (G, ΣN, K), s (G, ΣN/128,
+    K/128), and the dgrad operand qt (G, K, ΣN), each expert's stacked Wᵀ K-major, written from the
+    same read of each weight (one launch per weight, none copied). Stacked gate and up projections
+    make one forward GEMM and one dgrad GEMM of twice the width, instead of two each and a sum."""
+    G, K = ws[0].shape[0], ws[0].shape[2]
+    if any(w.dim() != 3 or w.shape[0] != G or w.shape[2] != K or w.shape[1] % TILE for w in ws) or K % TILE:
+        raise ValueError(f"expert weights must be (G, N, K) of one G and K, N and K multiples of {TILE}; got "
+                         f"{[tuple(w.shape) for w in ws]}")
+    N = sum(w.shape[1] for w in ws)
+    q = torch.empty((G, N, K), dtype=FP8, device=ws[0].device)
+    s = torch.empty((G, N // TILE, K // TILE), dtype=torch.float32, device=ws[0].device)
+    qt = torch.empty((G, K, N), dtype=FP8, device=ws[0].device)
+    lo = 0
+    for w in ws:
+        hi = lo + w.shape[1]
+        quant_blocks_t_into(w, q[:, lo:hi], s[:, lo // TILE:hi // TILE], qt[:, :, lo:hi], pow2)
+        lo = hi
+    return q, s, qt
+
+
+def quant_expert_weights_ref(ws, pow2: bool = False):
+    """quant_expert_weights in PyTorch ops (quant_blocks_ref per weight)."""
+    parts = [quant_blocks_ref(w.reshape(-1, w.shape[2]), pow2) for w in ws]
+    G, K = ws[0].shape[0], ws[0].shape[2]
+    q = torch.cat([p[0].view(G, -1, K) for p in parts], dim=1)
+    s = torch.cat([p[1].view(G, -1, K // TILE) for p in parts], dim=1)
+    return q, s, q.transpose(1, 2).contiguous()
 
 
 def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, sched: Schedule,

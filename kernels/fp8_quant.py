@@ -8,7 +8,8 @@ Shape letters: M rows (tokens), K the quantized row length (features), N output 
   stored transposed for the wgrad GEMM (it sums over tokens). One read of x gives both:
   q (M, K), s (M, K/128), qt (K, M), st (K, ceil(M/128)).
 - `quant_blocks(w)`: one scale per 128x128 block (weights). w (N, K) -> q (N, K), s (ceil(N/128), K/128).
-  `quant_blocks_t(w)` also writes qᵀ (K, N) K-major from the same read (the dgrad operand).
+  `quant_blocks_t(w)` also writes qᵀ (K, N) K-major from the same read (the dgrad operand);
+  `quant_blocks_t_into` does it for a stack of matrices, into views of wider outputs.
 
 scale = amax / 448, with amax clamped to >= 1e-12 so an all-zero tile gives zeros and a finite
 scale, never NaN; `pow2=True` rounds each scale up to a power of two (exact rescaling, as some
@@ -140,14 +141,18 @@ def _quant_blocks_kernel(
     w_ptr, q_ptr, s_ptr, qt_ptr,
     # sizes
     N, K,
-    # strides
-    stride_wn, stride_qn, stride_sn, stride_qtk,
+    # strides (the first of each: between the matrices of a (G, N, K) stack, one per program_id(2))
+    stride_wg, stride_wn, stride_qg, stride_qn, stride_sg, stride_sn, stride_qtg, stride_qtk,
     # meta-parameters
     TILE: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr, ROWS: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
-    """One 128x128 block, one scale; q (N, K) when ROWS, its transpose qt (K, N) when TRANSPOSED
-    (the K-major Wᵀ the dgrad GEMM reads), both from one read of the block."""
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    """One 128x128 block of matrix program_id(2), one scale; q (N, K) when ROWS, its transpose qt
+    (K, N) when TRANSPOSED (the K-major Wᵀ the dgrad GEMM reads), both from one read of the block."""
+    pid_n, pid_k, g = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    w_ptr += g * stride_wg
+    q_ptr += g * stride_qg
+    s_ptr += g * stride_sg
+    qt_ptr += g * stride_qtg
     rows = (pid_n * TILE + tl.arange(0, TILE)).to(tl.int64)
     cols = (pid_k * TILE + tl.arange(0, TILE)).to(tl.int64)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
@@ -226,9 +231,9 @@ def quant_blocks(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, tor
     q = torch.empty((N, K), dtype=FP8, device=w.device)
     s = torch.empty((triton.cdiv(N, TILE), K // TILE), dtype=torch.float32, device=w.device)
     if N:
-        _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE)](w, q, s, q, N, K, w.stride(0), q.stride(0), s.stride(0),
-                                                                0, TILE=TILE, POW2=pow2, HW_CAST=_hw_cast(w.device),
-                                                                ROWS=True, TRANSPOSED=False)
+        _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE, 1)](
+            w, q, s, q, N, K, 0, w.stride(0), 0, q.stride(0), 0, s.stride(0), 0, 0,
+            TILE=TILE, POW2=pow2, HW_CAST=_hw_cast(w.device), ROWS=True, TRANSPOSED=False)
     return q, s
 
 
@@ -241,16 +246,39 @@ def quant_blocks_t(w: torch.Tensor, pow2: bool = False, rows: bool = True):
     q = torch.empty((N, K), dtype=FP8, device=w.device) if rows else None
     s = torch.empty((triton.cdiv(N, TILE), K // TILE), dtype=torch.float32, device=w.device)
     qt = torch.empty((K, N), dtype=FP8, device=w.device)
-    if N:
-        _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE)](
-            w, q if rows else qt, s, qt, N, K, w.stride(0), q.stride(0) if rows else 0, s.stride(0), qt.stride(0),
-            # HW_CAST=False: with the hardware cast, the transposed copy of an fp32 weight came out wrong
-            # on an H100 (triton 3.6), whether the e4m3 tile or the fp32 values were transposed; bf16
-            # weights were right. Rounding in fp32 first, as for sm_89, gave the right codes there.
-            # Probably Triton miscompiling the transpose of fp8 tiles (triton-lang/triton#11111,
-            # mlc-ai/pith-train#74): see benchmarks/results/fp8_gemm/NOTES.md.
-            TILE=TILE, POW2=pow2, HW_CAST=False, ROWS=rows, TRANSPOSED=True, num_warps=1 if _interpreting() else 8)
+    quant_blocks_t_into(w[None], q[None] if rows else None, s[None], qt[None], pow2)
     return q, s, qt
+
+
+def quant_blocks_t_into(w: torch.Tensor, q: torch.Tensor | None, s: torch.Tensor, qt: torch.Tensor,
+                        pow2: bool = False) -> None:
+    """`quant_blocks_t` of each matrix of a stack w (G, N, K), written into the given (possibly
+    strided) views: q (G, N, K) (or None), s (G, ceil(N/128), K/128) and qt (G, K, N), each
+    contiguous along its last dim. Views of a wider stack let several weights be quantized side by
+    side into one operand (the experts' gate and up projections, N a multiple of 128)."""
+    if w.dim() != 3 or w.shape[2] % TILE:
+        raise ValueError(f"w must be (G, N, K) with K a multiple of {TILE}, got {tuple(w.shape)}")
+    G, N, K = w.shape
+    want = {"s": (s, (G, triton.cdiv(N, TILE), K // TILE)), "qt": (qt, (G, K, N))}
+    if q is not None:
+        want["q"] = (q, (G, N, K))
+    for name, (t, shape) in {"w": (w, (G, N, K)), **want}.items():
+        if tuple(t.shape) != shape or (t.numel() and t.stride(2) != 1):
+            raise ValueError(f"{name} must be {shape} and contiguous along its last dim, got {tuple(t.shape)} "
+                             f"with strides {t.stride()}")
+    if not (G and N):
+        return
+    rows = q is not None
+    q = q if rows else qt  # never stored without ROWS
+    _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE, G)](
+        w, q, s, qt, N, K, w.stride(0), w.stride(1), q.stride(0), q.stride(1) if rows else 0, s.stride(0), s.stride(1),
+        qt.stride(0), qt.stride(1),
+        # HW_CAST=False: with the hardware cast, the transposed copy of an fp32 weight came out wrong
+        # on an H100 (triton 3.6), whether the e4m3 tile or the fp32 values were transposed; bf16
+        # weights were right. Rounding in fp32 first, as for sm_89, gave the right codes there.
+        # Probably Triton miscompiling the transpose of fp8 tiles (triton-lang/triton#11111,
+        # mlc-ai/pith-train#74): see benchmarks/results/fp8_gemm/NOTES.md.
+        TILE=TILE, POW2=pow2, HW_CAST=False, ROWS=rows, TRANSPOSED=True, num_warps=1 if _interpreting() else 8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from conftest import FP8_SUM_TOL
 from effllm.kernels import fp8_grouped
 from effllm.kernels.fp8_gemm import fp8_gemm_ref
-from effllm.kernels.fp8_quant import quant_blocks, quant_cols_ref, quant_rows_ref
+from effllm.kernels.fp8_quant import quant_blocks, quant_blocks_ref, quant_cols_ref, quant_rows_ref
 from effllm.kernels.grouped_gemm import grouped_mm_reference
 
 from effllm.fp8 import fp8_grouped_mm, fp8_swiglu_experts
@@ -133,18 +133,28 @@ def test_shared_input_and_fused_gather_give_the_gathered_products_and_gradients(
             assert torch.equal(a, torch.zeros_like(a)) if n == 0 else rel(a, b) < tol
 
 
-@pytest.mark.parametrize("wrt", [None, "gate", "up"])
-def test_quant_swiglu_quantizes_the_swiglu_terms_like_the_grouped_quantization(wrt):
-    """silu(gate)·up and its gradients along gate and up, computed in the quantization pass, against
-    swiglu_ref: each tile's scale is its amax / 448 and each element within the E4M3 rounding bound,
-    in both layouts. Not bit for bit: Triton's sigmoid and torch's differ in the last bit for ~17% of
-    inputs, which moves a scale by an ulp. (quant_grouped's rounding is checked bit for bit above.)"""
+@pytest.mark.parametrize("grad", [False, True])
+def test_quant_swiglu_quantizes_the_swiglu_terms_like_the_grouped_quantization(grad):
+    """silu(gate)·up, and its gradients along gate and along up side by side, computed in the
+    quantization pass, against swiglu_ref: each tile's scale is its amax / 448 and each element
+    within the E4M3 rounding bound, in both layouts. gate and up are the halves of one (M, 2F)
+    tensor, as the fused experts' GEMM writes them. Not bit for bit: Triton's sigmoid and torch's
+    differ in the last bit for ~17% of inputs, which moves a scale by an ulp. (quant_grouped's
+    rounding is checked bit for bit above.)"""
     sizes, F = [13, 0, 150, 7, 0], 256
     M = sum(sizes)
-    gate, up, dh = randn(M, F, seed=31, scale=3.0), randn(M, F, seed=32), randn(M, F, seed=33)
+    gate_up, dh = randn(M, 2 * F, seed=31, scale=3.0), randn(M, F, seed=33)
+    gate, up = gate_up[:, :F], gate_up[:, F:]
     sched = fp8_grouped.schedule(offsets_of(sizes), M)
-    q, s, qt, st = fp8_grouped.quant_swiglu(gate, up, sched, dh=dh if wrt else None, wrt=wrt)
-    v = fp8_grouped.swiglu_ref(gate, up, dh if wrt else None, wrt).double()
+    q, s, qt, st = fp8_grouped.quant_swiglu(gate, up, sched, dh=dh if grad else None)
+    v = fp8_grouped.swiglu_ref(gate, up, dh if grad else None).double()
+    assert q.shape == v.shape == (M, 2 * F if grad else F)
+    if grad:  # the halves are the gradients along gate and along up
+        ga, u, d = gate.double(), up.double(), dh.double()
+        sig = torch.sigmoid(ga)
+        assert torch.allclose(v[:, :F], d * u * (sig + ga * sig * (1 - sig)), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(v[:, F:], d * ga * sig, rtol=1e-5, atol=1e-6)
+    width = v.shape[1]
 
     def check(q, s, v):
         """q e4m3 and v fp64 (rows, 128 n), s (rows, n): one scale per row of each 128-wide tile."""
@@ -160,12 +170,36 @@ def test_quant_swiglu_quantizes_the_swiglu_terms_like_the_grouped_quantization(w
         for i in range((hi - lo + 127) // 128):  # each of the group's 128-row tiles, along the rows
             t, r0 = first[g] + i, lo + 128 * i
             n = min(128, hi - r0)
-            rows = torch.zeros(128, F, dtype=torch.float64, device=v.device)
+            rows = torch.zeros(128, width, dtype=torch.float64, device=v.device)
             rows[:n] = v[r0 : r0 + n]  # the kernel pads the tile with zeros past the group's end
             check(qt[:, 128 * t : 128 * (t + 1)], st[:, t : t + 1], rows.t())
             assert not qt[:, 128 * t + n : 128 * (t + 1)].view(torch.uint8).any()
-    with pytest.raises(ValueError, match="wrt"):
-        fp8_grouped.quant_swiglu(gate, up, sched, dh=dh)
+    with pytest.raises(ValueError, match="one layout"):
+        fp8_grouped.quant_swiglu(gate, up.contiguous(), sched)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_expert_weights_quantized_side_by_side_equal_the_block_reference(dtype, pow2):
+    """quant_expert_weights: gate (3, 256, 384) and up (3, 128, 384) quantized into one stacked
+    operand, bit for bit what quant_blocks_ref gives each expert's weight, and the dgrad copy each
+    expert's stacked matrix transposed, K-major."""
+    G, K = 3, 384
+    ws = [randn(G, n, K, seed=40 + n, scale=0.05).to(dtype) for n in (256, 128)]
+    q, s, qt = fp8_grouped.quant_expert_weights(ws, pow2)
+    assert q.shape == (G, 384, K) and s.shape == (G, 3, 3) and qt.shape == (G, K, 384) and qt.is_contiguous()
+    lo = 0
+    for w in ws:
+        hi = lo + w.shape[1]
+        for g in range(G):
+            qr, sr = quant_blocks_ref(w[g], pow2)
+            assert same_bits(q[g, lo:hi], qr) and torch.equal(s[g, lo // 128 : hi // 128], sr)
+            assert same_bits(qt[g, :, lo:hi], qr.t())
+        lo = hi
+    ref = fp8_grouped.quant_expert_weights_ref(ws, pow2)
+    assert same_bits(q, ref[0]) and torch.equal(s, ref[1]) and same_bits(qt, ref[2])
+    with pytest.raises(ValueError, match="multiples of 128"):
+        fp8_grouped.quant_expert_weights([ws[0][:, :200]], pow2)
 
 
 @pytest.mark.parametrize("D", [200, 1030])  # one partial column block; two column blocks
