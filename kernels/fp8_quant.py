@@ -158,11 +158,18 @@ def _quant_blocks_kernel(
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-    q = _quant(w, s, HW_CAST).to(q_ptr.dtype.element_ty)
     if ROWS:
-        tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], q, mask=mask)
-    if TRANSPOSED:  # through a register transpose: coalesced along qt's rows
-        tl.store(qt_ptr + cols[:, None] * stride_qtk + rows[None, :], tl.trans(q), mask=tl.trans(mask))
+        tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], _quant(w, s, HW_CAST).to(q_ptr.dtype.element_ty),
+                 mask=mask)
+    if TRANSPOSED:
+        # The block read again through transposed addresses (from L2) and cast on its own, so that the two
+        # stores never share e4m3 registers (the compiler then moves the e4m3 tile into qt's layout itself).
+        # Storing q and its register transpose (tl.trans) made ptxas 12.9, which Triton bundles for Hopper,
+        # write foreign bytes into qt on an H100 (triton-lang/triton#11111; the same bytes 0x60 and 0xFC):
+        # see benchmarks/results/fp8_gemm/NOTES.md.
+        wt = tl.load(w_ptr + rows[None, :] * stride_wn + cols[:, None], mask=tl.trans(mask), other=0.0)
+        tl.store(qt_ptr + cols[:, None] * stride_qtk + rows[None, :],
+                 _quant(wt.to(tl.float32), s, HW_CAST).to(qt_ptr.dtype.element_ty), mask=tl.trans(mask))
     tl.store(s_ptr + pid_n * stride_sn + pid_k, s)
 
 
@@ -273,12 +280,8 @@ def quant_blocks_t_into(w: torch.Tensor, q: torch.Tensor | None, s: torch.Tensor
     _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE, G)](
         w, q, s, qt, N, K, w.stride(0), w.stride(1), q.stride(0), q.stride(1) if rows else 0, s.stride(0), s.stride(1),
         qt.stride(0), qt.stride(1),
-        # HW_CAST=False: with the hardware cast, the transposed copy of an fp32 weight came out wrong
-        # on an H100 (triton 3.6), whether the e4m3 tile or the fp32 values were transposed; bf16
-        # weights were right. Rounding in fp32 first, as for sm_89, gave the right codes there.
-        # Probably Triton miscompiling the transpose of fp8 tiles (triton-lang/triton#11111,
-        # mlc-ai/pith-train#74): see benchmarks/results/fp8_gemm/NOTES.md.
-        TILE=TILE, POW2=pow2, HW_CAST=False, ROWS=rows, TRANSPOSED=True, num_warps=1 if _interpreting() else 8)
+        TILE=TILE, POW2=pow2, HW_CAST=_hw_cast(w.device), ROWS=rows, TRANSPOSED=True,
+        num_warps=1 if _interpreting() else 8)
 
 
 # ---------------------------------------------------------------------------------------------
