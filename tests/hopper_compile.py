@@ -87,6 +87,16 @@ def variants():
             args = (w, q, s, qt, n, k, 0, w.stride(0), 0, q.stride(0), 0, s.stride(0), 0, qt.stride(0))
             out.append((f"quant_blocks_t/{str(dtype)[6:]}/{n}x{k}", fq._quant_blocks_kernel, args,
                         dict(TILE=128, POW2=False, HW_CAST=True, ROWS=True, TRANSPOSED=True, num_warps=8)))
+    # the experts' gate and up weights, quantized side by side into views of one stacked operand
+    G, F, D = 3, 256, 384
+    w3 = torch.randn(G, F, D)
+    q, qt = torch.empty(G, 2 * F, D, dtype=FP8), torch.empty(G, D, 2 * F, dtype=FP8)
+    s = torch.empty(G, 2 * F // 128, D // 128)
+    qv, sv, qtv = q[:, F:], s[:, F // 128:], qt[:, :, F:]
+    args = (w3, qv, sv, qtv, F, D, w3.stride(0), w3.stride(1), qv.stride(0), qv.stride(1), sv.stride(0), sv.stride(1),
+            qtv.stride(0), qtv.stride(1))
+    out.append(("quant_blocks_t/float32/experts", fq._quant_blocks_kernel, args,
+                dict(TILE=128, POW2=False, HW_CAST=True, ROWS=True, TRANSPOSED=True, num_warps=8)))
     # the activation quantizations
     for dtype in (torch.float32, torch.bfloat16):
         m, k = 256, 384
@@ -102,12 +112,14 @@ def variants():
     # the dense block-scaled GEMM: forward and dgrad (B K-major, block scales), wgrad (row scales)
     m, n, k = 256, 384, 512
     a, b = torch.randn(m, k).to(FP8), torch.randn(n, k).to(FP8)
-    for name, row_scales, out_dtype in (("fp8_gemm/block", False, torch.bfloat16), ("fp8_gemm/rows", True, torch.float32)):
+    for name, row_scales, out_dtype in (("fp8_gemm/block", False, torch.bfloat16),
+                                        ("fp8_gemm/rows", True, torch.float32)):
         a_s = torch.rand(m, k // 128)
         b_s = torch.rand(n, k // 128) if row_scales else torch.rand(n // 128, k // 128)
         c = torch.empty(m, n, dtype=out_dtype)
         args = (a, b, c, a_s, b_s, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
-                c.stride(1), a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), fg._bucket(m), fg._bucket(k), 1)
+                c.stride(1), a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), fg._bucket(m),
+                fg._bucket(k), 1)
         for bm, bn, warps, stages in ((128, 128, 8, 3), (64, 128, 4, 4)):  # the GPU tests' tiles; the tuned winner
             out.append((f"{name}/{bm}x{bn}", fg._fp8_gemm_kernel, args,
                         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, B_ROW_SCALES=row_scales,
