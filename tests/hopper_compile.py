@@ -30,10 +30,15 @@ from pathlib import Path
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.compiler.compiler import make_backend
-from triton.runtime.jit import create_function_from_signature
+
+try:  # Triton's own launch-time specialization (internal, present in 3.6 through 3.9)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+except ImportError as e:  # another Triton: say so (exit code 3) instead of failing
+    print(f"this Triton ({triton.__version__}) lacks what the sm_90 compile uses: {e}", file=sys.stderr)
+    raise SystemExit(3) from e
 
 TARGET = GPUTarget("cuda", 90, 32)
 FP8 = torch.float8_e4m3fn

@@ -42,6 +42,8 @@ def report() -> dict:
         pytest.skip(why)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600)
+    if run.returncode == 3:  # a Triton without the internals hopper_compile.py uses
+        pytest.skip(run.stderr.strip().splitlines()[-1])
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout)["kernels"]
 
