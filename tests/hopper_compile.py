@@ -1,7 +1,7 @@
 """Compile every Triton kernel of effllm for Hopper (sm_90) on a machine without a GPU, and say what
 each compiled to. tests/test_hopper_compile.py runs it in a subprocess; by hand:
 
-    python tests/hopper_compile.py [--dump DIR]
+    python tests/hopper_compile.py [--dump DIR] [--tuner]
 
 The interpreter runs the kernels' numerics on a CPU, but never the compiler. Here the whole NVIDIA
 pipeline runs (TTGIR, LLVM, PTX, then ptxas to a cubin, all bundled with Triton) for an explicit
@@ -74,13 +74,21 @@ def summary(kernel) -> dict:
     }
 
 
-def variants():
-    """(name, kernel, args, kwargs) for each kernel of effllm, in the configurations a GPU runs."""
+def variants(tuner: bool = False):
+    """(name, kernel, args, kwargs) for each kernel of effllm, in the configurations a GPU runs: the
+    autotuned GEMMs in the GPU tests' fixed tiles and the tuner's usual winner, or with `tuner` in
+    every configuration of the tuner's search space."""
     from effllm.kernels import fp8_gemm as fg
     from effllm.kernels import fp8_grouped as fgr
     from effllm.kernels import fp8_quant as fq
     from effllm.kernels import grouped_gemm as gg
     from effllm.kernels import moe_combine as mc
+
+    def space(configs, fixed, keys=("BLOCK_M", "BLOCK_N")):
+        """(tile rows, tile columns, warps, stages) to compile."""
+        if not tuner:
+            return fixed
+        return [(c.kwargs[keys[0]], c.kwargs[keys[1]], c.num_warps, c.num_stages) for c in configs]
 
     out = []
     # the weight quantization with its transposed copy, fp32 and bf16 masters, N a multiple of 16 or not
@@ -125,8 +133,9 @@ def variants():
         args = (a, b, c, a_s, b_s, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
                 c.stride(1), a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), fg._bucket(m),
                 fg._bucket(k), 1)
-        for bm, bn, warps, stages in ((128, 128, 8, 3), (64, 128, 4, 4)):  # the GPU tests' tiles; the tuned winner
-            out.append((f"{name}/{bm}x{bn}", fg._fp8_gemm_kernel, args,
+        # the GPU tests' tiles; the tuned winner
+        for bm, bn, warps, stages in space(fg._hopper_configs(), [(128, 128, 8, 3), (64, 128, 4, 4)]):
+            out.append((f"{name}/{bm}x{bn}" + (f"/w{warps}s{stages}" if tuner else ""), fg._fp8_gemm_kernel, args,
                         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, B_ROW_SCALES=row_scales,
                              num_warps=warps, num_stages=stages)))
     # the grouped FP8 kernels of the MoE experts
@@ -153,16 +162,20 @@ def variants():
         args = (a, bw, c, a_s, bw_s, sched.group, sched.row, sched.ends, N, K, T, a.stride(0), a.stride(1),
                 bw.stride(0), bw.stride(1), bw.stride(2), c.stride(0), c.stride(1), a_s.stride(0), a_s.stride(1),
                 bw_s.stride(0), bw_s.stride(1), bw_s.stride(2), fg._bucket(M), 1)
-        out.append((f"grouped_fp8_gemm{'/accumulate' if accumulate else ''}", fgr._grouped_gemm_kernel, args,
-                    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, TILE_M=128, ACCUMULATE=accumulate,
-                         num_warps=8, num_stages=3)))
+        for bm, bn, warps, stages in space(fg._hopper_configs(), [(128, 128, 8, 3)]):
+            out.append((f"grouped_fp8_gemm{'/accumulate' if accumulate else ''}"
+                        + (f"/{bm}x{bn}/w{warps}s{stages}" if tuner else ""), fgr._grouped_gemm_kernel, args,
+                        dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, TILE_M=128, ACCUMULATE=accumulate,
+                             num_warps=warps, num_stages=stages)))
     at, at_s = torch.randn(N, T * 128).to(FP8), torch.rand(N, T)
     bt, bt_s = torch.randn(K, T * 128).to(FP8), torch.rand(K, T)
     dw = torch.empty(G, N, K, dtype=torch.bfloat16)
-    out.append(("grouped_fp8_wgrad", fgr._grouped_wgrad_kernel,
-                (at, bt, dw, at_s, bt_s, sched.first, sched.count, N, K, at.stride(0), bt.stride(0), dw.stride(0),
-                 dw.stride(1), dw.stride(2), at_s.stride(0), bt_s.stride(0), fg._bucket(M)),
-                dict(BLOCK_N=128, BLOCK_K=128, TILE_M=128, num_warps=8, num_stages=3)))
+    for bn, bk, warps, stages in space(fgr._wgrad_configs(), [(128, 128, 8, 3)], ("BLOCK_N", "BLOCK_K")):
+        out.append(("grouped_fp8_wgrad" + (f"/{bn}x{bk}/w{warps}s{stages}" if tuner else ""),
+                    fgr._grouped_wgrad_kernel,
+                    (at, bt, dw, at_s, bt_s, sched.first, sched.count, N, K, at.stride(0), bt.stride(0), dw.stride(0),
+                     dw.stride(1), dw.stride(2), at_s.stride(0), bt_s.stride(0), fg._bucket(M)),
+                    dict(BLOCK_N=bn, BLOCK_K=bk, TILE_M=128, num_warps=warps, num_stages=stages)))
     dx, out_rows = torch.randn(M, K).bfloat16(), torch.empty(M, K).bfloat16()
     order, bounds = torch.argsort(src), torch.arange(M + 1)
     out.append(("sum_by_source", fgr._sum_by_source_kernel, (dx, order, bounds, out_rows, K, dx.stride(0),
@@ -196,11 +209,13 @@ def variants():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dump", type=Path, default=None, help="folder for each variant's TTGIR, PTX and SASS")
+    parser.add_argument("--tuner", action="store_true",
+                        help="compile the autotuned GEMMs in every configuration of the tuner's search space")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the interpreter's kernels do not compile")
     report = {"triton": triton.__version__, "target": "sm_90", "kernels": {}}
-    for name, fn, kargs, kwargs in variants():
+    for name, fn, kargs, kwargs in variants(args.tuner):
         kernel = compile_for_hopper(fn, kargs, kwargs)
         report["kernels"][name] = summary(kernel)
         if args.dump:
