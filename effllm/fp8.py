@@ -12,11 +12,11 @@ matmul written in PyTorch, so FP8 numerics train and test on a CPU.
 
 `fp8_grouped_mm` runs grouped GEMMs over expert-sorted rows the same way. `fp8_swiglu_experts`
 runs whole SwiGLU experts, gate and up stacked into one GEMM, with the SwiGLU and its gradients
-computed inside the quantizations. `convert_to_fp8(model)` swaps a model's linears for FP8Linear and switches
-routed experts to `fp8_swiglu_experts`. It keeps in higher precision the parts DeepSeek-V3 keeps
-there: the embedding, the output head, routers (and so the gate) and norms. It leaves alone any
-linear or expert whose dims are not multiples of 128. It returns what it converted and why it
-skipped the rest.
+computed inside the quantizations. `convert_to_fp8(model)` swaps a model's linears for FP8Linear
+and switches routed experts to `fp8_swiglu_experts`. It keeps in higher precision the parts
+DeepSeek-V3 keeps there: the embedding, the output head, routers (and so the gate) and norms. It
+leaves alone any linear or expert whose dims are not multiples of 128. It returns what it
+converted and why it skipped the rest.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class FP8LinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, backend: str, pow2: bool):
         quant_both, quant_w, quant_w_t, gemm = _OPS[backend]
         q_x, s_x, qt_x, st_x = quant_both(x, pow2)  # tiles along features (forward) and tokens (wgrad)
-        if ctx.needs_input_grad[0]:  # dgrad reads Wᵀ: quantized K-major from the same read of W
+        if ctx.needs_input_grad[0]:  # dgrad reads Wᵀ: quantized K-major by the same launch as W
             q_w, s_w, qt_w = quant_w_t(weight, pow2)
         else:
             (q_w, s_w), qt_w = quant_w(weight, pow2), None
@@ -184,7 +184,7 @@ class _Grouped:
 def _quant_expert_weights(ws, backend: str, pow2: bool):
     """(G, N_i, K) expert weights stacked side by side along N, per 128x128 block -> (q (G, ΣN, K),
     s) for the forward and (qᵀ (G, K, ΣN), sᵀ) for the dgrad, each expert's Wᵀ K-major (FP8 MMA
-    reads K-major operands), written by the same pass that reads W."""
+    reads K-major operands), written by the same launch that quantizes W."""
     quant = fp8_grouped.quant_expert_weights if backend == "triton" else fp8_grouped.quant_expert_weights_ref
     q, s, qt = quant(ws, pow2)
     return (q, s), (qt, s.transpose(1, 2))

@@ -343,8 +343,8 @@ def _quant_grouped(x, u, d, src, sched: Schedule, act: int, pow2: bool):
 def quant_expert_weights(ws, pow2: bool = False):
     """Expert weights (G, N_i, K) stacked side by side along N, each per 128x128 block (N_i and K
     multiples of 128, so no block straddles two weights or experts): q (G, ΣN, K), s (G, ΣN/128,
-    K/128), and the dgrad operand qt (G, K, ΣN), each expert's stacked Wᵀ K-major, written from the
-    same read of each weight (one launch per weight, none copied). Stacked gate and up projections
+    K/128), and the dgrad operand qt (G, K, ΣN), each expert's stacked Wᵀ K-major, written by the
+    launch that quantizes each weight (one launch per weight, none copied). Stacked gate and up projections
     make one forward GEMM and one dgrad GEMM of twice the width, instead of two each and a sum."""
     G, K = ws[0].shape[0], ws[0].shape[2]
     if any(w.dim() != 3 or w.shape[0] != G or w.shape[2] != K or w.shape[1] % TILE for w in ws) or K % TILE:

@@ -8,7 +8,7 @@ Shape letters: M rows (tokens), K the quantized row length (features), N output 
   stored transposed for the wgrad GEMM (it sums over tokens). One read of x gives both:
   q (M, K), s (M, K/128), qt (K, M), st (K, ceil(M/128)).
 - `quant_blocks(w)`: one scale per 128x128 block (weights). w (N, K) -> q (N, K), s (ceil(N/128), K/128).
-  `quant_blocks_t(w)` also writes qᵀ (K, N) K-major from the same read (the dgrad operand);
+  `quant_blocks_t(w)` also writes qᵀ (K, N) K-major in the same launch (the dgrad operand);
   `quant_blocks_t_into` does it for a stack of matrices, into views of wider outputs.
 
 scale = amax / 448, with amax clamped to >= 1e-12 so an all-zero tile gives zeros and a finite
@@ -147,7 +147,7 @@ def _quant_blocks_kernel(
     TILE: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr, ROWS: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):
     """One 128x128 block of matrix program_id(2), one scale; q (N, K) when ROWS, its transpose qt
-    (K, N) when TRANSPOSED (the K-major Wᵀ the dgrad GEMM reads), both from one read of the block."""
+    (K, N) when TRANSPOSED (the K-major Wᵀ the dgrad GEMM reads), the block read a second time for it."""
     pid_n, pid_k, g = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     w_ptr += g * stride_wg
     q_ptr += g * stride_qg
@@ -245,7 +245,7 @@ def quant_blocks(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, tor
 
 
 def quant_blocks_t(w: torch.Tensor, pow2: bool = False, rows: bool = True):
-    """`quant_blocks` plus qt (K, N) = qᵀ stored K-major, from the same read of w: the dgrad GEMM
+    """`quant_blocks` plus qt (K, N) = qᵀ stored K-major, in the same launch: the dgrad GEMM
     reads Wᵀ, and FP8 MMA wants K-major operands, so this saves a transposing copy per step. qt's
     scales are sᵀ. With rows=False only qt is written (q comes back None)."""
     _check_2d(w, "w")
