@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 from effllm.kernels.fp8_gemm import _bucket, _fixed_config, _hopper_configs, _interpreting
-from effllm.kernels.fp8_quant import FP8, TILE, _hw_cast, _quant, _scale_of, quant_blocks_ref, quant_blocks_t_into
+from effllm.kernels.fp8_quant import FP8, TILE, _hw_cast, _quant, _scale_of, quant_blocks_into, quant_blocks_ref
 from effllm.kernels.grouped_gemm import group_tiles
 
 
@@ -357,7 +357,7 @@ def quant_expert_weights(ws, pow2: bool = False):
     lo = 0
     for w in ws:
         hi = lo + w.shape[1]
-        quant_blocks_t_into(w, q[:, lo:hi], s[:, lo // TILE:hi // TILE], qt[:, :, lo:hi], pow2)
+        quant_blocks_into(w, q[:, lo:hi], s[:, lo // TILE:hi // TILE], qt[:, :, lo:hi], pow2)
         lo = hi
     return q, s, qt
 

@@ -9,7 +9,7 @@ Shape letters: M rows (tokens), K the quantized row length (features), N output 
   q (M, K), s (M, K/128), qt (K, M), st (K, ceil(M/128)).
 - `quant_blocks(w)`: one scale per 128x128 block (weights). w (N, K) -> q (N, K), s (ceil(N/128), K/128).
   `quant_blocks_t(w)` also writes qᵀ (K, N) K-major in the same launch (the dgrad operand);
-  `quant_blocks_t_into` does it for a stack of matrices, into views of wider outputs.
+  `quant_blocks_into` does either or both for a stack of matrices, into views of wider outputs.
 
 scale = amax / 448, with amax clamped to >= 1e-12 so an all-zero tile gives zeros and a finite
 scale, never NaN; `pow2=True` rounds each scale up to a power of two (exact rescaling, as some
@@ -237,10 +237,7 @@ def quant_blocks(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, tor
     N, K = w.shape
     q = torch.empty((N, K), dtype=FP8, device=w.device)
     s = torch.empty((triton.cdiv(N, TILE), K // TILE), dtype=torch.float32, device=w.device)
-    if N:
-        _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE, 1)](
-            w, q, s, q, N, K, 0, w.stride(0), 0, q.stride(0), 0, s.stride(0), 0, 0,
-            TILE=TILE, POW2=pow2, HW_CAST=_hw_cast(w.device), ROWS=True, TRANSPOSED=False)
+    quant_blocks_into(w[None], q[None], s[None], None, pow2)
     return q, s
 
 
@@ -253,35 +250,38 @@ def quant_blocks_t(w: torch.Tensor, pow2: bool = False, rows: bool = True):
     q = torch.empty((N, K), dtype=FP8, device=w.device) if rows else None
     s = torch.empty((triton.cdiv(N, TILE), K // TILE), dtype=torch.float32, device=w.device)
     qt = torch.empty((K, N), dtype=FP8, device=w.device)
-    quant_blocks_t_into(w[None], q[None] if rows else None, s[None], qt[None], pow2)
+    quant_blocks_into(w[None], q[None] if rows else None, s[None], qt[None], pow2)
     return q, s, qt
 
 
-def quant_blocks_t_into(w: torch.Tensor, q: torch.Tensor | None, s: torch.Tensor, qt: torch.Tensor,
-                        pow2: bool = False) -> None:
-    """`quant_blocks_t` of each matrix of a stack w (G, N, K), written into the given (possibly
-    strided) views: q (G, N, K) (or None), s (G, ceil(N/128), K/128) and qt (G, K, N), each
-    contiguous along its last dim. Views of a wider stack let several weights be quantized side by
-    side into one operand (the experts' gate and up projections, N a multiple of 128)."""
+def quant_blocks_into(w: torch.Tensor, q: torch.Tensor | None, s: torch.Tensor, qt: torch.Tensor | None,
+                      pow2: bool = False) -> None:
+    """The block quantization of each matrix of a stack w (G, N, K), written into the given
+    (possibly strided) views: q (G, N, K), s (G, ceil(N/128), K/128) and the transpose qt (G, K, N),
+    each contiguous along its last dim; q or qt may be None (not written). Views of a wider stack
+    let several weights be quantized side by side into one operand (the experts' gate and up
+    projections, N a multiple of 128)."""
     if w.dim() != 3 or w.shape[2] % TILE:
         raise ValueError(f"w must be (G, N, K) with K a multiple of {TILE}, got {tuple(w.shape)}")
+    if q is None and qt is None:
+        raise ValueError("quant_blocks_into needs q, qt or both to write")
     G, N, K = w.shape
-    want = {"s": (s, (G, triton.cdiv(N, TILE), K // TILE)), "qt": (qt, (G, K, N))}
-    if q is not None:
-        want["q"] = (q, (G, N, K))
-    for name, (t, shape) in {"w": (w, (G, N, K)), **want}.items():
-        if tuple(t.shape) != shape or (t.numel() and t.stride(2) != 1):
+    want = {"w": (w, (G, N, K)), "s": (s, (G, triton.cdiv(N, TILE), K // TILE)), "q": (q, (G, N, K)),
+            "qt": (qt, (G, K, N))}
+    for name, (t, shape) in want.items():
+        if t is not None and (tuple(t.shape) != shape or (t.numel() and t.stride(2) != 1)):
             raise ValueError(f"{name} must be {shape} and contiguous along its last dim, got {tuple(t.shape)} "
                              f"with strides {t.stride()}")
     if not (G and N):
         return
-    rows = q is not None
-    q = q if rows else qt  # never stored without ROWS
+    rows, transposed = q is not None, qt is not None
+    q, qt = (q if rows else qt), (qt if transposed else q)  # a pointer that is never stored through
     _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE, G)](
-        w, q, s, qt, N, K, w.stride(0), w.stride(1), q.stride(0), q.stride(1) if rows else 0, s.stride(0), s.stride(1),
+        w, q, s, qt, N, K, w.stride(0), w.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
         qt.stride(0), qt.stride(1),
-        TILE=TILE, POW2=pow2, HW_CAST=_hw_cast(w.device), ROWS=rows, TRANSPOSED=True,
-        num_warps=1 if _interpreting() else 8)
+        TILE=TILE, POW2=pow2, HW_CAST=_hw_cast(w.device), ROWS=rows, TRANSPOSED=transposed,
+        # the transposed copy holds a second 128x128 tile: 8 warps (rows alone: Triton's default 4)
+        num_warps=1 if _interpreting() else 8 if transposed else 4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,6 +100,12 @@ def variants(tuner: bool = False):
             args = (w, q, s, qt, n, k, 0, w.stride(0), 0, q.stride(0), 0, s.stride(0), 0, qt.stride(0))
             out.append((f"quant_blocks_t/{str(dtype)[6:]}/{n}x{k}", fq._quant_blocks_kernel, args,
                         dict(TILE=128, POW2=False, HW_CAST=True, ROWS=True, TRANSPOSED=True, num_warps=8)))
+    # the weight quantization without the transposed copy (no input gradient needed)
+    w = torch.randn(256, 384)
+    q, s = torch.empty(256, 384, dtype=FP8), torch.empty(2, 3)
+    out.append(("quant_blocks/float32", fq._quant_blocks_kernel,
+                (w, q, s, q, 256, 384, 0, w.stride(0), 0, q.stride(0), 0, s.stride(0), 0, q.stride(0)),
+                dict(TILE=128, POW2=False, HW_CAST=True, ROWS=True, TRANSPOSED=False, num_warps=4)))
     # the experts' gate and up weights, quantized side by side into views of one stacked operand
     G, F, D = 3, 256, 384
     w3 = torch.randn(G, F, D)
