@@ -77,6 +77,20 @@ def check_exportable(cfg: ModelConfig) -> None:
                               "DeepseekV3 scores each group by its top-2 experts, which needs 2+ experts per group")
 
 
+def check_router_exportable(model: Transformer) -> None:
+    """Refuse group-limited routers without a bias: they score each group by its best expert (as
+    DeepSeek's Gate without a bias does), where transformers' DeepseekV3 always sums the top two."""
+    from effllm.moe import MoE
+
+    for name, layer in model.named_modules():
+        if (isinstance(layer, MoE) and layer.cfg.n_group > 1 and layer.cfg.bias_update_rate == 0
+                and not bool(layer.router.expert_bias.any())):
+            raise ConfigError(f"{name} routes over {layer.cfg.n_group} groups without a balancing bias, so its groups "
+                              "score by their best expert; transformers' DeepseekV3 scores them by the sum of their top "
+                              "two and would route differently. Train with moe.bias_update_rate > 0 or moe.n_group=1 "
+                              "to export")
+
+
 def _rope_fields(theta: float, mla=None) -> dict:
     """rope_parameters (transformers 5) and the older rope_theta / rope_scaling (transformers 4)."""
     if mla is None or mla.rope_factor == 1.0:
@@ -115,7 +129,7 @@ def hf_config(cfg: ModelConfig, eot_id: int | None = None, dtype: str = "float32
         e = cfg.moe
         out.update(first_k_dense_replace=cfg.first_k_dense, n_routed_experts=e.n_routed_experts,
                    n_shared_experts=e.n_shared_experts, num_experts_per_tok=e.top_k, moe_intermediate_size=e.expert_dim,
-                   n_group=e.n_group, topk_group=e.topk_group, norm_topk_prob=e.norm_topk_prob,
+                   n_group=e.n_group, topk_group=e.topk_group, norm_topk_prob=e.renormalize,
                    routed_scaling_factor=e.route_scale, scoring_func="sigmoid", topk_method="noaux_tc")
     else:  # every layer dense: the MoE fields must still be consistent
         out.update(first_k_dense_replace=cfg.n_layers, n_routed_experts=2, n_shared_experts=1, num_experts_per_tok=1,
@@ -286,6 +300,7 @@ def save_hf(model: Transformer, out: str | Path, dtype: torch.dtype = torch.floa
 
     cfg = model.cfg
     kind = layout(cfg)  # refuses before anything is written
+    check_router_exportable(model)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"{out} already exists and is not empty: choose another --out or pass --overwrite")

@@ -3,13 +3,16 @@
 Shape legend: T tokens (batch x sequence, flattened), D model dim, E routed experts, K experts per
 token, F hidden dim of one expert, G expert groups, M = T*K token-expert pairs.
 
-Routing follows DeepSeek-V3 (technical report §2.1.2): sigmoid (or V2's softmax) affinities; the
-top-K experts are chosen on affinity + a per-expert bias, optionally within each token's best
+Routing follows DeepSeek-V3 (technical report §2.1.2) and, case by case, the `Gate` of DeepSeek's
+official inference code (DeepSeek-V3 `inference/model.py`): sigmoid (or V2's softmax) affinities;
+the top-K experts are chosen on affinity + a per-expert bias, optionally within each token's best
 `topk_group` of `n_group` expert groups; the gate weights are the *unbiased* affinities of the
-chosen experts, renormalised to sum to 1 and scaled by `route_scale`. The bias is a buffer that
-the optimizer never sees: after each optimizer step it moves by `bias_update_rate` towards
-balance (auxiliary-loss-free load balancing). An optional sequence-wise balance loss (eq. 17-20)
-is exposed as `aux_loss` for the trainer to add.
+chosen experts, scaled by `route_scale`. As in that Gate, sigmoid gates are renormalised to sum to
+1 and softmax gates are not (`norm_topk_prob` overrides), and a group scores by the sum of its top-2
+biased affinities when the router uses a bias, by its best affinity when it does not. The bias is a
+buffer that the optimizer never sees: after each optimizer step it moves by `bias_update_rate`
+towards balance (auxiliary-loss-free load balancing). An optional sequence-wise balance loss
+(eq. 17-20) is exposed as `aux_loss` for the trainer to add.
 
 Dispatch is dropless: the M (token, expert) pairs are sorted by expert and every expert runs as
 one group of a grouped GEMM (kernels/grouped_gemm.py); each token then sums its K weighted
@@ -41,7 +44,7 @@ class MoEConfig:
     expert_dim: int = 256  # hidden width F of each expert
     score_func: Literal["sigmoid", "softmax"] = "sigmoid"  # affinities: sigmoid (V3) or softmax (V2)
     route_scale: float = 1.0  # gate weights are multiplied by this (V3's routed_scaling_factor)
-    norm_topk_prob: bool = True  # renormalise the chosen experts' weights to sum to 1 (V3: yes)
+    norm_topk_prob: bool | None = None  # renormalise the chosen gates to sum to 1; None = DeepSeek's Gate: sigmoid yes, softmax no
     n_group: int = 1  # expert groups for group-limited routing (1 = off)
     topk_group: int = 1  # groups each token may route into
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step u (V3: 1e-3); 0 = bias frozen
@@ -67,13 +70,25 @@ class MoEConfig:
         if self.top_k > self.topk_group * (E // G):
             raise ConfigError(f"moe.top_k={self.top_k} exceeds the {self.topk_group * (E // G)} experts in the "
                               f"moe.topk_group={self.topk_group} groups a token keeps: raise topk_group")
-        if G > 1 and self.score_func == "sigmoid" and E // G < 2:
-            raise ConfigError("with sigmoid routing a group's score is the sum of its top-2 experts: "
-                              "each group needs at least 2 experts (lower moe.n_group)")
+        if G > 1 and self.bias_update_rate > 0 and E // G < 2:
+            raise ConfigError("with a balancing bias a group's score is the sum of its top-2 experts (DeepSeek-V3's "
+                              "Gate): each group needs at least 2 experts (lower moe.n_group, or set "
+                              "moe.bias_update_rate=0 to score groups by their best expert)")
+
+    @property
+    def renormalize(self) -> bool:
+        """Whether the chosen gates are renormalised: `norm_topk_prob`, or DeepSeek's Gate by default."""
+        return self.score_func == "sigmoid" if self.norm_topk_prob is None else self.norm_topk_prob
 
 
 class Router(nn.Module):
-    """The gate: affinities, biased group-limited top-k selection, unbiased gate weights; fp32."""
+    """The gate: affinities, biased group-limited top-k selection, unbiased gate weights; fp32.
+
+    Every combination of score function, bias and groups routes as DeepSeek's official `Gate`
+    does. The router uses a bias when it can be nonzero: `bias_update_rate > 0`, or a bias that
+    was trained before (a nonzero `expert_bias`, e.g. loaded from a checkpoint); that check runs
+    on the device, so no forward waits for the GPU.
+    """
 
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
@@ -92,16 +107,17 @@ class Router(nn.Module):
         if cfg.n_group > 1:
             T, E, G = choice.shape[0], cfg.n_routed_experts, cfg.n_group
             grouped = choice.view(T, G, E // G)
-            if cfg.score_func == "sigmoid":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (T, G)
-            else:
-                group_scores = grouped.amax(dim=-1)
+            top2 = grouped.topk(min(2, E // G), dim=-1).values.sum(dim=-1)  # (T, G), when a bias is used
+            if cfg.bias_update_rate > 0:
+                group_scores = top2
+            else:  # no bias (DeepSeek-V2's gate): the best affinity, unless a trained bias was loaded
+                group_scores = torch.where(self.expert_bias.any(), top2, grouped.amax(dim=-1))
             kept = group_scores.topk(cfg.topk_group, dim=-1).indices
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, kept, False)
             choice = choice.masked_fill(dropped.repeat_interleave(E // G, dim=1), float("-inf"))
         indices = choice.topk(cfg.top_k, dim=-1).indices  # (T, K)
         weights = scores.gather(1, indices)  # unbiased affinities of the chosen experts
-        if cfg.norm_topk_prob:
+        if cfg.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights * cfg.route_scale, indices, scores
 

@@ -102,6 +102,20 @@ def test_what_transformers_cannot_express_is_refused_by_name(change, message, tm
     assert not (tmp_path / "out").exists()  # refused before writing anything
 
 
+def test_group_routing_without_a_bias_is_refused(tmp_path):
+    """Without a bias effllm's groups score by their best expert (DeepSeek's Gate); transformers'
+    DeepseekV3 always sums the top two, so such a router would route differently there."""
+    cfg = replace(BASE, attention="mla", mla=MLA, ffn="moe", moe=replace(MOE, bias_update_rate=0.0))
+    model = perturbed_model(cfg)
+    for layer in model.moe_layers().values():
+        layer.router.expert_bias.zero_()
+    with pytest.raises(ConfigError, match="best expert"):
+        save_hf(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    model.blocks[1].ffn.router.expert_bias[0] = 0.1  # a bias trained before: groups sum their top two, as in transformers
+    save_hf(model, tmp_path / "out")
+
+
 def test_byte_tokenizer_file_encodes_like_effllm():
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(byte_tokenizer_json())))
     text = "def f(x):\n\treturn 'héllo' + \"wörld\"  # 中文 😀\r\n"

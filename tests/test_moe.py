@@ -15,16 +15,28 @@ from effllm.moe import load_stats
 
 ROUTINGS = {
     "sigmoid": MoEConfig(n_routed_experts=8, top_k=3, score_func="sigmoid", route_scale=2.5),
-    "softmax": MoEConfig(n_routed_experts=8, top_k=3, score_func="softmax", norm_topk_prob=False),
+    "softmax": MoEConfig(n_routed_experts=8, top_k=3, score_func="softmax"),
+    "softmax-renormalised": MoEConfig(n_routed_experts=8, top_k=3, score_func="softmax", norm_topk_prob=True),
+    "sigmoid-not-renormalised": MoEConfig(n_routed_experts=8, top_k=3, norm_topk_prob=False),
     "sigmoid-groups": MoEConfig(n_routed_experts=16, top_k=4, n_group=4, topk_group=2, route_scale=1.5),
     "softmax-groups": MoEConfig(n_routed_experts=12, top_k=2, n_group=3, topk_group=1, score_func="softmax"),
+    # bias frozen at zero: DeepSeek's Gate without a bias scores each group by its best expert
+    "sigmoid-groups-no-bias": MoEConfig(n_routed_experts=16, top_k=4, n_group=4, topk_group=2, bias_update_rate=0),
+    "softmax-groups-no-bias": MoEConfig(n_routed_experts=12, top_k=2, n_group=3, topk_group=1, score_func="softmax",
+                                        bias_update_rate=0),
 }
 
 
 def reference_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cfg: MoEConfig):
-    """Token by token, straight from the DeepSeek-V3 report, in fp64: {expert: gate weight}."""
+    """Token by token in fp64, as DeepSeek's official `Gate` (DeepSeek-V3 inference/model.py) routes:
+    {expert: gate weight}. That Gate has a bias or not (V3 or V2); here the router has one when
+    it can be nonzero (a positive update rate, or a trained bias). With a bias, groups score by the
+    sum of their top-2 biased affinities, without one by their best; gates are renormalised for
+    sigmoid scores only, unless norm_topk_prob says otherwise."""
     out = []
     E, G = cfg.n_routed_experts, cfg.n_group
+    has_bias = cfg.bias_update_rate > 0 or bool(bias.any())
+    renormalise = cfg.score_func == "sigmoid" if cfg.norm_topk_prob is None else cfg.norm_topk_prob
     for t in range(x.shape[0]):
         logits = weight.double() @ x[t].double()
         s = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(0)
@@ -35,12 +47,12 @@ def reference_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, c
             group_scores = []
             for g in range(G):
                 members = sorted(biased[g * size : (g + 1) * size], reverse=True)
-                group_scores.append(sum(members[:2]) if cfg.score_func == "sigmoid" else members[0])
+                group_scores.append(sum(members[:2]) if has_bias else members[0])
             groups = sorted(range(G), key=group_scores.__getitem__, reverse=True)[: cfg.topk_group]
             allowed = [e for g in groups for e in range(g * size, (g + 1) * size)]
         chosen = sorted(allowed, key=lambda e: biased[e], reverse=True)[: cfg.top_k]
         gates = {e: s[e].item() for e in chosen}
-        if cfg.norm_topk_prob:
+        if renormalise:
             total = sum(gates.values())
             gates = {e: g / total for e, g in gates.items()}
         out.append({e: g * cfg.route_scale for e, g in gates.items()})
@@ -49,7 +61,7 @@ def reference_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, c
 
 @pytest.mark.parametrize("name", ROUTINGS)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_routing_matches_per_token_reference(name, with_bias):
+def test_routing_matches_deepseeks_gate(name, with_bias):
     cfg = ROUTINGS[name]
     torch.manual_seed(1)
     layer = MoE(24, cfg)
@@ -91,7 +103,7 @@ def reference_moe(layer: MoE, x: torch.Tensor, params: dict) -> torch.Tensor:
     logits = tokens @ params["router"].t()
     s = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(-1)
     gates = s.gather(1, indices)
-    if cfg.norm_topk_prob:
+    if cfg.renormalize:
         gates = gates / gates.sum(1, keepdim=True)
     gates = gates * cfg.route_scale
     out = torch.zeros_like(tokens)
@@ -272,6 +284,7 @@ def test_model_config_round_trips_through_a_dict():
         (dict(n_routed_experts=10, n_group=4), "not divisible by moe.n_group=4"),
         (dict(n_routed_experts=8, n_group=4, topk_group=1, top_k=3), "raise topk_group"),
         (dict(n_routed_experts=4, n_group=4, top_k=1), "at least 2 experts"),
+        (dict(n_routed_experts=4, n_group=4, top_k=1, score_func="softmax"), "at least 2 experts"),
         (dict(expert_dim=0), "expert_dim must be positive"),
     ],
 )
