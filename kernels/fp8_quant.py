@@ -325,13 +325,23 @@ def quant_blocks_ref(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor,
     return q.view(nb * TILE, K)[:N], s
 
 
+def e4m3_to_float(q: torch.Tensor) -> torch.Tensor:
+    """q.float(), exactly. On a CPU through a table of the 256 E4M3 values, indexed by each byte:
+    torch's element-wise fp8 cast there took 3.5x as long (2.6 against 0.74 ms for 2048x384 on
+    one core of an AMD EPYC), and the CPU path's FP8 GEMMs convert every operand."""
+    if q.device.type != "cpu":
+        return q.float()
+    table = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    return table.index_select(0, q.contiguous().view(torch.uint8).flatten().int()).view(q.shape)
+
+
 def dequant_rows(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """fp32 values of a 1x128-tiled tensor."""
     M, K = q.shape
-    return (q.float().view(M, K // TILE, TILE) * s.unsqueeze(-1)).view(M, K)
+    return (e4m3_to_float(q).view(M, K // TILE, TILE) * s.unsqueeze(-1)).view(M, K)
 
 
 def dequant_blocks(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """fp32 values of a 128x128-blocked tensor."""
     N, K = q.shape
-    return q.float() * s.repeat_interleave(TILE, 0)[:N].repeat_interleave(TILE, 1)
+    return e4m3_to_float(q) * s.repeat_interleave(TILE, 0)[:N].repeat_interleave(TILE, 1)
