@@ -78,13 +78,7 @@ def run_recipe(default, args: list[str], prog: str) -> dict:
 
     cfg = tyro.cli(TrainConfig, default=default, args=args, prog=prog,
                    description="Train a model. Every field below can be overridden on the command line.")
-    try:
-        return train(cfg)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():  # under torchrun: leave the job cleanly
-            dist.destroy_process_group()
+    return train(cfg)  # closes the process group it opened under torchrun; one its caller opened stays
 
 
 def cmd_prepare(args: list[str]) -> None:

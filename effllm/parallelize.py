@@ -221,7 +221,13 @@ def wrap_data_parallel(model: nn.Module, kind: str, device: torch.device, compil
 
         if mesh is not None:
             raise ConfigError("expert parallelism runs with data_parallel=fsdp: pass --data-parallel fsdp")
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # broadcast_buffers=False: DDP would otherwise copy rank 0's buffers over the others' before
+        # every forward, and with gradient accumulation that overwrote each MoE layer's per-rank load
+        # counter (step_load) with rank 0's partial count, so the bias update balanced on the wrong
+        # load. No buffer needs it: RoPE tables are constants and the balancing bias moves by the
+        # all-reduced load, so it is the same on every rank by construction.
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
     raise ConfigError(f"unknown data_parallel {kind!r}: choose fsdp or ddp")
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 HELPERS = Path(__file__).parent / "helpers"
 TINY = ["--model.vocab-size", "256", "--model.dim", "64", "--model.n-layers", "2", "--model.n-heads", "4",
@@ -137,6 +138,41 @@ def test_expert_parallel_checkpoint_holds_every_expert(single, byte_data, tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     ref = losses(single["moe"])
     assert max(abs(a - b) for a, b in zip(losses(run_dir), ref, strict=True)) < 1e-4
+
+
+def test_the_bias_update_balances_on_the_load_of_one_process(byte_data, tmp_path):
+    """DDP and FSDP2, with and without gradient accumulation, count each MoE layer's expert load over
+    the global batch as one process does: at step 1 (the same weights on every rank, so the same
+    tokens go to the same experts) the load statistics and the balancing bias after the update equal
+    the single process's bit for bit. DDP's default broadcast of rank 0's buffers before every
+    forward used to overwrite the other ranks' partial load counts under gradient accumulation."""
+    from safetensors.torch import load_file
+
+    def step1(run_dir: Path):
+        record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+        weights = load_file(run_dir / "checkpoints" / "step_00000001" / "model.safetensors")
+        return record["moe_load"], {k: v for k, v in weights.items() if k.endswith("expert_bias")}
+
+    every_step = ["--ckpt-interval", "1", "--optim.warmup-steps", "1"]
+    refs = {}
+    for ga in (1, 2):  # one process with 2·ga micro-batches sees what 2 ranks with ga each see
+        refs[ga] = tmp_path / f"single-{ga}"
+        r = run(train_args(byte_data, refs[ga], 2, [*MOE, "--grad-accum", str(2 * ga), *every_step]))
+        assert r.returncode == 0, r.stderr[-3000:]
+    layouts = [(kind, ga) for kind in ("ddp", "fsdp") for ga in (1, 2)]
+    args = []
+    for kind, ga in layouts:  # one torchrun launch for the four runs
+        args += [*train_args(byte_data, tmp_path / f"{kind}-{ga}", 2, [*MOE, "--data-parallel", kind, "--grad-accum",
+                                                                      str(ga), *every_step]), "--next"]
+    r = run(args[:-1], nproc=2, script=[str(HELPERS / "train_several.py")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    for kind, ga in layouts:
+        load, bias = step1(tmp_path / f"{kind}-{ga}")
+        ref_load, ref_bias = step1(refs[ga])
+        assert load == ref_load, (kind, ga, load, ref_load)
+        assert bias.keys() == ref_bias.keys() and len(bias) == 2  # the MoE block and the MTP module's
+        for name in bias:
+            assert torch.equal(bias[name], ref_bias[name]), (kind, ga, name)
 
 
 def test_impossible_parallel_layouts_fail_before_work(byte_data, tmp_path):
