@@ -9,7 +9,9 @@ from effllm.errors import (
     ConfigError,
     DataError,
     EffllmError,
+    OutputError,
     TrainingDiverged,
+    TrainingInterrupted,
 )
 from effllm.fp8 import FP8Linear, convert_to_fp8
 from effllm.mla import MLA, MLAConfig
@@ -35,5 +37,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "CheckpointError",
+    "OutputError",
     "TrainingDiverged",
+    "TrainingInterrupted",
 ]

@@ -44,7 +44,7 @@ def licence_shares(manifest: dict) -> list[dict]:
              "token_share": r["train_tokens"] / total_tokens} for r in sorted(by.values(), key=lambda r: -r["bytes"])]
 
 
-def card_text(state: dict, counts: dict, manifest: dict | None, manifest_note: str = "") -> str:
+def card_text(state: dict, counts: dict, manifest: dict) -> str:
     """The card's markdown from a checkpoint's state, the model's parameter counts and the manifest."""
     cfg = state["config"]
     m = cfg["model"]
@@ -76,10 +76,6 @@ def card_text(state: dict, counts: dict, manifest: dict | None, manifest_note: s
                                            else "not recorded."), "",
              "## Training data", "",
              f"- Data manifest sha256: `{state.get('data_manifest_sha256')}`."]
-    if manifest is None:
-        lines += [f"- The manifest itself was not found{manifest_note}, so sources and licences cannot be listed. "
-                  "Pass --data-dir to `effllm card`.", ""]
-        return "\n".join(lines) + "\n"
     t = manifest["totals"]
     lines += [f"- {t['documents']:,} documents in {t['files']:,} files, {t['bytes']:,} bytes; {t['train_tokens']:,} "
               f"training and {t['val_tokens']:,} validation tokens ({manifest['tokenizer']['kind']} tokenizer).",
@@ -117,32 +113,64 @@ def card_text(state: dict, counts: dict, manifest: dict | None, manifest_note: s
     return "\n".join(lines) + "\n"
 
 
-def find_manifest(state: dict, data_dir: str | None) -> tuple[dict | None, str]:
-    """The manifest the checkpoint was trained on (its sha256 must match), or (None, why not)."""
+MANIFEST_COPY = "data_manifest.json"  # the run's copy of its data manifest (in the run directory and each checkpoint)
+CARD_HEADER = "# Model card\n\nWritten by effllm"
+
+
+def find_manifest(ckpt: Path, state: dict, data_dir: str | None = None) -> dict:
+    """The data manifest checkpoint `ckpt` was trained on, its sha256 checked against the one the
+    checkpoint records. Looked for in the checkpoint, its run directory, `data_dir` (when given:
+    then it must be the right one) and the data directory the run recorded; refused when none holds
+    it, so no card or export is ever written without its data's provenance."""
     from effllm.fsutil import sha256_file
 
-    directory = Path(data_dir or state["config"].get("data_dir") or "")
-    path = directory / "manifest.json"
-    if not path.is_file():
-        return None, f" at {path}"
-    if sha256_file(path) != state.get("data_manifest_sha256"):
-        raise CheckpointError(f"{path} is not the manifest this checkpoint was trained on (sha256 differs): "
-                              "pass --data-dir with the data the run used")
-    return json.loads(path.read_text()), ""
+    want = state.get("data_manifest_sha256")
+    if data_dir is not None:
+        path = Path(data_dir) / "manifest.json"
+        if not path.is_file() or sha256_file(path) != want:
+            raise CheckpointError(f"{path} is not the manifest this checkpoint was trained on (sha256 differs or the "
+                                  "file is missing): pass --data-dir with the data the run used")
+        return json.loads(path.read_text())
+    recorded = [state.get("data_dir_resolved"), state["config"].get("data_dir")]
+    candidates = [ckpt / MANIFEST_COPY, ckpt.parent.parent / MANIFEST_COPY,
+                  *(Path(d) / "manifest.json" for d in recorded if d)]
+    for path in candidates:
+        if path.is_file() and sha256_file(path) == want:
+            return json.loads(path.read_text())
+    raise CheckpointError(f"the data manifest of {ckpt} (sha256 {want}) is in none of "
+                          + ", ".join(str(c) for c in candidates)
+                          + ": pass --data-dir with the data the run was trained on. A card or export is not "
+                          "written without the provenance of its data")
 
 
 def write_card(cfg: CardConfig) -> Path:
-    """`effllm card`: MODEL_CARD.md for a checkpoint."""
+    """`effllm card`: MODEL_CARD.md for a checkpoint, written atomically; an existing file is replaced
+    only if it is a card effllm wrote."""
     import torch
 
     from effllm import checkpoint as ckpt_io
+    from effllm.fsutil import resolved, write_text_atomic
     from effllm.model import ModelConfig, Transformer
 
     ckpt = ckpt_io.resolve_checkpoint(cfg.checkpoint)
     state = ckpt_io.read_state(ckpt)
+    out = resolved(cfg.out) if cfg.out else ckpt.parent.parent / "MODEL_CARD.md"
+    check_card_target(out)
+    manifest = find_manifest(ckpt, state, cfg.data_dir)
     with torch.device("meta"):
         counts = Transformer(ModelConfig.from_dict(state["config"]["model"])).param_counts()
-    manifest, note = find_manifest(state, cfg.data_dir)
-    out = Path(cfg.out) if cfg.out else ckpt.parent.parent / "MODEL_CARD.md"
-    out.write_text(card_text(state, counts, manifest, note))
+    write_text_atomic(out, card_text(state, counts, manifest))
     return out
+
+
+def check_card_target(out: Path) -> None:
+    """Refuse to write a card over anything but a file that is itself a card effllm wrote."""
+    from effllm.errors import OutputError
+
+    if out.is_dir():
+        raise OutputError(f"--out {out} is a folder: name the card's file, e.g. {out / 'MODEL_CARD.md'}")
+    if out.exists():
+        with open(out, encoding="utf-8", errors="replace") as fh:
+            head = fh.read(len(CARD_HEADER))
+        if head != CARD_HEADER:
+            raise OutputError(f"{out} exists and is not a model card effllm wrote: choose another --out")

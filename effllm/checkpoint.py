@@ -137,13 +137,13 @@ def read_state(ckpt: Path) -> dict:
     return state
 
 
-def check_model_config(ckpt: Path, state: dict, model_config: dict) -> None:
-    """Fail, naming the differing fields, if `ckpt` was written for another model config."""
-    saved = state["config"]["model"]
-    diff = {k: (saved.get(k), model_config.get(k)) for k in saved.keys() | model_config.keys()
-            if saved.get(k) != model_config.get(k)}
+def check_model_config(ckpt: Path, saved, model_config) -> None:
+    """Fail, naming the differing fields, if `ckpt` (written for ModelConfig `saved`) cannot resume
+    as `model_config`: the fields that set the weights' shapes or the function they compute must
+    match; kernel backends, the decode path and loss weights may change (ModelConfig.resume_changes)."""
+    diff = saved.resume_changes(model_config)
     if diff:
-        listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+        listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise CheckpointError(f"checkpoint {ckpt} was written for a different model config ({listing}): "
                               "use the same model settings as that run, or a new out_dir")
 

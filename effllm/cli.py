@@ -13,10 +13,10 @@ import json
 import os
 import pkgutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from effllm.errors import ConfigError, EffllmError
+from effllm.errors import ConfigError, EffllmError, TrainingInterrupted
 
 USAGE = """usage: effllm <command> [options]
 
@@ -74,10 +74,13 @@ def run_recipe(default, args: list[str], prog: str) -> dict:
     """Parse overrides of the TrainConfig `default` from `args` and train."""
     import tyro
 
-    from effllm.train import TrainConfig, train
+    from effllm.train import TrainConfig, saved_config, train
 
-    cfg = tyro.cli(TrainConfig, default=default, args=args, prog=prog,
-                   description="Train a model. Every field below can be overridden on the command line.")
+    description = "Train a model. Every field below can be overridden on the command line."
+    cfg = tyro.cli(TrainConfig, default=default, args=args, prog=prog, description=description)
+    if cfg.resume:  # continue the run as it was configured: the command line changes only what it names
+        saved = replace(saved_config(cfg.out_dir), resume=True)
+        cfg = tyro.cli(TrainConfig, default=saved, args=args, prog=prog, description=description)
     return train(cfg)  # closes the process group it opened under torchrun; one its caller opened stays
 
 
@@ -174,11 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         commands[argv[0]](argv[1:])
+    except TrainingInterrupted as e:
+        print(f"effllm: {e}", file=sys.stderr)
+        return 130
     except EffllmError as e:
         print(f"effllm: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("effllm: interrupted; the last checkpoint written is intact", file=sys.stderr)
+    except KeyboardInterrupt:  # outside the training loop: every writer removes its unfinished output
+        print("effllm: interrupted; nothing unfinished was left in place", file=sys.stderr)
         return 130
     return 0
 

@@ -32,7 +32,7 @@ import torch
 
 from effllm.errors import DataError
 from effllm.filters import NearDuplicates, OptOut, text_sha256
-from effllm.fsutil import replace_dir, sha256_file
+from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved, sha256_file
 
 MANIFEST_FORMAT = "effllm-tokens/1"
 EOT_TEXT = "<|endoftext|>"
@@ -171,9 +171,14 @@ class Source:
     files: list[SourceFile] = field(default_factory=list)
 
 
+def stdlib_root() -> Path:
+    """The folder of the running Python's standard library: the embedded corpus."""
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
 def stdlib_source() -> Source:
     """The standard library's .py files of the running Python, tests and site-packages excluded."""
-    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    root = stdlib_root()
     src = Source("stdlib", root, STDLIB_LICENSE)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
@@ -269,9 +274,12 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
         raise DataError(f"val_fraction must lie in (0, 1), got {cfg.val_fraction}")
     if cfg.tokenizer == "bpe" and not 256 < cfg.vocab_size < 2**31:
         raise DataError(f"BPE vocab_size must exceed the 256 byte symbols, got {cfg.vocab_size}")
-    out = Path(cfg.out)
-    if (out / "manifest.json").exists() and not cfg.overwrite:
-        raise DataError(f"{out} already holds prepared data: pass --overwrite to replace it, or another --out")
+    out = resolved(cfg.out)
+    given = [split_source_spec(spec, cfg.license)[0] for spec in cfg.sources] or [stdlib_root()]
+    refuse_overlap(out, given)
+    if cfg.opt_out:
+        refuse_overlap(out, [cfg.opt_out], what="opt-out file")
+    claim_output_dir(out, writer="effllm prepare", owned=PREPARED_FILES, is_ours=is_prepared, overwrite=cfg.overwrite)
     sources = user_sources(cfg) if cfg.sources else [stdlib_source()]
     files = [f for s in sources for f in s.files]
     if not files:
@@ -354,66 +362,80 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
         tokenizer = BPETokenizer.train(train_texts, cfg.vocab_size)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
 
-    # Pass 3: tokenize file by file, appending each document and an end-of-text token to its split.
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    eot = np.array([tokenizer.eot_id], dtype=dtype)
-    with open(tmp / "train.bin", "wb") as train_fh, open(tmp / "val.bin", "wb") as val_fh:
-        handles = {"train": train_fh, "val": val_fh}
-        for i in tqdm(range(len(kept)), desc="tokenizing", unit="file", disable=not progress or None):
-            entry = entries[i]
-            file_docs = texts_of(i)
-            for (doc_id, _), ids in zip(file_docs, tokenizer.encode_array([t for _, t in file_docs])):
-                split = split_of(doc_id, cfg.val_fraction)
-                ids = np.concatenate((ids.astype(dtype), eot))
-                handles[split].write(ids.tobytes())
-                entry["tokens"][split] += len(ids)
-                if split == "train":
-                    counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-    totals = {f"{split}_tokens": sum(e["tokens"][split] for e in entries) for split in ("train", "val")}
-    tokenizer.save(tmp)
+    # Pass 3: tokenize file by file, appending each document and an end-of-text token to its split,
+    # into a new hidden folder that replaces `out` only once complete (and is removed on failure).
+    tmp = new_temp_dir(out)
+    try:
+        counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+        eot = np.array([tokenizer.eot_id], dtype=dtype)
+        with open(tmp / "train.bin", "wb") as train_fh, open(tmp / "val.bin", "wb") as val_fh:
+            handles = {"train": train_fh, "val": val_fh}
+            for i in tqdm(range(len(kept)), desc="tokenizing", unit="file", disable=not progress or None):
+                entry = entries[i]
+                file_docs = texts_of(i)
+                for (doc_id, _), ids in zip(file_docs, tokenizer.encode_array([t for _, t in file_docs])):
+                    split = split_of(doc_id, cfg.val_fraction)
+                    ids = np.concatenate((ids.astype(dtype), eot))
+                    handles[split].write(ids.tobytes())
+                    entry["tokens"][split] += len(ids)
+                    if split == "train":
+                        counts += np.bincount(ids, minlength=tokenizer.vocab_size)
+        totals = {f"{split}_tokens": sum(e["tokens"][split] for e in entries) for split in ("train", "val")}
+        tokenizer.save(tmp)
 
-    # Cross-entropy of the val split under the train split's unigram distribution (add-one
-    # smoothed): the loss a model gets from token frequencies alone, the bar training must clear.
-    val = np.fromfile(tmp / "val.bin", dtype=dtype)
-    logp = np.log((counts + 1) / (counts.sum() + len(counts)))
-    unigram = float(-np.mean(logp[val]))
+        # Cross-entropy of the val split under the train split's unigram distribution (add-one
+        # smoothed): the loss a model gets from token frequencies alone, the bar training must clear.
+        val = np.fromfile(tmp / "val.bin", dtype=dtype)
+        logp = np.log((counts + 1) / (counts.sum() + len(counts)))
+        unigram = float(-np.mean(logp[val]))
 
-    tok_spec = {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}
-    if tokenizer.kind == "bpe":
-        tok_spec |= {"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "sources": [
-            {"kind": s.kind, "root": str(s.root), "license": s.license}
-            | ({"python": sys.version.split()[0], "note": "Python standard library source, tests excluded"}
-               if s.kind == "stdlib" else {})
-            for s in sources
-        ],
-        "tokenizer": tok_spec,
-        "dtype": np.dtype(dtype).name,
-        "split": {"rule": SPLIT_RULE, "val_fraction": cfg.val_fraction, "document_id": "path relative to "
-                  "its source root, plus ':line' for a jsonl record"},
-        "totals": {"files": len(entries), "documents": sum(n_docs.values()),
-                   "bytes": sum(e["bytes"] for e in entries), **totals,
-                   "unigram_val_loss": round(unigram, 6)},
-        "filters": {
-            "allow_licenses": sorted(allowed) if allowed else None,
-            "opt_out": ({"file": str(opt_out.path.resolve()), "sha256": sha256_file(opt_out.path),
-                         "patterns": len(opt_out.patterns)} if opt_out else None),
-            "exact_dedup": "sha256 of each document's text; the first occurrence in source order is kept",
-            "near_dedup": ({"threshold": cfg.near_dup_threshold, "method": f"MinHash, {near.NUM_PERM} permutations "
-                            f"over {near.SHINGLE}-word shingles, LSH with {near.BANDS} bands"} if near else None),
-        },
-        "dropped": dropped,
-        "files": entries,
-        "skipped": skipped,
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        tok_spec = {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}
+        if tokenizer.kind == "bpe":
+            tok_spec |= {"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")}
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "sources": [
+                {"kind": s.kind, "root": str(s.root), "license": s.license}
+                | ({"python": sys.version.split()[0], "note": "Python standard library source, tests excluded"}
+                   if s.kind == "stdlib" else {})
+                for s in sources
+            ],
+            "tokenizer": tok_spec,
+            "dtype": np.dtype(dtype).name,
+            "split": {"rule": SPLIT_RULE, "val_fraction": cfg.val_fraction, "document_id": "path relative to "
+                      "its source root, plus ':line' for a jsonl record"},
+            "totals": {"files": len(entries), "documents": sum(n_docs.values()),
+                       "bytes": sum(e["bytes"] for e in entries), **totals,
+                       "unigram_val_loss": round(unigram, 6)},
+            "filters": {
+                "allow_licenses": sorted(allowed) if allowed else None,
+                "opt_out": ({"file": str(opt_out.path.resolve()), "sha256": sha256_file(opt_out.path),
+                             "patterns": len(opt_out.patterns)} if opt_out else None),
+                "exact_dedup": "sha256 of each document's text; the first occurrence in source order is kept",
+                "near_dedup": ({"threshold": cfg.near_dup_threshold, "method": f"MinHash, {near.NUM_PERM} permutations "
+                                f"over {near.SHINGLE}-word shingles, LSH with {near.BANDS} bands"} if near else None),
+            },
+            "dropped": dropped,
+            "files": entries,
+            "skipped": skipped,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir(tmp, out)
     return out
+
+
+PREPARED_FILES = ("train.bin", "val.bin", "manifest.json", "tokenizer.json")  # all that `prepare` writes
+
+
+def is_prepared(directory: Path) -> bool:
+    """Whether `directory` holds an earlier `prepare`'s output (an effllm manifest)."""
+    try:
+        return json.loads((directory / "manifest.json").read_text()).get("format") == MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

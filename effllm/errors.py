@@ -20,5 +20,13 @@ class CheckpointError(EffllmError):
     """A checkpoint that is missing, corrupt, truncated or written for another model."""
 
 
+class OutputError(EffllmError):
+    """An output location that would replace or delete something effllm did not write."""
+
+
 class TrainingDiverged(EffllmError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(EffllmError):
+    """Training was stopped (Ctrl-C); says which checkpoint, if any, a resume continues from."""

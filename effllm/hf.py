@@ -30,6 +30,7 @@ from typing import Literal
 
 import torch
 
+from effllm.card import find_manifest
 from effllm.errors import ConfigError
 from effllm.model import ModelConfig, Transformer
 
@@ -43,7 +44,8 @@ class ExportConfig:
     checkpoint: str  # a run directory, its checkpoints/ folder, or one step_* folder
     out: str  # the directory to write (must not exist, or be empty, unless --overwrite)
     dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the exported weights
-    overwrite: bool = False  # replace `out` if it already holds files
+    overwrite: bool = False  # replace `out` if it holds an earlier effllm export (and nothing else)
+    data_dir: str | None = None  # the prepared data, if its manifest is neither in the run nor at its recorded data_dir
 
 
 def layout(cfg: ModelConfig) -> str:
@@ -275,8 +277,7 @@ def model_card(cfg: ModelConfig, counts: dict, state: dict | None, manifest: dic
                          + (f", {s['note']}" if s.get("note") else ""))
         lines.append("")
     else:
-        lines += ["- The data manifest was not found next to the checkpoint's data_dir, so the sources and "
-                  "their licences cannot be listed here; the manifest sha256 above identifies the data.", ""]
+        lines += ["- Not exported from a training checkpoint: no training data recorded.", ""]
     lines += ["## Using it", "", "```python", "from transformers import AutoModelForCausalLM",
               "model = AutoModelForCausalLM.from_pretrained(PATH)", "```", "",
               "## Export notes", "",
@@ -293,35 +294,57 @@ def model_card(cfg: ModelConfig, counts: dict, state: dict | None, manifest: dic
 def save_hf(model: Transformer, out: str | Path, dtype: torch.dtype = torch.float32, state: dict | None = None,
             manifest: dict | None = None, tokenizer_spec: dict | None = None, ckpt: Path | None = None,
             overwrite: bool = False) -> Path:
-    """Write `model` to `out` in the transformers layout, atomically (temp dir, then rename)."""
+    """Write `model` to `out` in the transformers layout, atomically (temp dir, then rename). A model
+    from a training checkpoint (`state`) needs its data `manifest`: the card lists the data's sources
+    and licences, and is never written without them."""
     from safetensors.torch import save_file
 
-    from effllm.fsutil import replace_dir
+    from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved
 
     cfg = model.cfg
     kind = layout(cfg)  # refuses before anything is written
     check_router_exportable(model)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ConfigError(f"{out} already exists and is not empty: choose another --out or pass --overwrite")
+    if state is not None and manifest is None:
+        raise ConfigError("a model from a training checkpoint is exported with its data manifest (the card lists its "
+                          "sources and licences): pass manifest=, as export_hf does")
+    out = resolved(out)
+    if ckpt is not None:
+        refuse_overlap(out, [ckpt], what="checkpoint")
+    claim_output_dir(out, writer="effllm export-hf", owned=EXPORT_FILES, is_ours=is_export, overwrite=overwrite)
     tensors = hf_state_dict(model, dtype)
     dtype_name = str(dtype).removeprefix("torch.")
     eot = (tokenizer_spec or {}).get("eot_id")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if cfg.tie_embeddings:  # transformers ties lm_head to the embedding itself
-        tensors.pop("lm_head.weight")
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "exported_by": "effllm"})
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, eot, dtype_name), indent=1) + "\n")
-    if eot is not None:
-        (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot}) + "\n")
-    for name, text in _tokenizer_files(tokenizer_spec or {}, ckpt).items():
-        (tmp / name).write_text(text)
-    (tmp / "README.md").write_text(model_card(cfg, model.param_counts(), state, manifest, kind))
+    tmp = new_temp_dir(out)
+    try:
+        if cfg.tie_embeddings:  # transformers ties lm_head to the embedding itself
+            tensors.pop("lm_head.weight")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "exported_by": "effllm"})
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, eot, dtype_name), indent=1) + "\n")
+        if eot is not None:
+            (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot}) + "\n")
+        for name, text in _tokenizer_files(tokenizer_spec or {}, ckpt).items():
+            (tmp / name).write_text(text)
+        (tmp / "README.md").write_text(model_card(cfg, model.param_counts(), state, manifest, kind))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_dir(tmp, out)
     return out
+
+
+EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json", "README.md")  # all that `save_hf` writes
+
+
+def is_export(directory: Path) -> bool:
+    """Whether `directory` holds an earlier effllm export (its weights say exported_by=effllm)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            return (f.metadata() or {}).get("exported_by") == "effllm"
+    except (OSError, SafetensorError):
+        return False
 
 
 def export_hf(cfg: ExportConfig) -> Path:
@@ -332,15 +355,8 @@ def export_hf(cfg: ExportConfig) -> Path:
     state = ckpt_io.read_state(ckpt)
     model_cfg = ModelConfig.from_dict(state["config"]["model"])
     check_exportable(model_cfg)  # before the model is built
+    manifest = find_manifest(ckpt, state, cfg.data_dir)  # refuses an export without its data's provenance
     model = Transformer(model_cfg)
     ckpt_io.load_weights(ckpt, model)
-    manifest = None
-    data_dir = state["config"].get("data_dir")
-    if data_dir and (Path(data_dir) / "manifest.json").is_file():
-        from effllm.fsutil import sha256_file
-
-        path = Path(data_dir) / "manifest.json"
-        if sha256_file(path) == state.get("data_manifest_sha256"):
-            manifest = json.loads(path.read_text())
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     return save_hf(model, cfg.out, dtype, state, manifest, state.get("tokenizer"), ckpt, cfg.overwrite)

@@ -93,6 +93,29 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    # Fields that may change when a run resumes: they change neither a weight's shape nor the function
+    # the weights compute (kernel backends, the decode path, loss weights, the balancing rate, how
+    # far the RoPE tables reach).
+    RESUME_MAY_CHANGE = ("max_seq_len", "mtp_lambda", "moe.grouped_gemm", "moe.bias_update_rate",
+                         "moe.seq_aux_loss_weight", "mla.decode")
+
+    def resume_changes(self, other: "ModelConfig") -> dict[str, tuple]:
+        """{field: (self's value, other's)} for what a checkpoint of this config cannot resume with:
+        every difference but RESUME_MAY_CHANGE, the MoE and MLA fields counted only where the model
+        uses them, and norm_topk_prob by what it does (None and the score function's default agree)."""
+        def flat(cfg: ModelConfig) -> dict:
+            d = {k: v for k, v in asdict(cfg).items() if k not in ("moe", "mla")}
+            if cfg.ffn == "moe":
+                d |= {f"moe.{k}": v for k, v in asdict(cfg.moe).items()}
+                d["moe.norm_topk_prob"] = cfg.moe.renormalize
+            if cfg.attention == "mla":
+                d |= {f"mla.{k}": v for k, v in asdict(cfg.mla).items()}
+            return d
+
+        a, b = flat(self), flat(other)
+        return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys())
+                if a.get(k) != b.get(k) and k not in self.RESUME_MAY_CHANGE}
+
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Inverse of to_dict (checkpoints store the config as JSON)."""

@@ -12,19 +12,21 @@ import functools
 import json
 import math
 import resource
+import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from effllm import checkpoint as ckpt_io
-from effllm.card import card_text
+from effllm.card import MANIFEST_COPY, card_text
 from effllm.data import TokenDataset
-from effllm.errors import CheckpointError, ConfigError, TrainingDiverged
+from effllm.errors import CheckpointError, ConfigError, OutputError, TrainingDiverged, TrainingInterrupted
 from effllm.flops import device_name, mfu, peak_bf16_flops, train_flops_per_token
 from effllm.fp8 import convert_to_fp8
+from effllm.fsutil import resolved
 from effllm.goldfish import apply_goldfish
 from effllm.model import ModelConfig, Transformer
 from effllm.moe import load_stats
@@ -48,6 +50,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     schedule: Literal["cosine", "wsd"] = "cosine"  # warmup+cosine, or warmup-stable-decay
     warmup_steps: int = 100  # linear warmup from 0 to lr
+    schedule_steps: int | None = None  # steps the schedule spans (warmup, then decay); None = max_steps; past it the lr stays at its final value
     decay_fraction: float = 0.2  # wsd only: share of max_steps spent in the final linear decay
     weight_decay: float = 0.1  # decoupled weight decay on matrices and embeddings (not norms)
     beta1: float = 0.9  # AdamW first-moment decay
@@ -102,28 +105,101 @@ class TrainConfig:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
         if not 0 < self.optim.decay_fraction <= 1:
             raise ConfigError(f"optim.decay_fraction must lie in (0, 1], got {self.optim.decay_fraction}")
+        if self.optim.schedule_steps is not None and self.optim.schedule_steps <= 0:
+            raise ConfigError(f"optim.schedule_steps must be positive (or None = max_steps), got {self.optim.schedule_steps}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Inverse of asdict (config.json, and the config every checkpoint stores). A config written
+        before `optim.schedule_steps` existed had a schedule spanning its max_steps."""
+        d = dict(d)
+        optim = dict(d.pop("optim", {}))
+        optim.setdefault("schedule_steps", d.get("max_steps"))
+        known = {f.name for f in fields(OptimConfig)}
+        top = {f.name for f in fields(cls)} - {"model", "optim"}
+        return cls(model=ModelConfig.from_dict(d.pop("model")), optim=OptimConfig(**{k: v for k, v in optim.items()
+                                                                                     if k in known}),
+                   **{k: v for k, v in d.items() if k in top})
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
 
 
+def schedule_steps(cfg: TrainConfig) -> int:
+    """The number of steps the lr schedule spans: optim.schedule_steps, or max_steps."""
+    return cfg.optim.schedule_steps or cfg.max_steps
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine or
-    warmup-stable-decay (Hu et al., MiniCPM 2024) down to lr * min_lr_ratio."""
+    warmup-stable-decay (Hu et al., MiniCPM 2024) down to lr * min_lr_ratio at the last step of the
+    schedule (`schedule_steps`); steps past it keep that final lr."""
     o = cfg.optim
-    peak, floor = o.lr, o.lr * o.min_lr_ratio
+    peak, floor, horizon = o.lr, o.lr * o.min_lr_ratio, schedule_steps(cfg)
     if step < o.warmup_steps:
         return peak * (step + 1) / o.warmup_steps
     if o.schedule == "cosine":
-        span = max(1, cfg.max_steps - 1 - o.warmup_steps)  # the last step lands on the floor
+        span = max(1, horizon - 1 - o.warmup_steps)  # the last step lands on the floor
         progress = min(1.0, (step - o.warmup_steps) / span)
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_start = cfg.max_steps - max(1, round(o.decay_fraction * cfg.max_steps))
+    decay_start = horizon - max(1, round(o.decay_fraction * horizon))
     if step < decay_start:
         return peak
-    progress = min(1.0, (step - decay_start) / max(1, cfg.max_steps - 1 - decay_start))
+    progress = min(1.0, (step - decay_start) / max(1, horizon - 1 - decay_start))
     return peak + (floor - peak) * progress
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "MODEL_CARD.md", MANIFEST_COPY, "checkpoints")
+
+
+def saved_config(out_dir: str | Path) -> TrainConfig:
+    """The configuration of the run in `out_dir`, as its latest checkpoint recorded it: what `--resume`
+    continues (the command line changes only what it names). Library users resume with
+    `train(replace(saved_config(d), max_steps=..., resume=True))`."""
+    latest = ckpt_io.latest_checkpoint(Path(out_dir) / "checkpoints")
+    if latest is None:
+        raise CheckpointError(f"--resume given but {Path(out_dir) / 'checkpoints'} holds no checkpoint: drop --resume "
+                              "to start afresh")
+    return TrainConfig.from_dict(ckpt_io.read_state(latest)["config"])
+
+
+def config_changes(before: dict, after: dict, prefix: str = "") -> dict[str, tuple]:
+    """{dotted field: (before, after)} for every field that differs between two config dicts."""
+    out = {}
+    for key in sorted(before.keys() | after.keys()):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out[f"{prefix}{key}"] = (a, b)
+    return out
+
+
+def resumed_config(cfg: TrainConfig, saved: TrainConfig, step: int) -> tuple[TrainConfig, dict[str, tuple]]:
+    """The configuration a resume at `step` runs with, and what it changes against the run's own.
+
+    The model must compute the same function with the same weights (`ModelConfig.resume_changes`
+    names the fields that may differ; checked by the caller). The lr schedule keeps its span: with
+    `optim.schedule_steps` None the run's own, so a larger max_steps runs the steps past the span at
+    the schedule's final lr. A new span is taken only when asked for (`optim.schedule_steps`) and
+    only when every step before `step` keeps its learning rate, as in warmup-stable-decay's stable
+    phase; a cosine schedule cannot be stretched once it has started to decay."""
+    saved_horizon = schedule_steps(saved)
+    horizon = cfg.optim.schedule_steps or saved_horizon
+    new = replace(cfg, optim=replace(cfg.optim, schedule_steps=horizon))
+    stretched = replace(saved, optim=replace(saved.optim, schedule_steps=horizon))  # the run's schedule, new span
+    moved = [s for s in range(step) if lr_at(s, stretched) != lr_at(s, saved)] if horizon != saved_horizon else []
+    if moved:
+        s = moved[0]
+        raise ConfigError(
+            f"optim.schedule_steps={horizon} would change the learning rate of steps this run already took (step "
+            f"{s + 1}: {lr_at(s, saved):.3g} -> {lr_at(s, stretched):.3g}): the run's {saved.optim.schedule} schedule of "
+            f"{saved_horizon} steps cannot be stretched at step {step}. Leave --optim.schedule-steps out (steps past "
+            f"{saved_horizon} then run at the final lr), or start a new run from these weights")
+    changes = config_changes(asdict(saved), asdict(new))
+    changes.pop("resume", None)
+    return new, changes
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -241,6 +317,18 @@ def rank_batch(data: TokenDataset, cfg: TrainConfig, step: int, rank: int, micro
     return x, y
 
 
+def check_run_dir(out: Path) -> None:
+    """Refuse a run directory that is a file, or that holds files a training run does not write:
+    a run writes its config, metrics, summary, card, manifest copy and checkpoints there, and must
+    never overwrite anything else."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out-dir {out} is a file: choose a folder for the run")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES) if out.is_dir() else []
+    if foreign:
+        raise OutputError(f"--out-dir {out} holds files that effllm train does not write ({', '.join(foreign[:5])}"
+                          + (" ..." if len(foreign) > 5 else "") + "): choose a new folder for the run")
+
+
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Drop metrics lines past `last_step` (written by a run that died after its last checkpoint)."""
     if not path.exists():
@@ -283,16 +371,21 @@ def _train(cfg: TrainConfig, data: TokenDataset, env, device: torch.device) -> d
     if not cfg.resume and resume_from is not None:
         raise CheckpointError(f"{out} already holds checkpoints: pass --resume to continue that run, "
                               "or choose another --out-dir")
-    state = None
+    check_run_dir(out)
+    state, changes = None, {}
     if cfg.resume:
         state = ckpt_io.read_state(resume_from)
-        ckpt_io.check_model_config(resume_from, state, asdict(cfg.model))
+        saved = TrainConfig.from_dict(state["config"])
+        ckpt_io.check_model_config(resume_from, saved.model, cfg.model)
         if state["data_manifest_sha256"] != data.manifest_sha256:
             raise CheckpointError(f"{cfg.data_dir} is not the data {resume_from} was trained on (manifest sha256 "
                                   "differs): resume with the same data_dir, or start a new run")
         if state["step"] >= cfg.max_steps:
             raise ConfigError(f"checkpoint {resume_from} is at step {state['step']} already, max_steps={cfg.max_steps}: "
                               "raise --max-steps to train further")
+        cfg, changes = resumed_config(cfg, saved, state["step"])
+    else:  # the schedule's span is recorded, so that a resume with a larger max_steps keeps it
+        cfg = replace(cfg, optim=replace(cfg.optim, schedule_steps=schedule_steps(cfg)))
 
     torch.manual_seed(cfg.seed)  # the same initial model on every rank
     model = Transformer(cfg.model).to(device)
@@ -330,8 +423,13 @@ def _train(cfg: TrainConfig, data: TokenDataset, env, device: torch.device) -> d
         metrics_path.write_text("")
     if env.is_main:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+        # The data's provenance stays with the run: a byte-for-byte copy of the manifest (its sha256 is
+        # in every checkpoint), in the run directory and in each checkpoint.
+        shutil.copyfile(data.dir / "manifest.json", out / MANIFEST_COPY)
     tokens_per_step = cfg.tokens_per_step * env.world_size  # the global batch
-    tokenizer_file = {"tokenizer.json": data.dir / "tokenizer.json"} if data.tokenizer.kind == "bpe" else {}
+    extra_files = {MANIFEST_COPY: out / MANIFEST_COPY}
+    if data.tokenizer.kind == "bpe":
+        extra_files["tokenizer.json"] = data.dir / "tokenizer.json"
 
     flops_per_token = train_flops_per_token(cfg.model, cfg.seq_len)
     dev_name = device_name(device)
@@ -348,7 +446,7 @@ def _train(cfg: TrainConfig, data: TokenDataset, env, device: torch.device) -> d
                 torch.distributed.barrier()
                 return None
         path = ckpt_io.save_checkpoint(
-            ckpt_root, step, model, optimizer, keep=cfg.keep_checkpoints, extra_files=tokenizer_file,
+            ckpt_root, step, model, optimizer, keep=cfg.keep_checkpoints, extra_files=extra_files,
             model_state=model_state, optimizer_state=optimizer_state,
             state={"tokens_seen": tokens_seen, "elapsed_s": elapsed, "eval_s": eval_s, "val_loss": val_loss,
                    "config": asdict(cfg),
@@ -357,7 +455,8 @@ def _train(cfg: TrainConfig, data: TokenDataset, env, device: torch.device) -> d
                             "world_size": env.world_size,
                             "rule": "TokenDataset.train_batch(batch_size, seq_len, seed, step, 0, rank * grad_accum "
                                     "+ micro): the global batch does not depend on how it is split over ranks"},
-                   "data_manifest_sha256": data.manifest_sha256, "tokenizer": data.manifest["tokenizer"]},
+                   "data_manifest_sha256": data.manifest_sha256, "data_dir_resolved": str(resolved(data.dir)),
+                   "tokenizer": data.manifest["tokenizer"]},
         )
         if env.enabled:
             torch.distributed.barrier()
@@ -374,6 +473,12 @@ def _train(cfg: TrainConfig, data: TokenDataset, env, device: torch.device) -> d
         f"{tokens_per_step} tokens/step" + (f" over {env.world_size} ranks ({cfg.data_parallel})" if env.enabled else "")
         + f", unigram val loss {unigram:.3f}"
         + (f", resuming at step {start_step}" if start_step else ""))
+    if changes:
+        say("resume: changed from the run's own configuration: "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    if cfg.max_steps > schedule_steps(cfg):
+        say(f"lr schedule: it spans {schedule_steps(cfg)} steps; steps {schedule_steps(cfg) + 1}-{cfg.max_steps} run at "
+            f"its final lr {lr_at(schedule_steps(cfg), cfg):.3g} (a new span: --optim.schedule-steps, where allowed)")
     if fp8_report is not None:
         say(f"fp8: {len(fp8_report['converted'])} linears and expert groups converted; kept in higher precision: "
             + "; ".join(f"{k} ({v})" for k, v in fp8_report["skipped"].items()))
@@ -383,62 +488,72 @@ def _train(cfg: TrainConfig, data: TokenDataset, env, device: torch.device) -> d
     run_start = time.perf_counter()
     window_start, window_tokens = run_start, 0
     model.train()
-    for step in range(start_step, cfg.max_steps):
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # (micro) -> x, y: rank r takes micro-batches r*A .. r*A+A-1 of the step's global batch
-        batch = functools.partial(rank_batch, data, cfg, step, env.rank)
-        sums = forward_backward(model, step_fn, batch, cfg.grad_accum, cfg.model.mtp_lambda, device, amp)
-        if env.enabled:  # the global batch's means, the same on every rank (so is the NaN check)
-            packed = torch.stack(list(sums.values()))
-            torch.distributed.all_reduce(packed)
-            sums = dict(zip(sums, packed / env.world_size, strict=True))
-        last_loss = sums["loss"].item() / cfg.grad_accum
-        if not math.isfinite(last_loss):
-            bar.close()
-            kept = ckpt_io.latest_checkpoint(ckpt_root)
-            raise TrainingDiverged(
-                f"loss is {last_loss} at step {step + 1}; training stopped before the optimizer step. "
-                + (f"The last good checkpoint {kept} is kept: " if kept else "No checkpoint was written yet: ")
-                + "lower --optim.lr, raise --optim.warmup-steps or check the data, then "
-                + ("--resume." if kept else "start again.")
-            )
-        grad_norm, step_loads = optimizer_update(model, optimizer, cfg.optim.grad_clip, moe_layers)
-        done = step + 1
-        tokens_seen += tokens_per_step
-        window_tokens += tokens_per_step
-        elapsed = elapsed_before + time.perf_counter() - run_start
+    step = start_step
+    try:
+        for step in range(start_step, cfg.max_steps):
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # (micro) -> x, y: rank r takes micro-batches r*A .. r*A+A-1 of the step's global batch
+            batch = functools.partial(rank_batch, data, cfg, step, env.rank)
+            sums = forward_backward(model, step_fn, batch, cfg.grad_accum, cfg.model.mtp_lambda, device, amp)
+            if env.enabled:  # the global batch's means, the same on every rank (so is the NaN check)
+                packed = torch.stack(list(sums.values()))
+                torch.distributed.all_reduce(packed)
+                sums = dict(zip(sums, packed / env.world_size, strict=True))
+            last_loss = sums["loss"].item() / cfg.grad_accum
+            if not math.isfinite(last_loss):
+                bar.close()
+                kept = ckpt_io.latest_checkpoint(ckpt_root)
+                raise TrainingDiverged(
+                    f"loss is {last_loss} at step {step + 1}; training stopped before the optimizer step. "
+                    + (f"The last good checkpoint {kept} is kept: " if kept else "No checkpoint was written yet: ")
+                    + "lower --optim.lr, raise --optim.warmup-steps or check the data, then "
+                    + ("--resume." if kept else "start again.")
+                )
+            grad_norm, step_loads = optimizer_update(model, optimizer, cfg.optim.grad_clip, moe_layers)
+            done = step + 1
+            tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            elapsed = elapsed_before + time.perf_counter() - run_start
 
-        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-            eval_start = time.perf_counter()
-            val_loss = evaluate(step_fn, data, cfg, device, amp)
-            eval_s += time.perf_counter() - eval_start
-            say(f"step {done}: val loss {val_loss:.4f} (train {last_loss:.4f}, unigram {unigram:.3f})")
-        if done % cfg.log_interval == 0 or done == cfg.max_steps:
-            now = time.perf_counter()
-            tok_s = window_tokens / (now - window_start)
-            record = {"step": done, "loss": last_loss, "lr": lr,
-                      "grad_norm": None if grad_norm is None else grad_norm.item(),
-                      "tokens_per_s": tok_s, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
-                      "train_s": elapsed - eval_s,  # wall-clock minus evaluation: the cost of training alone
-                      "peak_mem_bytes": peak_memory_bytes(device)}
-            if cfg.model.mtp_depth:
-                record["mtp_loss"] = sums["mtp"].item() / cfg.grad_accum
-            if step_loads:
-                record["moe_aux_loss"] = sums["aux"].item() / cfg.grad_accum
-                # per layer: max/mean tokens per expert and the coefficient of variation
-                record["moe_load"] = {name: load_stats(load) for name, load in step_loads.items()}
             if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-                record["val_loss"] = val_loss
-            if env.is_main:
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            window_start, window_tokens = now, 0
-        if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == cfg.max_steps:
-            save(done, tokens_seen, elapsed, eval_s, val_loss)
-        bar.update(1)
+                eval_start = time.perf_counter()
+                val_loss = evaluate(step_fn, data, cfg, device, amp)
+                eval_s += time.perf_counter() - eval_start
+                say(f"step {done}: val loss {val_loss:.4f} (train {last_loss:.4f}, unigram {unigram:.3f})")
+            if done % cfg.log_interval == 0 or done == cfg.max_steps:
+                now = time.perf_counter()
+                tok_s = window_tokens / (now - window_start)
+                record = {"step": done, "loss": last_loss, "lr": lr,
+                          "grad_norm": None if grad_norm is None else grad_norm.item(),
+                          "tokens_per_s": tok_s, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
+                          "train_s": elapsed - eval_s,  # wall-clock minus evaluation: the cost of training alone
+                          "peak_mem_bytes": peak_memory_bytes(device)}
+                if cfg.model.mtp_depth:
+                    record["mtp_loss"] = sums["mtp"].item() / cfg.grad_accum
+                if step_loads:
+                    record["moe_aux_loss"] = sums["aux"].item() / cfg.grad_accum
+                    # per layer: max/mean tokens per expert and the coefficient of variation
+                    record["moe_load"] = {name: load_stats(load) for name, load in step_loads.items()}
+                if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+                    record["val_loss"] = val_loss
+                if env.is_main:
+                    with open(metrics_path, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                window_start, window_tokens = now, 0
+            if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == cfg.max_steps:
+                save(done, tokens_seen, elapsed, eval_s, val_loss)
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        kept = ckpt_io.latest_checkpoint(ckpt_root)
+        raise TrainingInterrupted(
+            f"interrupted during step {step + 1}; "
+            + (f"the last checkpoint, {kept} (step {int(kept.name.removeprefix('step_'))}), is complete: continue "
+               "with --resume" if kept else "no checkpoint was written yet, so there is nothing to resume: start "
+               "again")) from None
     bar.close()
 
     elapsed = elapsed_before + time.perf_counter() - run_start

@@ -10,10 +10,12 @@ from conftest import tiny_train_config
 from safetensors import safe_open
 
 from effllm import checkpoint as ckpt_io
-from effllm.card import licence_shares
+from effllm.card import CardConfig, licence_shares, write_card
 from effllm.cli import main
-from effllm.errors import CheckpointError
-from effllm.train import train
+from effllm.errors import CheckpointError, OutputError
+from effllm.hf import ExportConfig, export_hf
+from effllm.model import ModelConfig, Transformer
+from effllm.train import OptimConfig, build_optimizer, train
 
 
 def test_card_and_checkpoint_carry_the_runs_provenance(byte_data, tmp_path, capsys):
@@ -48,8 +50,6 @@ def test_card_and_checkpoint_carry_the_runs_provenance(byte_data, tmp_path, caps
     other.mkdir()
     (other / "manifest.json").write_text(json.dumps({**manifest, "totals": {**t, "files": 1}}))
     with pytest.raises(CheckpointError, match="not the manifest"):
-        from effllm.card import CardConfig, write_card
-
         write_card(CardConfig(checkpoint=str(run), data_dir=str(other)))
 
 
@@ -64,3 +64,66 @@ def test_licence_shares_split_bytes_and_tokens_by_licence():
     assert rows["MIT"]["token_share"] == pytest.approx(80 / 100) and rows["MIT"]["files"] == 2
     assert rows["unknown"]["bytes"] == 300  # no licence recorded is said so, never dropped silently
     assert sum(r["token_share"] for r in rows.values()) == pytest.approx(1.0)
+
+
+def test_provenance_survives_a_change_of_folder(byte_data, tmp_path, monkeypatch, capsys):
+    """The run keeps a copy of its data manifest (in the run directory and in every checkpoint), so a
+    card or export written after the run moved, from another folder, with the data gone, still lists
+    its sources and licences. Without any copy (a checkpoint written before they existed) both are
+    refused, and a good card is never overwritten by one that lacks them."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(byte_data, data)
+    monkeypatch.chdir(tmp_path)
+    train(tiny_train_config("data", tmp_path / "run", max_steps=2))  # data_dir recorded as a relative path
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    shutil.rmtree(data)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "moved" / "MODEL_CARD.md").unlink()
+    assert main(["card", "--checkpoint", str(tmp_path / "moved")]) == 0
+    assert "| PSF-2.0 | 1 |" in (tmp_path / "moved" / "MODEL_CARD.md").read_text()
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "moved"), "--out", str(tmp_path / "hf")]) == 0
+    assert "PSF-2.0" in (tmp_path / "hf" / "README.md").read_text()
+
+    # a checkpoint with no copy of its manifest, whose data is gone: refused, nothing overwritten
+    old = tmp_path / "old"
+    ckpt = ckpt_io.latest_checkpoint(tmp_path / "moved" / "checkpoints")
+    state = ckpt_io.read_state(ckpt)
+    model = Transformer(ModelConfig.from_dict(state["config"]["model"]))
+    ckpt_io.load_weights(ckpt, model)
+    ckpt_io.save_checkpoint(old / "checkpoints", 2, model, build_optimizer(model, OptimConfig()),
+                            state={k: v for k, v in state.items() if k not in ("format", "step", "files")})
+    (old / "MODEL_CARD.md").write_text(card := (tmp_path / "moved" / "MODEL_CARD.md").read_text())
+    capsys.readouterr()
+    assert main(["card", "--checkpoint", str(old)]) == 2
+    assert "pass --data-dir" in capsys.readouterr().err
+    assert (old / "MODEL_CARD.md").read_text() == card
+    assert main(["export-hf", "--checkpoint", str(old), "--out", str(tmp_path / "hf2")]) == 2
+    assert not (tmp_path / "hf2").exists()
+
+
+def test_card_and_export_never_replace_what_effllm_did_not_write(byte_data, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_train_config(byte_data, run, max_steps=2))
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes")
+    with pytest.raises(OutputError, match="not a model card effllm wrote"):
+        write_card(CardConfig(checkpoint=str(run), out=str(notes)))
+    assert notes.read_text() == "my notes"
+    theirs = tmp_path / "their-model"  # a folder of another model
+    theirs.mkdir()
+    (theirs / "config.json").write_text("{}")
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="not written by effllm export-hf"):
+            export_hf(ExportConfig(checkpoint=str(run), out=str(theirs), overwrite=overwrite))
+    assert sorted(p.name for p in theirs.iterdir()) == ["config.json"]
+    with pytest.raises(OutputError, match="lies inside --out"):  # the export would replace the checkpoint itself
+        export_hf(ExportConfig(checkpoint=str(run), out=str(tmp_path), overwrite=True))
+    out = export_hf(ExportConfig(checkpoint=str(run), out=str(tmp_path / "hf")))
+    export_hf(ExportConfig(checkpoint=str(run), out=str(out), overwrite=True))  # an earlier export: replaced
+    (out / "extra.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"did not write \(extra.txt\)"):
+        export_hf(ExportConfig(checkpoint=str(run), out=str(out), overwrite=True))
+    assert (out / "extra.txt").read_text() == "mine"

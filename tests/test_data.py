@@ -19,7 +19,7 @@ from effllm.data import (
     prepare,
     stdlib_source,
 )
-from effllm.errors import DataError
+from effllm.errors import DataError, OutputError
 
 
 def files_of(directory: Path) -> dict[str, bytes]:
@@ -129,8 +129,71 @@ def test_user_sources_need_a_licence_and_must_exist(tmp_path):
 
 
 def test_prepare_refuses_to_overwrite_without_asking(byte_data, small_prepare_config):
-    with pytest.raises(DataError, match="--overwrite"):
+    with pytest.raises(OutputError, match="--overwrite"):
         prepare(replace(small_prepare_config, out=str(byte_data)), progress=False)
+
+
+def tiny_sources(root: Path) -> Path:
+    """A folder of three small text files: a source that prepares in milliseconds."""
+    src = root / "texts"
+    src.mkdir(parents=True)
+    for i in range(3):
+        (src / f"doc{i}.txt").write_text(f"document {i}: " + "some words of text " * (20 + i))
+    return src
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_prepare_never_deletes_what_it_did_not_write(tmp_path):
+    """--out equal to a source, inside or around one, or a folder of other files is refused before any
+    work, with or without --overwrite, and nothing on disk changes; --overwrite replaces only an
+    earlier preparation that holds nothing else, and a folder named like prepare's old temporary
+    folder is left alone."""
+    src = tiny_sources(tmp_path)
+    (tmp_path / "datasets" / "other").mkdir(parents=True)
+    (tmp_path / "datasets" / "other" / "big.bin").write_bytes(b"precious")
+    (src / "sub").mkdir()
+    before = snapshot(tmp_path)
+    base = PrepareConfig(sources=(str(src),), license="CC0-1.0", val_fraction=0.34)
+    for out, overwrite, message in [(src, False, "lies inside the source"), (src, True, "lies inside the source"),
+                                    (src / "sub", True, "lies inside the source"),
+                                    (tmp_path, True, "lies inside --out"),
+                                    (tmp_path / "datasets", False, "not written by effllm prepare"),
+                                    (tmp_path / "datasets", True, "not written by effllm prepare")]:
+        with pytest.raises(OutputError, match=message):
+            prepare(replace(base, out=str(out), overwrite=overwrite), progress=False)
+    assert snapshot(tmp_path) == before
+
+    out = tmp_path / "prepared"
+    (tmp_path / "prepared.tmp").mkdir()  # the temporary name an earlier version used, then deleted
+    (tmp_path / "prepared.tmp" / "keep.txt").write_text("mine")
+    prepare(replace(base, out=str(out)), progress=False)
+    assert (tmp_path / "prepared.tmp" / "keep.txt").read_text() == "mine"
+    first = files_of(out)
+    with pytest.raises(OutputError, match="--overwrite"):
+        prepare(replace(base, out=str(out)), progress=False)
+    prepare(replace(base, out=str(out), overwrite=True), progress=False)  # an earlier preparation: replaced
+    assert files_of(out) == first
+    (out / "notes.md").write_text("my notes")
+    with pytest.raises(OutputError, match=r"did not write \(notes.md\)"):
+        prepare(replace(base, out=str(out), overwrite=True), progress=False)
+    assert (out / "notes.md").read_text() == "my notes"
+    with pytest.raises(OutputError, match="lies inside --out"):  # a source inside the folder it would replace
+        prepare(replace(base, sources=(str(out / "notes.md"),), out=str(out), overwrite=True), progress=False)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+
+
+def test_out_dot_is_a_folder_like_any_other(tmp_path, monkeypatch):
+    src = tiny_sources(tmp_path / "in")
+    monkeypatch.chdir(tmp_path / "in")
+    with pytest.raises(OutputError, match="lies inside"):  # "." holds the source
+        prepare(PrepareConfig(sources=(str(src),), license="CC0-1.0", val_fraction=0.34, out="."), progress=False)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    out = prepare(PrepareConfig(sources=(str(src),), license="CC0-1.0", val_fraction=0.34, out="."), progress=False)
+    assert out == tmp_path / "empty" and (tmp_path / "empty" / "manifest.json").is_file()
 
 
 def test_train_batches_depend_only_on_seed_step_rank_micro(byte_data):

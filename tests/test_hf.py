@@ -112,7 +112,8 @@ def test_group_routing_without_a_bias_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="best expert"):
         save_hf(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    model.blocks[1].ffn.router.expert_bias[0] = 0.1  # a bias trained before: groups sum their top two, as in transformers
+    for layer in model.moe_layers().values():  # a bias trained before: groups sum their top two, as in transformers
+        layer.router.expert_bias[0] = 0.1
     save_hf(model, tmp_path / "out")
 
 

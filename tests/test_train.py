@@ -13,7 +13,7 @@ from conftest import tiny_train_config
 
 from effllm import checkpoint as ckpt_io
 from effllm.cli import GenerateConfig, generate_text
-from effllm.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from effllm.errors import CheckpointError, ConfigError, DataError, OutputError, TrainingDiverged, TrainingInterrupted
 from effllm.model import ModelConfig, Transformer
 from effllm.moe import MoEConfig
 from effllm.train import OptimConfig, TrainConfig, lr_at, train
@@ -128,7 +128,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(byte_data, tmp
     ckpt_io.load_weights(ckpt_io.latest_checkpoint(root), model)
     assert state["step"] == 4 and all(torch.isfinite(p).all() for p in model.parameters())
     assert state["data"]["next_step"] == 4 and state["data"]["seed"] == cfg.seed
-    assert set(state["files"]) == {"model.safetensors", "optimizer.pt", "rng.pt"}
+    assert set(state["files"]) == {"model.safetensors", "optimizer.pt", "rng.pt", "data_manifest.json"}
 
 
 def test_resume_with_another_model_config_names_the_difference(byte_data, tmp_path):
@@ -280,3 +280,119 @@ def test_recomputed_moe_blocks_count_their_load_once(compiled):
     assert model.blocks[1].ffn.step_load.sum().item() == 2 * 16 * 2  # tokens x top_k, once
     assert model.mtp[0].block.ffn.step_load.sum().item() == 2 * 15 * 2  # the MTP depth sees T-1 positions
     assert all(p.grad is not None for p in model.blocks[1].ffn.experts.parameters())
+
+
+def lrs(run: Path) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_extending_a_cosine_run_keeps_its_schedule(byte_data, tmp_path, capsys):
+    """A larger max_steps on resume keeps the schedule the run took: its cosine ends where it ended and
+    the steps past it run at the final lr (it used to restart the cosine from a high lr). A new
+    span that would change the lr of steps already taken is refused."""
+    cfg = tiny_train_config(byte_data, tmp_path / "run", max_steps=8, ckpt_interval=4, eval_interval=8)
+    train(cfg)
+    first = lrs(tmp_path / "run")
+    floor = cfg.optim.lr * cfg.optim.min_lr_ratio
+    assert first[8] == pytest.approx(floor)
+    train(replace(cfg, max_steps=12, resume=True))
+    resumed = lrs(tmp_path / "run")
+    assert [resumed[s] for s in range(1, 9)] == [first[s] for s in range(1, 9)]
+    assert [resumed[s] for s in range(9, 13)] == [pytest.approx(floor)] * 4
+    out = capsys.readouterr().out
+    assert "max_steps 8 -> 12" in out and "steps 9-12 run at its final lr" in out
+    with pytest.raises(ConfigError, match="cannot be stretched at step 12"):
+        train(replace(cfg, max_steps=16, resume=True, optim=replace(cfg.optim, schedule_steps=16)))
+
+
+def test_a_wsd_run_resumed_in_its_stable_phase_may_move_its_decay(byte_data, tmp_path):
+    """Warmup-stable-decay has one lr until its decay starts, so a run resumed in that stable phase can
+    take a longer span (the decay moves to the new end) without changing any step it took; once
+    its decay has begun that is refused."""
+    optim = OptimConfig(lr=3e-3, warmup_steps=2, schedule="wsd", decay_fraction=0.5)
+    cfg = tiny_train_config(byte_data, tmp_path / "run", max_steps=8, ckpt_interval=2, eval_interval=8, optim=optim,
+                            keep_checkpoints=4)
+    train(cfg)
+    longer = replace(cfg, max_steps=12, resume=True, optim=replace(optim, schedule_steps=12))
+    with pytest.raises(ConfigError, match="cannot be stretched at step 8"):  # the decay ran over steps 5-8
+        train(longer)
+    root = tmp_path / "run" / "checkpoints"
+    for late in ("step_00000008", "step_00000006"):  # back to step 4, where the decay had not begun
+        import shutil
+
+        shutil.rmtree(root / late)
+    (root / "latest").write_text("step_00000004\n")
+    train(longer)
+    got = lrs(tmp_path / "run")
+    assert [got[s] for s in range(3, 7)] == [3e-3] * 4  # the stable phase now lasts to step 6
+    assert got[7] == 3e-3 and got[8] < 3e-3 and got[12] == pytest.approx(3e-4, rel=1e-6)
+
+
+def test_resume_takes_the_runs_config_and_may_change_what_does_not_touch_the_weights(byte_data, tmp_path, capsys):
+    cfg = tiny_train_config(byte_data, tmp_path / "run", max_steps=4, ckpt_interval=2,
+                            model=ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                              max_seq_len=64, ffn="moe", first_k_dense=1, mtp_depth=1,
+                                              moe=MoEConfig(n_routed_experts=4, top_k=2, expert_dim=32)))
+    train(cfg)
+    capsys.readouterr()
+    # loss weights, kernel backends and the balancing rate may change; each change is printed
+    model = replace(cfg.model, mtp_lambda=0.1, moe=replace(cfg.model.moe, grouped_gemm="loop", bias_update_rate=0.0,
+                                                           norm_topk_prob=True))
+    train(replace(cfg, max_steps=6, resume=True, model=model))
+    out = capsys.readouterr().out
+    assert "model.mtp_lambda 0.3 -> 0.1" in out and "model.moe.grouped_gemm 'auto' -> 'loop'" in out
+    with pytest.raises(CheckpointError, match=r"n_kv_heads: checkpoint 2 vs now 4"):
+        train(replace(cfg, max_steps=8, resume=True, model=replace(model, n_kv_heads=4)))
+
+
+def test_cli_resume_continues_the_run_it_was_given(byte_data, tmp_path, capsys):
+    """The README's resume line: a run started with its own lr and kv heads resumes with them, though
+    the resuming command names neither; only --max-steps changes, and the change is printed."""
+    from effllm.cli import main
+
+    base = ["train", "dense_tiny", "--data-dir", str(byte_data), "--out-dir", str(tmp_path / "gqa"),
+            "--model.dim", "64", "--model.n-layers", "1", "--model.n-heads", "4", "--model.max-seq-len", "32",
+            "--seq-len", "32", "--batch-size", "2", "--eval-tokens", "64", "--log-interval", "1", "--no-progress"]
+    assert main([*base[:5], *base[5:], "--optim.lr", "1e-3", "--model.n-kv-heads", "2", "--max-steps", "3",
+                 "--optim.warmup-steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "dense_tiny", "--out-dir", str(tmp_path / "gqa"), "--max-steps", "5", "--resume",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming at step 3" in out and "max_steps 3 -> 5" in out and "optim.lr" not in out
+    config = json.loads((tmp_path / "gqa" / "config.json").read_text())
+    assert config["optim"]["lr"] == 1e-3 and config["model"]["n_kv_heads"] == 2 and config["max_steps"] == 5
+    assert lrs(tmp_path / "gqa")[5] == pytest.approx(1e-4)  # the 3-step schedule's final lr, not a fresh 3e-3
+
+
+def test_ctrl_c_says_which_checkpoint_a_resume_continues_from(byte_data, tmp_path, monkeypatch, capsys):
+    from effllm.cli import main
+
+    real_batch = train_mod.TokenDataset.train_batch
+    stop_at = {"step": 1}
+
+    def interrupted(self, *args, **kwargs):
+        if args[3] == stop_at["step"]:
+            raise KeyboardInterrupt
+        return real_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.TokenDataset, "train_batch", interrupted)
+    with pytest.raises(TrainingInterrupted, match="during step 2; no checkpoint was written yet"):
+        train(tiny_train_config(byte_data, tmp_path / "a", max_steps=8, ckpt_interval=4))
+    stop_at["step"] = 5
+    args = ["train", "dense_tiny", "--data-dir", str(byte_data), "--out-dir", str(tmp_path / "b"), "--model.dim", "64",
+            "--model.n-layers", "1", "--model.n-heads", "4", "--model.max-seq-len", "32", "--seq-len", "32",
+            "--batch-size", "2", "--eval-tokens", "64", "--ckpt-interval", "4", "--max-steps", "8", "--no-progress"]
+    assert main(args) == 130
+    assert "step_00000004 (step 4), is complete: continue with --resume" in capsys.readouterr().err
+
+
+def test_a_run_directory_with_other_files_is_refused_before_any_work(byte_data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "thesis.tex").write_text("mine")
+    with pytest.raises(OutputError, match=r"does not write \(thesis.tex\)"):
+        train(tiny_train_config(byte_data, run, max_steps=2))
+    assert sorted(p.name for p in run.iterdir()) == ["thesis.tex"]
+    with pytest.raises(OutputError, match="is a file"):
+        train(tiny_train_config(byte_data, run / "thesis.tex", max_steps=2))
