@@ -84,15 +84,29 @@ def perturbed_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
     return model
 
 
-def assert_fp8_trains_like_fp32(data_dir, out: Path, model: ModelConfig) -> None:
-    """Train `model` 200 steps in fp32 and in FP8 with the same seed and data (2,048 tokens per step,
-    lr 1e-3: a regime where 1% is not seed noise); the final val losses must be within 1%, and the
-    FP8 run must learn (well under the unigram bar, its loss curve falling)."""
-    common = dict(model=model, max_steps=200, eval_interval=200, eval_tokens=16384, ckpt_interval=0, batch_size=32,
+def assert_fp8_trains_like_fp32(data_dir, out: Path, model: ModelConfig, seeds: tuple[int, ...] = (1, 2)) -> None:
+    """Train `model` 100 steps in fp32 and in FP8 from each seed, on the same data (2,048 tokens per
+    step, lr 1e-3): the FP8 runs' val loss must be within 1% of the fp32 runs', as a mean over the
+    seeds of each pair's relative difference, and every FP8 run must learn (well under the unigram
+    bar, its loss curve falling).
+
+    Why a mean over paired seeds: one pair of runs measures where two trajectories land, not what
+    FP8 costs. Any perturbation of the gradients of about 1% moves the end of a run by several tenths
+    of a percent, FP8 or not. Measured on 2 CPU cores with the FP8-experts model of
+    tests/test_fp8_experts.py (README, "FP8 experts and the loss they cost"): 1% Gaussian noise on the
+    dense weights' gradients of an fp32 run moved its 200-step val loss by -0.28 to +0.51%; the FP8
+    experts' 200-step gap was +0.93% before a change of fp32 summation order inside the FP8 GEMM and
+    -0.06% after. Paired over seeds at 100 steps the gaps spread by 0.24% (MoE, 6 seeds) and 0.12%
+    (dense, 4 seeds) around a mean of -0.05% and 0.00%, so the mean of 2 pairs stays 6 (MoE) and 12
+    (dense) standard deviations inside the 1% bound."""
+    common = dict(model=model, max_steps=100, eval_interval=100, eval_tokens=16384, ckpt_interval=0, batch_size=32,
                   seq_len=64, optim=OptimConfig(lr=1e-3, warmup_steps=20))
-    full = train(tiny_train_config(data_dir, out / "fp32", **common))
-    fp8 = train(tiny_train_config(data_dir, out / "fp8", fp8=True, **common))
-    assert fp8["final_val_loss"] < fp8["unigram_val_loss"] - 0.2
-    assert abs(fp8["final_val_loss"] - full["final_val_loss"]) / full["final_val_loss"] < 0.01, (fp8, full)
-    curve = [json.loads(line)["loss"] for line in (out / "fp8" / "metrics.jsonl").read_text().splitlines()]
-    assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.5
+    gaps = []
+    for seed in seeds:
+        full = train(tiny_train_config(data_dir, out / f"fp32-{seed}", seed=seed, **common))
+        fp8 = train(tiny_train_config(data_dir, out / f"fp8-{seed}", seed=seed, fp8=True, **common))
+        assert fp8["final_val_loss"] < fp8["unigram_val_loss"] - 0.2
+        curve = [json.loads(line)["loss"] for line in (out / f"fp8-{seed}" / "metrics.jsonl").read_text().splitlines()]
+        assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.5
+        gaps.append((fp8["final_val_loss"] - full["final_val_loss"]) / full["final_val_loss"])
+    assert abs(sum(gaps) / len(gaps)) < 0.01, gaps
