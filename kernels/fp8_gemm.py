@@ -132,6 +132,8 @@ def _bucket(x: int) -> int:
 def _check(a, a_s, b, b_s, b_row_scales: bool) -> None:
     if a.dtype != torch.float8_e4m3fn or b.dtype != torch.float8_e4m3fn:
         raise ValueError(f"fp8_gemm takes e4m3 operands, got {a.dtype} and {b.dtype}")
+    if a_s.dtype != torch.float32 or b_s.dtype != torch.float32:
+        raise ValueError(f"fp8_gemm takes fp32 scales, got {a_s.dtype} and {b_s.dtype}")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"fp8_gemm computes A·Bᵀ with A (M, K) and B (N, K); got {tuple(a.shape)} and {tuple(b.shape)}")
     M, K = a.shape
@@ -151,6 +153,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
              out_dtype: torch.dtype = torch.bfloat16, b_row_scales: bool = False) -> torch.Tensor:
     """C (M, N) = A · Bᵀ from block-scaled E4M3 operands, fp32 accumulation, in `out_dtype`."""
     _check(a, a_s, b, b_s, b_row_scales)
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"fp8_gemm writes fp32, bf16 or fp16 (its sums are fp32), got out_dtype={out_dtype}")
     M, K = a.shape
     N = b.shape[0]
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)

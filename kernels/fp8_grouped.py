@@ -37,7 +37,16 @@ import torch
 import triton
 import triton.language as tl
 from effllm.kernels.fp8_gemm import _bucket, _fixed_config, _hopper_configs, _interpreting
-from effllm.kernels.fp8_quant import FP8, TILE, _hw_cast, _quant, _scale_of, quant_blocks_into, quant_blocks_ref
+from effllm.kernels.fp8_quant import (
+    FP8,
+    TILE,
+    _hw_cast,
+    _quant,
+    _scale_of,
+    check_float,
+    quant_blocks_into,
+    quant_blocks_ref,
+)
 from effllm.kernels.grouped_gemm import group_tiles
 
 
@@ -284,6 +293,7 @@ def quant_grouped(x: torch.Tensor, sched: Schedule, src: torch.Tensor | None = N
     q (M, K) e4m3, s (M, K/128) tiled along K, and qt (K, 128 T), st (K, T) tiled along each
     group's 128-token tiles: tile t of the schedule owns columns 128t .. 128t+127 of qt (zeros past
     its group's end) and column t of st."""
+    check_float(x, "x")
     if x.dim() != 2 or x.shape[1] % TILE:
         raise ValueError(f"x must be (rows, K) with K a multiple of {TILE}, got {tuple(x.shape)}")
     if x.stride(1) != 1:
@@ -303,6 +313,8 @@ def quant_swiglu(gate: torch.Tensor, up: torch.Tensor, sched: Schedule, pow2: bo
     side (M, 2F): along the gate, dh·up·silu'(gate), then along up, dh·silu(gate); the operand of
     one dgrad GEMM against the stacked gate and up weights. `swiglu_ref` is the reference."""
     parts = [gate, up] + ([dh] if dh is not None else [])
+    for name, part in zip(("gate", "up", "dh"), parts):
+        check_float(part, name)
     if any(p.shape != gate.shape for p in parts) or gate.dim() != 2 or up.stride() != gate.stride():
         raise ValueError(f"gate, up and dh must be (M, F), gate and up of one layout (views of one (M, 2F) "
                          f"tensor will do); got {[(tuple(p.shape), p.stride()) for p in parts]}")
@@ -346,6 +358,8 @@ def quant_expert_weights(ws, pow2: bool = False):
     K/128), and the dgrad operand qt (G, K, ΣN), each expert's stacked Wᵀ K-major, written by the
     launch that quantizes each weight (one launch per weight, none copied). Stacked gate and up projections
     make one forward GEMM and one dgrad GEMM of twice the width, instead of two each and a sum."""
+    for w in ws:
+        check_float(w, "expert weight")
     G, K = ws[0].shape[0], ws[0].shape[2]
     if any(w.dim() != 3 or w.shape[0] != G or w.shape[2] != K or w.shape[1] % TILE for w in ws) or K % TILE:
         raise ValueError(f"expert weights must be (G, N, K) of one G and K, N and K multiples of {TILE}; got "
@@ -450,6 +464,9 @@ def sum_by_source(dx: torch.Tensor, src: torch.Tensor, rows: int, out_dtype: tor
     is a stable sort of src and a binary search: no host sync."""
     if dx.dim() != 2 or src.dim() != 1 or src.numel() != dx.shape[0]:
         raise ValueError(f"sum_by_source takes dx (M, D) and src (M,), got {tuple(dx.shape)} and {tuple(src.shape)}")
+    if not dx.is_floating_point() or dx.element_size() == 1 or not (out_dtype.is_floating_point and out_dtype.itemsize > 1):
+        raise ValueError(f"sum_by_source sums floating-point rows into a floating-point output, got {dx.dtype} -> "
+                         f"{out_dtype}")
     if dx.stride(1) != 1:
         raise ValueError("dx must be contiguous along its last dim")
     D = dx.shape[1]

@@ -189,7 +189,15 @@ def _hw_cast(device: torch.device) -> bool:
     return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def check_float(x: torch.Tensor, name: str) -> None:
+    """Refuse what the quantization kernels cannot read as numbers to quantize (they load any float
+    dtype and compute in fp32): integers, booleans, tensors already in FP8."""
+    if not x.is_floating_point() or x.element_size() == 1:
+        raise ValueError(f"{name} must be a floating-point tensor to quantize (fp32, bf16, fp16 or fp64), got {x.dtype}")
+
+
 def _check_2d(x: torch.Tensor, name: str, k_multiple: bool = True) -> None:
+    check_float(x, name)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
     if k_multiple and x.shape[1] % TILE:

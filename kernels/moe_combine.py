@@ -82,6 +82,8 @@ def _check(y: torch.Tensor, w: torch.Tensor, pos: torch.Tensor) -> None:
     if w.dtype != torch.float32 or w.dim() != 2 or pos.shape != w.shape:
         raise ValueError(f"combine takes fp32 weights (T, K) and positions of the same shape; got {w.dtype} "
                          f"{tuple(w.shape)} and {tuple(pos.shape)}")
+    if not y.is_floating_point() or y.element_size() == 1:
+        raise ValueError(f"combine takes floating-point expert outputs (fp32, bf16, fp16 or fp64), got {y.dtype}")
     if y.dim() != 2 or y.shape[0] != w.numel():
         raise ValueError(f"combine takes y (T*K, D); got {tuple(y.shape)} for {w.numel()} pairs")
 

@@ -163,3 +163,45 @@ def test_combine_kernel_equals_reference_forward_and_backward(t, k, d, dtype):
         assert rel_err(wt.grad, wr.grad) < 1e-6
         assert rel_err(yt.grad, yr.grad) < TOL[dtype]  # w * dout rounded to y's dtype
         torch.testing.assert_close(combine_reference(y, w, pos, torch.float32), out, rtol=1e-6, atol=1e-6)
+
+
+def test_dtypes_the_kernels_do_not_take_are_refused_or_run_on_the_loop():
+    """The kernels accumulate in fp32: given fp64 the Triton grouped GEMM used to return wrong values
+    (off by ~15 here) and torch._grouped_mm raised its own error through `auto`. Now both refuse
+    fp64 by name, and `auto` runs it on the loop, exactly."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 16, 16, generator=g, dtype=torch.float64)
+    offsets = torch.tensor([4, 10], dtype=torch.int32)
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match="takes fp32, bf16 or fp16.*got torch.float64"):
+            grouped_mm(x, w, offsets, backend)
+        with pytest.raises(ValueError, match="use backend 'loop'"):
+            pick_backend(torch.device("cpu"), torch.float64, backend)
+    with pytest.raises(ValueError, match="got torch.float64"):
+        triton_grouped_mm(x, w, offsets)
+    assert pick_backend(torch.device("cpu"), torch.float64) == "loop"
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = grouped_mm(xr, wr, offsets, pick_backend(x.device, x.dtype))
+    assert torch.equal(y, grouped_mm_reference(x, w, offsets))
+
+
+def test_the_fp8_kernels_refuse_what_they_cannot_quantize_or_multiply():
+    from effllm.kernels.fp8_gemm import fp8_gemm
+    from effllm.kernels.fp8_quant import quant_blocks, quant_rows, quant_rows_and_cols
+    from effllm.kernels.moe_combine import combine
+
+    ints = torch.ones(4, 128, dtype=torch.int32)
+    for fn in (quant_rows, quant_rows_and_cols, quant_blocks):
+        with pytest.raises(ValueError, match="floating-point tensor to quantize"):
+            fn(ints)
+    q, s = quant_rows(torch.randn(4, 128))
+    with pytest.raises(ValueError, match="floating-point tensor to quantize"):
+        quant_rows(q)  # already FP8
+    with pytest.raises(ValueError, match="fp32 scales"):
+        fp8_gemm(q, s.bfloat16(), q, s)
+    with pytest.raises(ValueError, match="writes fp32, bf16 or fp16"):
+        fp8_gemm(q, s, q, s, torch.float64, b_row_scales=True)
+    with pytest.raises(ValueError, match="floating-point expert outputs"):
+        combine(torch.ones(6, 8, dtype=torch.int64), torch.rand(3, 2), torch.randperm(6).view(3, 2), torch.float32,
+                use_triton=True)
