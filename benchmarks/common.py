@@ -68,13 +68,59 @@ def write_result(folder: Path, result: dict, size: str) -> Path:
     return path
 
 
+RESULTS_ROOT = Path(__file__).resolve().parent / "results"  # the committed record
+RUNS_ROOT = Path(__file__).resolve().parent.parent / "runs" / "bench"  # where runs go by default (git-ignored)
+MARKER = ".effllm-bench"  # names the benchmark that owns a results folder outside the record
+
+
 def base_parser(doc: str, results: Path, quick_help: str) -> argparse.ArgumentParser:
-    """The options every benchmark has: --quick, --out and --commit."""
+    """The options every benchmark has: --quick, --out, --update-record and --commit. Parse with
+    `parse_args`, which resolves where the run writes."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--out", type=Path, default=results, help="results folder")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder: new, empty, or one this benchmark wrote before (default: a new "
+                             f"{RUNS_ROOT.relative_to(RUNS_ROOT.parent.parent)}/{results.name}-<time>/)")
+    parser.add_argument("--update-record", action="store_true",
+                        help=f"write into the committed record, {results.relative_to(RESULTS_ROOT.parent.parent)}/ "
+                             "(the checkout must be clean, so the result names the commit it measured)")
     parser.add_argument("--commit", default=None, help="git commit to record (default: ask git; for copies without .git)")
+    parser.set_defaults(record=results)
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, then set `args.out` to the folder this run writes: the committed record only with
+    --update-record (and a clean checkout, or an explicit --commit), else --out or a new folder
+    under runs/bench/. A folder that holds other files than an earlier run of this benchmark is
+    refused, so a run never replaces a committed result or anything else by surprise."""
+    args = parser.parse_args(argv)
+    record: Path = args.record
+    if args.update_record:
+        if args.out is not None:
+            parser.error("--update-record writes the committed record; drop --out")
+        commit = args.commit or git_commit()
+        if commit == "unknown" or commit.endswith("-dirty"):
+            parser.error(f"--update-record needs a clean checkout (git says {commit!r}): commit first, or name the "
+                         "measured commit with --commit in a copy without .git")
+        args.out = record
+        return args
+    if args.out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.out = RUNS_ROOT / f"{record.name}-{stamp}"
+    out = args.out.resolve()
+    if out == RESULTS_ROOT or out.is_relative_to(RESULTS_ROOT):
+        parser.error(f"{args.out} is the committed record: pass --update-record to write there")
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {args.out} is a file: choose a folder")
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    owner = (out / MARKER).read_text().strip() if (out / MARKER).is_file() else None
+    if names and owner != record.name:
+        parser.error(f"--out {args.out} holds other files ({', '.join(names[:5])}): choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(record.name + "\n")
+    args.out = out
+    return args
 
 
 def write_markdown(folder: Path, lines: list[str]) -> Path:

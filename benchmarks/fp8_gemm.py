@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import base_parser, environment, finish, time_fn, write_markdown
+from common import base_parser, environment, finish, parse_args, time_fn, write_markdown
 from effllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, tuned_configs
 from effllm.kernels.fp8_quant import (
     quant_blocks,
@@ -154,7 +154,7 @@ def write_report(folder: Path) -> Path:
 
 def main() -> None:
     parser = base_parser(__doc__, RESULTS, "CPU smoke run of the PyTorch path")
-    args = parser.parse_args()
+    args = parse_args(parser)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = not args.quick
     if gpu and (device.type != "cuda" or torch.cuda.get_device_capability() < (8, 9)):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import base_parser, environment, write_markdown, write_result
+from common import base_parser, environment, parse_args, write_markdown, write_result
 
 from effllm import checkpoint as ckpt_io
 from effllm.data import PrepareConfig, TokenDataset, prepare
@@ -93,7 +93,7 @@ def main() -> None:
     parser = base_parser(__doc__, RESULTS, "CPU-sized (the only size so far)")
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per run")
     parser.add_argument("--samples-per-doc", type=int, default=8, help="prefix offsets tested per document")
-    args = parser.parse_args()
+    args = parse_args(parser)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = "quick" if args.quick else "full"
     with tempfile.TemporaryDirectory() as tmp:

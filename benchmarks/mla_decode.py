@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import base_parser, environment, finish, size_and_device, time_fn, write_markdown
+from common import base_parser, environment, finish, parse_args, size_and_device, time_fn, write_markdown
 
 from effllm.mla import MLAConfig
 from effllm.model import ModelConfig, Transformer
@@ -117,7 +117,7 @@ def write_report(folder: Path) -> Path:
 
 def main() -> None:
     parser = base_parser(__doc__, RESULTS, "CPU-sized case")
-    args = parser.parse_args()
+    args = parse_args(parser)
     size, device = size_and_device(args.quick)
     spec = SIZES[size]
     dtype, B = spec["dtype"], spec["batch"]

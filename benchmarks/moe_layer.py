@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import base_parser, environment, finish, size_and_device, time_fn, write_markdown
+from common import base_parser, environment, finish, parse_args, size_and_device, time_fn, write_markdown
 from effllm.kernels import fp8_grouped
 from effllm.kernels.grouped_gemm import BACKENDS, pick_backend, torch_fits
 
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 10 quick, 30 gpu)")
     parser.add_argument("--profile", action="store_true", help="print the FP8 case's top kernels (torch.profiler)")
     parser.add_argument("--loop-repeats", type=int, default=None, help="timed runs of the slow loop case")
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     size, device = size_and_device(args.quick)
     spec = SIZES[size]

@@ -153,7 +153,7 @@ def write_report(folder: Path) -> Path:
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import base_parser, environment, write_result
+    from common import base_parser, environment, parse_args, write_result
 
     parser = base_parser(__doc__, RESULTS, "CPU: 1 and 2 gloo processes")
     parser.add_argument("--data-dir", default=str(RESULTS.parent.parent.parent / "data" / "stdlib"))
@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--worker-out", default=None, help=argparse_hidden())
     parser.add_argument("--recipe", default="dense_tiny", help=argparse_hidden())
     parser.add_argument("--ep", type=int, default=1, help=argparse_hidden())
-    args = parser.parse_args()
+    args = parser.parse_args() if "--worker" in sys.argv else parse_args(parser)  # workers write where told
     if args.worker:
         from effllm.parallelize import exit_rank
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import base_parser, environment, finish, sync, write_markdown
+from common import base_parser, environment, finish, parse_args, sync, write_markdown
 
 from effllm import checkpoint as ckpt_io
 from effllm.data import TokenDataset
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
-    args = parser.parse_args()
+    args = parse_args(parser)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = ckpt_io.resolve_checkpoint(args.checkpoint)
     state = ckpt_io.read_state(ckpt)

@@ -43,7 +43,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from common import base_parser, environment, time_fn
+from common import base_parser, environment, parse_args, time_fn
 from report import write_report
 
 from effllm.cli import load_recipe
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per model (default 8 quick, 30 gpu)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument("--only", default=None, help="comma-separated roles to run (dense_active is always kept)")
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     size = "quick" if args.quick else "gpu"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

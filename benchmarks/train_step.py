@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import base_parser, environment, size_and_device, time_fn, write_markdown, write_result
+from common import base_parser, environment, parse_args, size_and_device, time_fn, write_markdown, write_result
 
 from effllm.flops import (
     device_name,
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per case (default 5 quick, 10 gpu)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 10 quick, 50 gpu)")
     parser.add_argument("--no-compile", action="store_true", help="time eager mode only")
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     size, device = size_and_device(args.quick)
     spec = SIZES[size]
