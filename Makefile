@@ -11,7 +11,7 @@ RECIPE ?= dense_tiny
 RUN ?= runs/$(RECIPE)-$(shell date +%Y%m%d-%H%M%S)
 ARGS ?=
 
-.PHONY: train test setup prepare clean
+.PHONY: train resume test setup prepare clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ prepare: $(DATA)/manifest.json
 
 train: $(INSTALLED) $(DATA)/manifest.json
 	$(BIN)/effllm train $(RECIPE) --data-dir $(DATA) --out-dir $(RUN) $(ARGS)
+
+# Continue a run where it stopped (its own recipe, config and lr schedule), e.g.
+#   make resume RUN=runs/dense_tiny-20261201-120000 ARGS='--max-steps 1200'
+resume: $(INSTALLED) $(DATA)/manifest.json
+ifeq ($(origin RUN),file)
+	@echo "make resume needs the run to continue: make resume RUN=runs/<recipe>-<time> [ARGS='--max-steps N']" >&2; exit 2
+endif
+	$(BIN)/effllm train $(RECIPE) --out-dir $(RUN) --resume $(ARGS)
 
 test: $(INSTALLED) $(DATA)/manifest.json
 	$(BIN)/python -m pytest

@@ -137,6 +137,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     schedule (`schedule_steps`); steps past it keep that final lr."""
     o = cfg.optim
     peak, floor, horizon = o.lr, o.lr * o.min_lr_ratio, schedule_steps(cfg)
+    step = min(step, horizon - 1)  # past the schedule: the lr of its last step
     if step < o.warmup_steps:
         return peak * (step + 1) / o.warmup_steps
     if o.schedule == "cosine":
@@ -478,7 +479,7 @@ def _train(cfg: TrainConfig, data: TokenDataset, env, device: torch.device) -> d
             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     if cfg.max_steps > schedule_steps(cfg):
         say(f"lr schedule: it spans {schedule_steps(cfg)} steps; steps {schedule_steps(cfg) + 1}-{cfg.max_steps} run at "
-            f"its final lr {lr_at(schedule_steps(cfg), cfg):.3g} (a new span: --optim.schedule-steps, where allowed)")
+            f"its final lr {lr_at(schedule_steps(cfg) - 1, cfg):.3g} (a new span: --optim.schedule-steps, where allowed)")
     if fp8_report is not None:
         say(f"fp8: {len(fp8_report['converted'])} linears and expert groups converted; kept in higher precision: "
             + "; ".join(f"{k} ({v})" for k, v in fp8_report["skipped"].items()))

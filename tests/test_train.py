@@ -183,6 +183,10 @@ def test_lr_schedules(schedule):
     assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:]))  # never rises after warmup
     if schedule == "wsd":
         assert lrs[10:80] == [1.0] * 70 and lrs[85] < 1.0
+    # past the schedule's span the lr stays at its last step's, even where warmup outlasts the span
+    assert lr_at(150, cfg) == lrs[-1]
+    short = replace(cfg, max_steps=5)
+    assert lr_at(9, short) == lr_at(4, short) == pytest.approx(0.5)
 
 
 def test_generate_from_a_checkpoint(byte_data, tmp_path):
