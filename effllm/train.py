@@ -14,6 +14,7 @@ import math
 import resource
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
@@ -338,9 +339,14 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, model_hook: Callable[[Transformer], None] | None = None) -> dict:
     """Train `cfg.model` on `cfg.data_dir`; writes metrics, checkpoints and a summary into
-    `cfg.out_dir` and returns the summary."""
+    `cfg.out_dir` and returns the summary.
+
+    `model_hook(model)`, if given, runs once the model is built (its weights loaded when resuming,
+    converted to FP8 with cfg.fp8) and before any parallel wrapping or the optimizer: research
+    code swaps or wraps modules there (a variant of a layer, gradient hooks) and trains the result
+    with this trainer. It must keep the parameter names, so that checkpoints load."""
     # Every check that can fail runs before the model is allocated.
     data = TokenDataset(cfg.data_dir)
     if cfg.model.vocab_size < data.vocab_size:
@@ -352,7 +358,7 @@ def train(cfg: TrainConfig) -> dict:
     owns_group = env.enabled and not torch.distributed.is_initialized()
     device = init_distributed(env, cfg.device, cfg.dist_timeout_s)
     try:
-        return _train(cfg, data, env, device)
+        return _train(cfg, data, env, device, model_hook)
     finally:
         # A process group this call opened is closed here. gloo's worker threads can outlive this
         # (the groups are also held on the C++ side), and one that releases a finished work item
@@ -362,7 +368,7 @@ def train(cfg: TrainConfig) -> dict:
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, data: TokenDataset, env, device: torch.device) -> dict:
+def _train(cfg: TrainConfig, data: TokenDataset, env, device: torch.device, model_hook=None) -> dict:
     amp = autocast_dtype(cfg.precision, device)
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
@@ -399,6 +405,8 @@ def _train(cfg: TrainConfig, data: TokenDataset, env, device: torch.device) -> d
     if state is not None:  # full weights, before any sharding: a checkpoint from any world size loads
         ckpt_io.load_weights(resume_from, model)
         start_step, elapsed_before, tokens_before = state["step"], state["elapsed_s"], state["tokens_seen"]
+    if model_hook is not None:
+        model_hook(model)
     counts = model.param_counts()  # of the whole model, before experts are split over ranks
     for block in [*model.blocks, *(m.block for m in model.mtp)]:  # first of the wrappers: AC, compile, FSDP
         block.activation_checkpointing = cfg.activation_checkpointing
