@@ -416,9 +416,9 @@ def grouped_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
         grid = (T * triton.cdiv(N, 128),)
         _grouped_gemm_kernel[grid](*args, BLOCK_M=128, BLOCK_N=128, BLOCK_K=TILE, GROUP_M=8, TILE_M=TILE,
                                    ACCUMULATE=accumulate is not None, num_warps=8, num_stages=3)
-    elif _interpreting():  # small fixed tiles keep the CPU tests fast
-        grid = (T * (TILE // 16) * triton.cdiv(N, 32),)
-        _grouped_gemm_kernel[grid](*args, BLOCK_M=16, BLOCK_N=32, BLOCK_K=TILE, GROUP_M=2, TILE_M=TILE,
+    elif _interpreting():  # the CPU tests: fewer, larger programs (the interpreter's cost is per program and op)
+        grid = (T * (TILE // 64) * triton.cdiv(N, 64),)  # 64-row sub-tiles of each 128-row tile, two per 128 columns
+        _grouped_gemm_kernel[grid](*args, BLOCK_M=64, BLOCK_N=64, BLOCK_K=TILE, GROUP_M=2, TILE_M=TILE,
                                    ACCUMULATE=accumulate is not None, num_warps=1, num_stages=1)
     else:
         grid = lambda meta: (T * (TILE // meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -448,7 +448,7 @@ def grouped_wgrad(at: torch.Tensor, at_s: torch.Tensor, bt: torch.Tensor, bt_s: 
         _grouped_wgrad_kernel[(G, triton.cdiv(N, 128) * triton.cdiv(K, 128))](*args, BLOCK_N=128, BLOCK_K=128,
                                                                               TILE_M=TILE, num_warps=8, num_stages=3)
     elif _interpreting():
-        _grouped_wgrad_kernel[(G, triton.cdiv(N, 32) * triton.cdiv(K, 32))](*args, BLOCK_N=32, BLOCK_K=32, TILE_M=TILE,
+        _grouped_wgrad_kernel[(G, triton.cdiv(N, 64) * triton.cdiv(K, 64))](*args, BLOCK_N=64, BLOCK_K=64, TILE_M=TILE,
                                                                             num_warps=1, num_stages=1)
     else:
         grid = lambda meta: (G, triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]))  # noqa: E731
