@@ -11,7 +11,7 @@ RECIPE ?= dense_tiny
 RUN ?= runs/$(RECIPE)-$(shell date +%Y%m%d-%H%M%S)
 ARGS ?=
 
-.PHONY: train resume test setup prepare clean
+.PHONY: train resume test test-fast setup prepare clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ endif
 
 test: $(INSTALLED) $(DATA)/manifest.json
 	$(BIN)/python -m pytest
+
+# The fast tier: every test module, no test marked slow (training runs, torchrun launches, compiles).
+test-fast: $(INSTALLED) $(DATA)/manifest.json
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(DATA) *.egg-info

@@ -217,11 +217,15 @@ def main() -> None:
     parser.add_argument("--dump", type=Path, default=None, help="folder for each variant's TTGIR, PTX and SASS")
     parser.add_argument("--tuner", action="store_true",
                         help="compile the autotuned GEMMs in every configuration of the tuner's search space")
+    parser.add_argument("--only", default=None, help="comma-separated kernel families to compile (default: all)")
     args = parser.parse_args()
+    only = set(args.only.split(",")) if args.only else None
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the interpreter's kernels do not compile")
     report = {"triton": triton.__version__, "target": "sm_90", "kernels": {}}
     for name, fn, kargs, kwargs in variants(args.tuner):
+        if only is not None and name.split("/")[0] not in only:
+            continue
         kernel = compile_for_hopper(fn, kargs, kwargs)
         report["kernels"][name] = summary(kernel)
         if args.dump:

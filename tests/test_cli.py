@@ -64,6 +64,7 @@ def test_recipes_are_valid_configs():
         assert model.param_counts()["total"] > 0 and train_flops_per_token(cfg.model, cfg.seq_len) > 0
 
 
+@pytest.mark.slow
 def test_prepare_train_resume_generate_end_to_end(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     result = effllm("prepare", "--sources", str(SMALL_CORPUS), "--license", "PSF-2.0", "--extensions", ".py",
@@ -102,6 +103,7 @@ def test_wheel_ships_kernels_and_recipes_inside_the_package(tmp_path):
 
 
 @pytest.mark.parametrize("world_size", ["1", "2"])
+@pytest.mark.slow
 def test_the_command_flushes_its_output_and_keeps_its_exit_code_under_torchrun(world_size):
     """Under torchrun (WORLD_SIZE > 1) `python -m effllm` ends with os._exit, skipping the
     interpreter's finalization, in which gloo's threads could abort a finished rank. Its output

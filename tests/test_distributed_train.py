@@ -64,18 +64,39 @@ def single(byte_data, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind,model,ep", [("fsdp", "dense", 1), ("ddp", "dense", 1), ("fsdp", "moe", 1),
-                                           ("fsdp", "moe", 2)])
-def test_two_ranks_follow_the_single_process_curve(kind, model, ep, single, byte_data, tmp_path):
-    extra = MOE if model == "moe" else []
-    r = run(train_args(byte_data, tmp_path / "run", 8, [*extra, "--data-parallel", kind, "--expert-parallel", str(ep)]),
-            nproc=2)
+LAYOUTS = {"fsdp-dense": ("fsdp", "dense", 1), "ddp-dense": ("ddp", "dense", 1), "fsdp-moe": ("fsdp", "moe", 1),
+           "ep2-moe": ("fsdp", "moe", 2)}
+
+
+@pytest.fixture(scope="module")
+def two_rank(byte_data, tmp_path_factory):
+    """The 2-rank runs that several tests read, trained in one torchrun launch: dense under FSDP2 and
+    DDP, MoE+MTP under FSDP2 without and with expert parallelism. Tests that cut a run back copy it."""
+    root = tmp_path_factory.mktemp("two_rank")
+    args = []
+    for name, (kind, model, ep) in LAYOUTS.items():
+        extra = [*(MOE if model == "moe" else []), "--data-parallel", kind, "--expert-parallel", str(ep)]
+        args += [*train_args(byte_data, root / name, 8, extra), "--next"]
+    r = run(args[:-1], nproc=2, script=[str(HELPERS / "train_several.py")], timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert f"over 2 ranks ({kind})" in r.stdout
-    ours, ref = losses(tmp_path / "run"), losses(single[model])
+    return {"dirs": {name: root / name for name in LAYOUTS}, "stdout": r.stdout}
+
+
+def copy_of(run_dir: Path, to: Path) -> Path:
+    shutil.copytree(run_dir, to)
+    return to
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.slow
+def test_two_ranks_follow_the_single_process_curve(name, two_rank, single):
+    kind, model, _ = LAYOUTS[name]
+    assert f"over 2 ranks ({kind})" in two_rank["stdout"]
+    run_dir = two_rank["dirs"][name]
+    ours, ref = losses(run_dir), losses(single[model])
     assert len(ours) == len(ref) == 8
     assert max(abs(a - b) for a, b in zip(ours, ref, strict=True)) < 1e-4, (ours, ref)
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["tokens_seen"] == 8 * 2 * 4 * 32
 
 
@@ -85,27 +106,27 @@ def back_to_step_4(run_dir: Path) -> None:
     (run_dir / "checkpoints" / "latest").write_text("step_00000004\n")
 
 
-def test_checkpoints_move_between_world_sizes(single, byte_data, tmp_path):
+@pytest.mark.slow
+def test_checkpoints_move_between_world_sizes(two_rank, single, byte_data, tmp_path):
     """A 2-rank FSDP2 checkpoint at step 4 resumes in 1 process, and a 1-process checkpoint resumes on
     2 ranks; both continue the uninterrupted single-process curve."""
     ref = losses(single["dense"])
-    two = tmp_path / "two"
-    r = run(train_args(byte_data, two, 8, ["--data-parallel", "fsdp"]), nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
+    two = copy_of(two_rank["dirs"]["fsdp-dense"], tmp_path / "two")
     back_to_step_4(two)
     r = run(train_args(byte_data, two, 8, ["--grad-accum", "2", "--resume"]))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming at step 4" in r.stdout
     assert len(losses(two)) == 8 and max(abs(a - b) for a, b in zip(losses(two), ref, strict=True)) < 1e-4
 
-    one = tmp_path / "one"
-    shutil.copytree(single["dense"], one)
+    one = copy_of(single["dense"], tmp_path / "one")
     back_to_step_4(one)
-    r = run(train_args(byte_data, one, 8, ["--data-parallel", "fsdp", "--resume"]), nproc=2)
+    # the run's own config has grad_accum=2; two ranks keep the global batch with one micro-batch each
+    r = run(train_args(byte_data, one, 8, ["--data-parallel", "fsdp", "--grad-accum", "1", "--resume"]), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(losses(one)) == 8 and max(abs(a - b) for a, b in zip(losses(one), ref, strict=True)) < 1e-4
 
 
+@pytest.mark.slow
 def test_wrapper_order_with_compile_and_activation_checkpointing(single, byte_data, tmp_path):
     """Expert sharding, activation checkpointing, torch.compile per block and FSDP2 together (the
     documented order) still follow the single-process curve."""
@@ -116,30 +137,30 @@ def test_wrapper_order_with_compile_and_activation_checkpointing(single, byte_da
     assert max(abs(a - b) for a, b in zip(losses(tmp_path / "run"), ref, strict=True)) < 1e-4
 
 
-def test_two_rank_resume_repeats_the_two_rank_run_exactly(byte_data, tmp_path):
+@pytest.mark.slow
+def test_two_rank_resume_repeats_the_two_rank_run_exactly(two_rank, byte_data, tmp_path):
     """Same world size, same layout: resuming repeats the uninterrupted run's losses bit for bit."""
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    for d in (full, cut):
-        r = run(train_args(byte_data, d, 8, [*MOE, "--expert-parallel", "2"]), nproc=2)
-        assert r.returncode == 0, r.stderr[-3000:]
+    full = two_rank["dirs"]["ep2-moe"]
+    cut = copy_of(full, tmp_path / "cut")
     back_to_step_4(cut)
     r = run(train_args(byte_data, cut, 8, [*MOE, "--expert-parallel", "2", "--resume"]), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(cut) == losses(full)
 
 
-def test_expert_parallel_checkpoint_holds_every_expert(single, byte_data, tmp_path):
+@pytest.mark.slow
+def test_expert_parallel_checkpoint_holds_every_expert(two_rank, single, byte_data, tmp_path):
     """Experts split over 2 ranks are gathered into the checkpoint: one process resumes from it."""
-    run_dir = tmp_path / "ep"
-    r = run(train_args(byte_data, run_dir, 8, [*MOE, "--expert-parallel", "2"]), nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_dir = copy_of(two_rank["dirs"]["ep2-moe"], tmp_path / "ep")
     back_to_step_4(run_dir)
-    r = run(train_args(byte_data, run_dir, 8, [*MOE, "--grad-accum", "2", "--resume"]))
+    # the run's own config splits the experts over 2 ranks: one process says so
+    r = run(train_args(byte_data, run_dir, 8, [*MOE, "--grad-accum", "2", "--expert-parallel", "1", "--resume"]))
     assert r.returncode == 0, r.stderr[-3000:]
     ref = losses(single["moe"])
     assert max(abs(a - b) for a, b in zip(losses(run_dir), ref, strict=True)) < 1e-4
 
 
+@pytest.mark.slow
 def test_the_bias_update_balances_on_the_load_of_one_process(byte_data, tmp_path):
     """DDP and FSDP2, with and without gradient accumulation, count each MoE layer's expert load over
     the global batch as one process does: at step 1 (the same weights on every rank, so the same
@@ -175,9 +196,14 @@ def test_the_bias_update_balances_on_the_load_of_one_process(byte_data, tmp_path
             assert torch.equal(bias[name], ref_bias[name]), (kind, ga, name)
 
 
-def test_impossible_parallel_layouts_fail_before_work(byte_data, tmp_path):
+def test_expert_parallelism_without_torchrun_fails_before_work(byte_data, tmp_path):
     r = run(train_args(byte_data, tmp_path / "a", 2, [*MOE, "--expert-parallel", "2"]))
     assert r.returncode == 2 and "needs 2 or more ranks" in r.stderr
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_impossible_parallel_layouts_fail_before_work(byte_data, tmp_path):
     r = run(train_args(byte_data, tmp_path / "b", 2, ["--expert-parallel", "2"]), nproc=2)
     assert r.returncode != 0 and "needs MoE layers" in r.stderr
     r = run(train_args(byte_data, tmp_path / "c", 2, [*MOE, "--expert-parallel", "2", "--data-parallel", "ddp"]),
@@ -185,6 +211,7 @@ def test_impossible_parallel_layouts_fail_before_work(byte_data, tmp_path):
     assert r.returncode != 0 and "data_parallel=fsdp" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_fails_the_job_fast(byte_data, tmp_path):
     start = time.monotonic()
     r = run(train_args(byte_data, tmp_path / "run", 50, ["--dist-timeout-s", "30"]), nproc=2,

@@ -86,6 +86,7 @@ def test_convert_to_fp8_reports_what_it_converted_and_kept():
         FP8Linear(100, 128)
 
 
+@pytest.mark.slow
 def test_fp8_training_reaches_the_full_precision_loss(byte_data, tmp_path):
     """The FP8 numerics (CPU path: the same quantize / blockwise-matmul as the kernels) train a
     dim-128 model as well as fp32: within 1% as a mean over paired seeds (conftest's
@@ -94,6 +95,7 @@ def test_fp8_training_reaches_the_full_precision_loss(byte_data, tmp_path):
     assert_fp8_trains_like_fp32(byte_data, tmp_path, model)
 
 
+@pytest.mark.slow
 def test_torch_compile_traces_the_fp8_linear_without_graph_breaks():
     torch.manual_seed(0)
     layer = FP8Linear(256, 128, backend="torch")

@@ -84,7 +84,7 @@ def run_experts(fn, x, ws, dy):
     return [y.detach()] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
 def test_fp8_swiglu_experts_equal_the_unfused_fp8_experts(backend):
     """The fused expert (SwiGLU and its gradients computed inside the quantizations) computes what
     two fp8_grouped_mm calls with autograd's SwiGLU between them compute, forward and all four
@@ -103,7 +103,7 @@ def test_fp8_swiglu_experts_equal_the_unfused_fp8_experts(backend):
 
 
 @pytest.mark.parametrize("gather", [False, True])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
 def test_fp8_swiglu_experts_and_gradients_near_full_precision(backend, gather):
     sizes, offsets, src, x, ws, dy = swiglu_case(gather, seed=1)
 
@@ -123,7 +123,7 @@ def test_fp8_swiglu_experts_and_gradients_near_full_precision(backend, gather):
             assert torch.equal(dw[g], torch.zeros_like(dw[g])) if n == 0 else rel(dw[g], dw_ref[g]) < 8e-2
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
 def test_fp8_swiglu_experts_with_bf16_activations(backend):
     """bf16 tokens and fp32 master weights, as in bf16 training: the output and the input's
     gradient come back in bf16 (each sorted row of the gradient rounded once, then summed in fp32
@@ -176,6 +176,7 @@ FP8_MOE_MODEL = dict(vocab_size=256, dim=128, n_layers=2, n_heads=4, max_seq_len
                      moe=MoEConfig(n_routed_experts=4, top_k=2, expert_dim=128, n_shared_experts=1))
 
 
+@pytest.mark.slow
 def test_fp8_moe_training_reaches_the_full_precision_loss(byte_data, tmp_path):
     """A small DeepSeek-style model (MoE with FP8 experts, shared expert and attention in FP8) trains
     as well as in fp32 (the CPU path: the kernels' quantize / blockwise matmul): within 1% as a mean

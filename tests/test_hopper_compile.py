@@ -35,19 +35,30 @@ def _nvidia_toolchain() -> str | None:
     return f"Triton's bundled {', '.join(missing)} missing" if missing else None
 
 
-@pytest.fixture(scope="module")
-def report() -> dict:
+def compile_report(*args: str) -> dict:
     why = _nvidia_toolchain()
     if why:
         pytest.skip(why)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=600)
     if run.returncode == 3:  # a Triton without the internals hopper_compile.py uses
         pytest.skip(run.stderr.strip().splitlines()[-1])
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout)["kernels"]
 
 
+@pytest.fixture(scope="module")
+def report() -> dict:
+    return compile_report()  # every kernel: about 30 s on 2 CPU cores
+
+
+def test_one_fp8_kernel_compiles_to_the_fp8_tensor_cores():
+    """The fast tier's check of the compile path: one FP8 GEMM, compiled for sm_90, runs on QGMMA."""
+    fp8 = compile_report("--only", "fp8_gemm")
+    assert fp8 and all(k["qgmma"] > 0 and k["hgmma"] == 0 for k in fp8.values())
+
+
+@pytest.mark.slow
 def test_every_kernel_compiles_for_hopper(report):
     families = {name.split("/")[0] for name in report}
     assert families == {"quant_blocks", "quant_blocks_t", "quant_rows", "quant_rows_and_cols", "fp8_gemm", "quant_grouped",
@@ -55,6 +66,7 @@ def test_every_kernel_compiles_for_hopper(report):
                         "combine"}
 
 
+@pytest.mark.slow
 def test_fp8_gemms_run_on_the_fp8_tensor_cores(report):
     fp8 = {n: k for n, k in report.items() if n.split("/")[0] in ("fp8_gemm", "grouped_fp8_gemm", "grouped_fp8_wgrad")}
     assert len(fp8) == 7
@@ -64,6 +76,7 @@ def test_fp8_gemms_run_on_the_fp8_tensor_cores(report):
         assert report[name]["hgmma"] > 0, name
 
 
+@pytest.mark.slow
 def test_weight_quantization_converts_each_copy_on_its_own(report):
     """Each thread converts its values of q and of qᵀ separately (two e4m3 values per cvt), and no
     e4m3 tile is transposed in registers: the two stores never share e4m3 registers."""

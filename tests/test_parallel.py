@@ -83,6 +83,7 @@ def _ep_rank(rank: int, port: int, results, fp8: bool) -> None:
 
 
 @pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.slow
 def test_expert_parallel_moe_equals_the_single_process_layer(fp8):
     """With FP8 experts too (the PyTorch reference path): each expert gets the same rows in the same
     order as on one process, so its 128-token wgrad tiles, and everything but the replicated shared

@@ -224,6 +224,7 @@ def stdlib_data(tmp_path_factory):
     return prepare(PrepareConfig(out=str(tmp_path_factory.mktemp("stdlib") / "data")), progress=False)
 
 
+@pytest.mark.slow
 def test_moe_tiny_recipe_learns_like_dense_tiny(stdlib_data, tmp_path):
     """The two default recipes on the embedded corpus, shortened to 100 steps: same data, same active
     FLOPs. Smaller models on the small test corpus are too noisy to compare (seeds move val loss by
@@ -265,7 +266,7 @@ def test_activation_checkpointing_changes_memory_not_results(byte_data, tmp_path
         assert recomputed["mtp_loss"] == pytest.approx(plain["mtp_loss"])
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_recomputed_moe_blocks_count_their_load_once(compiled):
     """The load statistics are ratios (and the bias moves by a sign), so a doubled count would not
     show in them: count the routed pairs directly, eager and under torch.compile (MTP block included)."""
@@ -403,6 +404,7 @@ def test_a_run_directory_with_other_files_is_refused_before_any_work(byte_data, 
 
 
 @pytest.mark.parametrize("recipe", ["moe_tiny", "deepseek_tiny"])
+@pytest.mark.slow
 def test_moe_and_mla_recipes_repeat_and_resume_bit_for_bit_at_two_threads(recipe, byte_data, tmp_path, monkeypatch):
     """The same run twice gives the same losses float for float with 2 CPU threads, and so does a
     run killed after its checkpoint and resumed. The dispatch gather's gradient used to be autograd's
