@@ -186,11 +186,16 @@ def fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
     matmul instead of a (K/128, M, N) tensor of partial products made the CPU path's FP8 training
     step about twice as fast."""
     _check(a, a_s, b, b_s, b_row_scales)
-    M, K = a.shape
     N = b.shape[0]
-    kb = triton.cdiv(K, TILE)
-    pad = kb * TILE - K
-    af = (torch.nn.functional.pad(e4m3_to_float(a), (0, pad)).view(M, kb, TILE) * a_s.float().unsqueeze(-1)).view(M, -1)
-    bscale = b_s.float() if b_row_scales else b_s.float().repeat_interleave(TILE, dim=0)[:N]  # (N, kb)
-    bf = (torch.nn.functional.pad(e4m3_to_float(b), (0, pad)).view(N, kb, TILE) * bscale.unsqueeze(-1)).view(N, -1)
-    return (af @ bf.t()).to(out_dtype)
+    bscale = b_s.float() if b_row_scales else b_s.float().repeat_interleave(TILE, dim=0)[:N]  # (N, K/128)
+    return (_dequant_k_tiles(a, a_s.float()) @ _dequant_k_tiles(b, bscale).t()).to(out_dtype)
+
+
+def _dequant_k_tiles(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(R, K) E4M3 values times the scale of their 1x128 tile along K, s (R, ceil(K/128)): fp32,
+    K zero-padded to a multiple of 128 (zeros add nothing to the product)."""
+    R, K = q.shape
+    f = e4m3_to_float(q)
+    if K % TILE:
+        f = torch.nn.functional.pad(f, (0, (-K) % TILE))
+    return f.view(R, -1, TILE).mul_(s.unsqueeze(-1)).view(R, -1)

@@ -309,7 +309,7 @@ def quant_rows_ref(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, t
     M, K = x.shape
     tiles = x.float().view(M, K // TILE, TILE)
     s = _scale_ref(tiles.abs().amax(dim=-1), pow2)  # (M, K/128)
-    q = (tiles / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    q = (tiles / s.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
     return q.view(M, K), s
 
 
@@ -317,7 +317,9 @@ def quant_cols_ref(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, t
     """Tiles of 128 rows along M, transposed: x (M, K) -> qt (K, M), st (K, ceil(M/128))."""
     M, K = x.shape
     pad = (-M) % TILE
-    xt = torch.nn.functional.pad(x.float().t(), (0, pad))  # (K, M+pad); zeros never raise an amax
+    xt = x.float().t()
+    if pad:
+        xt = torch.nn.functional.pad(xt, (0, pad))  # (K, M+pad); zeros never raise an amax
     q, s = quant_rows_ref(xt.contiguous(), pow2)
     return q[:, :M], s
 
