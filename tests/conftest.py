@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import sysconfig
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,6 +48,23 @@ def small_prepare_config() -> PrepareConfig:
     return PrepareConfig(sources=(str(SMALL_CORPUS),), license="PSF-2.0", extensions=(".py",), val_fraction=0.15)
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], dict]) -> dict:
+    """What `build(folder)` makes (its files in folder, and the JSON-able dict it returns), made once
+    per test session, also when the suite runs on several workers (make test: pytest -n 2): the first
+    worker to ask builds it under a lock in the folder the workers share, the others wait and read it.
+    For fixtures that cost tens of seconds, such as a torchrun launch that several tests read."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"built-once-{name}"
+    with open(f"{root}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done = root / "built.json"
+        if not done.exists():
+            shutil.rmtree(root, ignore_errors=True)  # what a failed build left
+            root.mkdir()
+            done.write_text(json.dumps(build(root)))
+        return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def byte_data(tmp_path_factory, small_prepare_config) -> Path:
     out = tmp_path_factory.mktemp("data") / "email-byte"
@@ -64,7 +84,17 @@ def tiny_train_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig
     return TrainConfig(**fields)
 
 
+# The modules that take longest, longest first (README, "The test suite"). `make test` runs the
+# suite on two workers (pytest -n 2 --dist worksteal): each starts on its half of the collected
+# tests, in order, and one that runs dry takes tests from the end of the other's. Collected in
+# alphabetical order, test_recipes' 3.5-minute training test started late and ran on alone.
+LONGEST_FIRST = ("test_recipes.py", "test_fp8_experts.py", "test_distributed_train.py", "test_fp8.py",
+                 "test_train.py", "test_cli.py", "test_hopper_compile.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's own order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

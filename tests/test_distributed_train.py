@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import built_once
 
 HELPERS = Path(__file__).parent / "helpers"
 TINY = ["--model.vocab-size", "256", "--model.dim", "64", "--model.n-layers", "2", "--model.n-heads", "4",
@@ -55,13 +56,15 @@ def train_args(data, out, steps, extra=()):
 @pytest.fixture(scope="module")
 def single(byte_data, tmp_path_factory):
     """The reference: one process, grad_accum=2, dense and MoE+MTP models."""
-    out = {}
-    for name, extra in (("dense", []), ("moe", MOE)):
-        d = tmp_path_factory.mktemp("single") / name
-        r = run(train_args(byte_data, d, 8, [*extra, "--grad-accum", "2"]))
-        assert r.returncode == 0, r.stderr
-        out[name] = d
-    return out
+
+    def build(root: Path) -> dict:
+        for name, extra in (("dense", []), ("moe", MOE)):
+            r = run(train_args(byte_data, root / name, 8, [*extra, "--grad-accum", "2"]))
+            assert r.returncode == 0, r.stderr
+        return {"root": str(root)}
+
+    root = Path(built_once(tmp_path_factory, "single", build)["root"])
+    return {name: root / name for name in ("dense", "moe")}
 
 
 LAYOUTS = {"fsdp-dense": ("fsdp", "dense", 1), "ddp-dense": ("ddp", "dense", 1), "fsdp-moe": ("fsdp", "moe", 1),
@@ -72,14 +75,18 @@ LAYOUTS = {"fsdp-dense": ("fsdp", "dense", 1), "ddp-dense": ("ddp", "dense", 1),
 def two_rank(byte_data, tmp_path_factory):
     """The 2-rank runs that several tests read, trained in one torchrun launch: dense under FSDP2 and
     DDP, MoE+MTP under FSDP2 without and with expert parallelism. Tests that cut a run back copy it."""
-    root = tmp_path_factory.mktemp("two_rank")
-    args = []
-    for name, (kind, model, ep) in LAYOUTS.items():
-        extra = [*(MOE if model == "moe" else []), "--data-parallel", kind, "--expert-parallel", str(ep)]
-        args += [*train_args(byte_data, root / name, 8, extra), "--next"]
-    r = run(args[:-1], nproc=2, script=[str(HELPERS / "train_several.py")], timeout=400)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return {"dirs": {name: root / name for name in LAYOUTS}, "stdout": r.stdout}
+
+    def build(root: Path) -> dict:
+        args = []
+        for name, (kind, model, ep) in LAYOUTS.items():
+            extra = [*(MOE if model == "moe" else []), "--data-parallel", kind, "--expert-parallel", str(ep)]
+            args += [*train_args(byte_data, root / name, 8, extra), "--next"]
+        r = run(args[:-1], nproc=2, script=[str(HELPERS / "train_several.py")], timeout=400)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return {"root": str(root), "stdout": r.stdout}
+
+    built = built_once(tmp_path_factory, "two_rank", build)
+    return {"dirs": {name: Path(built["root"]) / name for name in LAYOUTS}, "stdout": built["stdout"]}
 
 
 def copy_of(run_dir: Path, to: Path) -> Path:

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import built_once
 
 SCRIPT = Path(__file__).with_name("hopper_compile.py")
 
@@ -48,8 +49,8 @@ def compile_report(*args: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def report() -> dict:
-    return compile_report()  # every kernel: about 30 s on 2 CPU cores
+def report(tmp_path_factory) -> dict:
+    return built_once(tmp_path_factory, "hopper_compile", lambda _: compile_report())  # every kernel: ~15 s
 
 
 def test_one_fp8_kernel_compiles_to_the_fp8_tensor_cores():
