@@ -10,7 +10,7 @@ DATA := data/stdlib
 RECIPE ?= dense_tiny
 RUN ?= runs/$(RECIPE)-$(shell date +%Y%m%d-%H%M%S)
 ARGS ?=
-# Test workers (pytest-xdist): two on two cores took the suite from 8.6 to 6.0 minutes (README, "The
+# Test workers (pytest-xdist): on two cores two ran the suite in 6.0 minutes, one process in 7.9 (README, "The
 # test suite"); JOBS=0 runs it in one process. worksteal: an idle worker takes tests from a busy one.
 JOBS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(JOBS) --dist worksteal
