@@ -22,7 +22,8 @@ on the trainer itself (effllm.train.train):
 The operands, as <projection>_<GEMM>_<operand>: up (gate and up, one GEMM) and down; fwd (the
 forward: input x, weight w), dgrad (the input gradient: output gradient dy, weight w), wgrad (the
 weight gradient: dy and x, both tiled along the expert's tokens). Results: runs/bench/fp8_experts_loss-<time>/ (JSON and report.md), or with
---update-record benchmarks/results/fp8_experts_loss/.
+--update-record benchmarks/results/fp8_experts_loss/ (the training runs then go to
+runs/bench/fp8_experts_loss-scratch/, never into the record).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import base_parser, environment, parse_args, write_markdown  # noqa: E402
+from common import RUNS_ROOT, base_parser, environment, parse_args, write_markdown  # noqa: E402
 from effllm.kernels.fp8_quant import TILE, dequant_blocks, dequant_rows, quant_blocks_ref, quant_rows_ref  # noqa: E402
 
 from effllm.data import PrepareConfig, is_prepared, prepare  # noqa: E402
@@ -180,7 +181,10 @@ def main() -> None:
                                                          "prepared into the results folder's data/)")
     args = parse_args(parser)
     torch.set_num_threads(1)  # the runs compare floats: one thread, the test suite's setting
-    data = Path(args.data_dir) if args.data_dir else args.out / "data"
+    # The training runs and the prepared data are scratch, never part of the record: beside the
+    # results for a run of one's own, under runs/bench/ (git-ignored) for --update-record.
+    scratch = RUNS_ROOT / "fp8_experts_loss-scratch" if args.update_record else args.out
+    data = Path(args.data_dir) if args.data_dir else scratch / "data"
     if not is_prepared(data):
         email = Path(sysconfig.get_paths()["stdlib"]) / "email"
         prepare(PrepareConfig(sources=(str(email),), license="PSF-2.0", extensions=(".py",), val_fraction=0.15,
@@ -188,7 +192,7 @@ def main() -> None:
     base = TrainConfig(model=MODEL, optim=OptimConfig(lr=1e-3, warmup_steps=20), data_dir=str(data), batch_size=32,
                        seq_len=64, max_steps=args.steps, log_interval=10, eval_interval=args.steps, eval_tokens=16384,
                        ckpt_interval=0, progress=False, device="cpu")
-    runs = args.out / f"runs-{time.strftime('%Y%m%d-%H%M%S')}"  # the training runs, new for every invocation
+    runs = scratch / f"runs-{time.strftime('%Y%m%d-%H%M%S')}"  # the training runs, new for every invocation
     start = time.perf_counter()
 
     def cfg(name: str, seed: int, **kw) -> TrainConfig:
