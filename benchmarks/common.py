@@ -103,6 +103,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -
         if commit == "unknown" or commit.endswith("-dirty"):
             parser.error(f"--update-record needs a clean checkout (git says {commit!r}): commit first, or name the "
                          "measured commit with --commit in a copy without .git")
+        record.mkdir(parents=True, exist_ok=True)  # a benchmark's first record
         args.out = record
         return args
     if args.out is None:

@@ -34,3 +34,6 @@ def test_a_run_writes_a_new_folder_and_never_the_record_unless_asked(tmp_path, m
         common.parse_args(parser(), ["--update-record"])
     monkeypatch.setattr(common, "git_commit", lambda: "abc1234")
     assert common.parse_args(parser(), ["--update-record"]).out == common.RESULTS_ROOT / "moe_layer"
+    monkeypatch.setattr(common, "RESULTS_ROOT", tmp_path / "benchmarks" / "results")
+    first = common.base_parser("doc", common.RESULTS_ROOT / "new_bench", "quick")  # no record yet: made
+    assert common.parse_args(first, ["--update-record"]).out.is_dir()
