@@ -34,7 +34,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from effllm.kernels.fp8_quant import _interpreting, e4m3_to_float
+from effllm.kernels.fp8_quant import _interpreting, dequant_rows
 
 TILE = 128
 
@@ -188,14 +188,4 @@ def fp8_gemm_ref(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
     _check(a, a_s, b, b_s, b_row_scales)
     N = b.shape[0]
     bscale = b_s.float() if b_row_scales else b_s.float().repeat_interleave(TILE, dim=0)[:N]  # (N, K/128)
-    return (_dequant_k_tiles(a, a_s.float()) @ _dequant_k_tiles(b, bscale).t()).to(out_dtype)
-
-
-def _dequant_k_tiles(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """(R, K) E4M3 values times the scale of their 1x128 tile along K, s (R, ceil(K/128)): fp32,
-    K zero-padded to a multiple of 128 (zeros add nothing to the product)."""
-    R, K = q.shape
-    f = e4m3_to_float(q)
-    if K % TILE:
-        f = torch.nn.functional.pad(f, (0, (-K) % TILE))
-    return f.view(R, -1, TILE).mul_(s.unsqueeze(-1)).view(R, -1)
+    return (dequant_rows(a, a_s.float()) @ dequant_rows(b, bscale).t()).to(out_dtype)

@@ -346,9 +346,13 @@ def e4m3_to_float(q: torch.Tensor) -> torch.Tensor:
 
 
 def dequant_rows(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """fp32 values of a 1x128-tiled tensor."""
+    """fp32 values of a 1x128-tiled tensor: q (M, K) times its tiles' scales s (M, ceil(K/128)). A
+    partial last tile is zero-padded to 128 and cut off again (the slice is a view)."""
     M, K = q.shape
-    return (e4m3_to_float(q).view(M, K // TILE, TILE) * s.unsqueeze(-1)).view(M, K)
+    f = e4m3_to_float(q)  # a new tensor: scaled in place
+    if K % TILE:
+        f = torch.nn.functional.pad(f, (0, (-K) % TILE))
+    return f.view(M, -1, TILE).mul_(s.unsqueeze(-1)).view(M, -1)[:, :K]
 
 
 def dequant_blocks(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
