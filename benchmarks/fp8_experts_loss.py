@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RUNS_ROOT, base_parser, environment, parse_args, write_markdown  # noqa: E402
@@ -100,18 +99,18 @@ class AblatedGroupedMM(torch.autograd.Function):
         return dx, dw, None, None
 
 
-class AblatedExperts(nn.Module):
+class AblatedExperts(RoutedExperts):
     """RoutedExperts (the same Parameters) whose GEMM operands are rounded to E4M3 as `quantized` says."""
 
     def __init__(self, experts: RoutedExperts, quantized: set[str]):
-        super().__init__()
-        self.w1, self.w3, self.w2 = experts.w1, experts.w3, experts.w2
+        n, hidden, dim = experts.w1.shape
+        super().__init__(dim, hidden, n, weights=(experts.w1, experts.w3, experts.w2))
         self.quantized = quantized
 
     def flags(self, proj: str) -> tuple[bool, ...]:
         return tuple(f"{proj}_{gemm}_{op}" in self.quantized for gemm, op in GEMM_OPERANDS)
 
-    def forward(self, x, offsets, backend, src=None):
+    def forward(self, x, offsets, src=None):
         rows = gather_rows(x, src) if src is not None else x
         bounds = [0] + offsets.tolist()
         gate_up = AblatedGroupedMM.apply(rows, torch.cat([self.w1, self.w3], 1), bounds, self.flags("up"))

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from common import base_parser, environment, finish, parse_args, time_fn, write_markdown
+from effllm.kernels.backends import fp8_backend
 from effllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, tuned_configs
 from effllm.kernels.fp8_quant import (
     quant_blocks,
@@ -35,7 +36,7 @@ from effllm.kernels.fp8_quant import (
     quant_rows_ref,
 )
 
-from effllm.fp8 import FP8Linear, fp8_backend
+from effllm.fp8 import FP8Linear
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fp8_gemm"
 SHAPES = {"gpu": [(4096, 4096, 4096), (8192, 8192, 8192), (4096, 7168, 16384), (4096, 4096, 7168), (4096, 2112, 7168)],

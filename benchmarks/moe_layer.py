@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from common import base_parser, environment, finish, parse_args, size_and_device, time_fn, write_markdown
 from effllm.kernels import fp8_grouped
-from effllm.kernels.grouped_gemm import BACKENDS, pick_backend, torch_fits
+from effllm.kernels.backends import fp8_backend, grouped_gemm_backend
+from effllm.kernels.grouped_gemm import BACKENDS, torch_fits
 
-from effllm.fp8 import convert_to_fp8, fp8_backend
+from effllm.fp8 import convert_to_fp8
 from effllm.layers import SwiGLU
 from effllm.moe import MoE, MoEConfig
 
@@ -51,7 +52,7 @@ def available_backends(device: torch.device, dtype: torch.dtype, features: tuple
             continue
         if b == "torch" and not (hasattr(torch, "_grouped_mm") and torch_fits(dtype, *features)):
             continue
-        if b == "torch" and device.type == "cuda" and pick_backend(device, dtype, "auto", features) != "torch":
+        if b == "torch" and device.type == "cuda" and grouped_gemm_backend(device, dtype, "auto", features) != "torch":
             continue  # torch._grouped_mm on CUDA is bf16 on Hopper+ only
         if b == "triton" and device.type != "cuda":
             continue

@@ -3,9 +3,10 @@
     python benchmarks/scaling.py --quick     # CPU: 1 and 2 gloo processes (torchrun), dense_tiny and moe_tiny
     python benchmarks/scaling.py             # GPUs: 1 and all visible GPUs (NCCL)
 
-Each case runs the trainer's own step (effllm.train.forward_backward + optimizer_update, the loss
-all-reduced as in training) under torchrun: FSDP2 over all ranks, and for moe_tiny also expert
-parallelism over 2 ranks. Every rank keeps the recipe's per-rank batch (weak scaling), so the
+Each case builds the trainer's own run from the recipe (effllm.run.build_run: its FP8, activation
+checkpointing and data-parallel settings) and times the trainer's own step (effllm.run.step_losses,
+the losses all-reduced as in training, then optimizer_update) under torchrun: FSDP2 over all ranks,
+and for moe_tiny also expert parallelism over 2 ranks. Every rank keeps the recipe's per-rank batch (weak scaling), so the
 global batch grows with the ranks; tokens/s counts the global batch. The median of timed steps
 after warm-up gives the step time. The communication share is the time the main thread spends
 in collectives (profiler events of c10d / gloo / nccl operations, waits included) over the step
@@ -27,6 +28,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from common import base_parser, environment, parse_args, time_fn, write_result
+from torch.profiler import ProfilerActivity, profile
+
+from effllm.cli import load_recipe
+from effllm.config import check_parallel
+from effllm.data import TokenDataset
+from effllm.parallelize import dist_env, init_distributed
+from effllm.run import build_run, optimizer_update, step_losses
 
 RESULTS = Path(__file__).resolve().parent / "results" / "scaling"
 COMM = re.compile(r"c10d|gloo|nccl|all_reduce|allreduce|all_gather|allgather|reduce_scatter|all_to_all|alltoall|"
@@ -35,44 +44,21 @@ COMM = re.compile(r"c10d|gloo|nccl|all_reduce|allreduce|all_gather|allgather|red
 
 def worker(args) -> None:
     """One rank of a case (under torchrun): time the training step, profile the communication."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import time_fn
-
-    from effllm.cli import load_recipe
-    from effllm.data import TokenDataset
-    from effllm.model import Transformer
-    from effllm.parallelize import build_mesh, dist_env, init_distributed, shard_experts, wrap_data_parallel
-    from effllm.train import autocast_dtype, build_optimizer, forward_backward, optimizer_update, rank_batch
-
     env = dist_env()
     cfg = replace(load_recipe(args.recipe), data_dir=args.data_dir, expert_parallel=args.ep)
-    device = init_distributed(env, "auto", 300)
-    amp = autocast_dtype("auto", device)
+    check_parallel(cfg, env.world_size)
+    device = init_distributed(env, cfg.device, cfg.dist_timeout_s)
     data = TokenDataset(cfg.data_dir)
-    torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model).to(device)
-    step_fn = model
-    if env.enabled:
-        mesh = build_mesh(env, device, cfg.expert_parallel)
-        if mesh is not None:
-            shard_experts(model, mesh["ep"].get_group())
-        step_fn = wrap_data_parallel(model, "fsdp", device, False, mesh)
-    optimizer = build_optimizer(model, cfg.optim)
-    moe_layers = model.moe_layers()
+    run = build_run(cfg, env, device)  # the trainer's own setup: FP8, activation checkpointing, EP, FSDP/DDP
+    moe_layers = run.model.moe_layers()
     counter = iter(range(10**9))
 
-    def step() -> None:
-        i = next(counter)
-        sums = forward_backward(model, step_fn, lambda micro: rank_batch(data, cfg, i, env.rank, micro),
-                                cfg.grad_accum, cfg.model.mtp_lambda, device, amp)
-        loss = sums["loss"]
-        if env.enabled:
-            torch.distributed.all_reduce(loss)
-        loss.item()
-        optimizer_update(model, optimizer, cfg.optim.grad_clip, moe_layers)
+    def step() -> None:  # the trainer's step, its loss check's host sync included
+        sums = step_losses(run, cfg, data, env, device, next(counter))
+        sums["loss"].item()
+        optimizer_update(run.model, run.optimizer, cfg.optim.grad_clip, moe_layers)
 
     timing = time_fn(step, device, args.warmup, args.repeats)
-    from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -152,8 +138,6 @@ def write_report(folder: Path) -> Path:
 
 
 def main() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import base_parser, environment, parse_args, write_result
 
     parser = base_parser(__doc__, RESULTS, "CPU: 1 and 2 gloo processes")
     parser.add_argument("--data-dir", default=str(RESULTS.parent.parent.parent / "data" / "stdlib"))

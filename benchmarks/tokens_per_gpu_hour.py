@@ -13,8 +13,8 @@ The models, side by side in one invocation (recipes/):
   nothing about FP8 hardware, so the row is recorded as skipped with the reason. On the GPU its
   bf16 twin (deepseek_600m) is in the same run; the quick FP8 recipe is wider than deepseek_tiny.
 
-Throughput: the trainer's own step (effllm.train.forward_backward + optimizer_update: every
-micro-batch, the MoE balance and MTP losses, clipping, AdamW, the bias update) on the prepared
+Throughput: the trainer's own run (effllm.run.build_run) and step (step_losses + optimizer_update:
+every micro-batch, the MoE balance and MTP losses, clipping, AdamW, the bias update) on the prepared
 data, timed step by step after warm-up; the median gives tokens/s and tokens per device-hour.
 Also: peak memory (GPU), model FLOPs per token (effllm.flops: attention and active experts,
 MTP included, x3 for training) and MFU against the device's dense bf16 peak (GPU, not for FP8).
@@ -49,9 +49,9 @@ from report import write_report
 from effllm.cli import load_recipe
 from effllm.data import TokenDataset
 from effllm.flops import device_name, mfu, peak_bf16_flops, tokens_per_device_hour, train_flops_per_token
-from effllm.fp8 import convert_to_fp8
-from effllm.model import Transformer
-from effllm.train import autocast_dtype, build_optimizer, forward_backward, optimizer_update, rank_batch, train
+from effllm.parallelize import DistEnv
+from effllm.run import build_run, optimizer_update, step_losses
+from effllm.train import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,22 +79,17 @@ def fp8_supported(device: torch.device) -> tuple[bool, str]:
 def measure_throughput(cfg, device: torch.device, warmup: int, repeats: int) -> dict:
     """Median training-step time of `cfg` (a TrainConfig) on its own data, and what follows from it."""
     data = TokenDataset(cfg.data_dir)
-    amp = autocast_dtype(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model).to(device)
-    fp8_report = convert_to_fp8(model) if cfg.fp8 else None
-    optimizer = build_optimizer(model, cfg.optim)
-    step_fn = torch.compile(model) if cfg.compile else model
-    moe_layers = model.moe_layers()
+    run = build_run(cfg, DistEnv(), device)  # the trainer's own setup, one process
+    amp, fp8_report, env = run.amp, run.fp8_report, DistEnv()
+    moe_layers = run.model.moe_layers()
     steps = iter(range(10**9))
 
     def step() -> None:
         i = next(steps)
-        sums = forward_backward(model, step_fn, lambda micro: rank_batch(data, cfg, i, 0, micro), cfg.grad_accum,
-                                cfg.model.mtp_lambda, device, amp)
+        sums = step_losses(run, cfg, data, env, device, i)
         if not math.isfinite(sums["loss"].item()):  # the trainer's own check (and host sync)
             raise RuntimeError(f"loss is not finite at benchmark step {i}")
-        optimizer_update(model, optimizer, cfg.optim.grad_clip, moe_layers)
+        optimizer_update(run.model, run.optimizer, cfg.optim.grad_clip, moe_layers)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -107,7 +102,7 @@ def measure_throughput(cfg, device: torch.device, warmup: int, repeats: int) -> 
            "tokens_per_s": tok_s, "tokens_per_device_hour": tokens_per_device_hour(tok_s),
            "train_flops_per_token": flops, "mfu": mfu(tok_s, flops, peak),
            "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-           "params": model.param_counts(), "precision": "fp8" if cfg.fp8 else str(amp or torch.float32),
+           "params": run.param_counts, "precision": "fp8" if cfg.fp8 else str(amp or torch.float32),
            "fp8_converted": len(fp8_report["converted"]) if fp8_report else None}
     return out
 

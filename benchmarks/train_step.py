@@ -3,8 +3,8 @@
     python benchmarks/train_step.py --quick          # CPU-sized (dense_tiny's model), minutes
     python benchmarks/train_step.py                  # GPU-sized (a 12-layer, 768-wide model)
 
-One step = forward + backward + AdamW update of the trainer's own model and optimizer, on random
-tokens (throughput does not depend on the text). Each case is warmed up (compilation included),
+One step = forward + backward + AdamW update of the trainer's own run (effllm.run.build_run and
+its step functions), on random tokens (throughput does not depend on the text). Each case is warmed up (compilation included),
 then every step is timed alone, the device synchronised around it; the report gives the median
 and the 10th/90th percentiles. Tokens per device-hour and MFU (against the device's dense bf16
 peak, GPUs only) come from effllm.flops. Results: benchmarks/results/train_step/<device>.json and
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from common import base_parser, environment, parse_args, size_and_device, time_fn, write_markdown, write_result
 
+from effllm.config import TrainConfig
 from effllm.flops import (
     device_name,
     mfu,
@@ -27,8 +28,9 @@ from effllm.flops import (
     tokens_per_device_hour,
     train_flops_per_token,
 )
-from effllm.model import ModelConfig, Transformer
-from effllm.train import OptimConfig, autocast_dtype, build_optimizer
+from effllm.model import ModelConfig
+from effllm.parallelize import DistEnv
+from effllm.run import build_run, forward_backward, optimizer_update
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_step"
 
@@ -44,22 +46,16 @@ SIZES = {
 
 def time_case(model_cfg: ModelConfig, batch_size: int, seq_len: int, compile: bool, device: torch.device,
               warmup: int, repeats: int) -> dict:
-    torch.manual_seed(0)
-    model = Transformer(model_cfg).to(device)
-    optimizer = build_optimizer(model, OptimConfig())
-    step_fn = torch.compile(model) if compile else model
-    amp = autocast_dtype("auto", device)
+    cfg = TrainConfig(model=model_cfg, batch_size=batch_size, seq_len=seq_len, compile=compile, seed=0)
+    run = build_run(cfg, DistEnv(), device)  # the trainer's own model, optimizer and compile
+    amp, model = run.amp, run.model
     # Several batches in rotation, made before timing starts.
     batches = [torch.randint(0, model_cfg.vocab_size, (batch_size, seq_len + 1), device=device) for _ in range(4)]
 
     def step(i: int) -> None:
         b = batches[i % len(batches)]
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            _, loss = step_fn(b[:, :-1], b[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        forward_backward(run.step_fn, lambda micro: (b[:, :-1], b[:, 1:]), 1, model_cfg.mtp_lambda, device, amp)
+        optimizer_update(model, run.optimizer, cfg.optim.grad_clip, {})
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -4,6 +4,7 @@ The promised API is re-exported here; everything else is reachable by module but
 Importing effllm does no work: no CUDA calls, no compiler flags, no global state.
 """
 
+from effllm.config import OptimConfig, TrainConfig
 from effllm.errors import (
     CheckpointError,
     ConfigError,
@@ -17,7 +18,7 @@ from effllm.fp8 import FP8Linear, convert_to_fp8
 from effllm.mla import MLA, MLAConfig
 from effllm.model import ModelConfig, Transformer
 from effllm.moe import MoE, MoEConfig
-from effllm.train import OptimConfig, TrainConfig, train
+from effllm.train import train
 
 __version__ = "0.1.0"
 

@@ -14,7 +14,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from effllm.errors import CheckpointError
+import torch
+
+from effllm import checkpoint as ckpt_io
+from effllm.errors import CheckpointError, OutputError
+from effllm.fsutil import resolved, sha256_file, write_text_atomic
+from effllm.model import ModelConfig, Transformer
 
 
 @dataclass
@@ -122,8 +127,6 @@ def find_manifest(ckpt: Path, state: dict, data_dir: str | None = None) -> dict:
     checkpoint records. Looked for in the checkpoint, its run directory, `data_dir` (when given:
     then it must be the right one) and the data directory the run recorded; refused when none holds
     it, so no card or export is ever written without its data's provenance."""
-    from effllm.fsutil import sha256_file
-
     want = state.get("data_manifest_sha256")
     if data_dir is not None:
         path = Path(data_dir) / "manifest.json"
@@ -146,12 +149,6 @@ def find_manifest(ckpt: Path, state: dict, data_dir: str | None = None) -> dict:
 def write_card(cfg: CardConfig) -> Path:
     """`effllm card`: MODEL_CARD.md for a checkpoint, written atomically; an existing file is replaced
     only if it is a card effllm wrote."""
-    import torch
-
-    from effllm import checkpoint as ckpt_io
-    from effllm.fsutil import resolved, write_text_atomic
-    from effllm.model import ModelConfig, Transformer
-
     ckpt = ckpt_io.resolve_checkpoint(cfg.checkpoint)
     state = ckpt_io.read_state(ckpt)
     out = resolved(cfg.out) if cfg.out else ckpt.parent.parent / "MODEL_CARD.md"
@@ -165,8 +162,6 @@ def write_card(cfg: CardConfig) -> Path:
 
 def check_card_target(out: Path) -> None:
     """Refuse to write a card over anything but a file that is itself a card effllm wrote."""
-    from effllm.errors import OutputError
-
     if out.is_dir():
         raise OutputError(f"--out {out} is a folder: name the card's file, e.g. {out / 'MODEL_CARD.md'}")
     if out.exists():

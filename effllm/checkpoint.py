@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_model as load_safetensors_into
+from safetensors.torch import save_file, save_model
 
 from effllm.errors import CheckpointError
 from effllm.fsutil import fsync_dir, replace_dir, sha256_file, write_file_synced
+from effllm.model import ModelConfig, Transformer
 
 STATE_FORMAT = "effllm-checkpoint/1"
 
@@ -151,13 +153,28 @@ def check_model_config(ckpt: Path, saved, model_config) -> None:
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     """Load the weights of a verified checkpoint into `model` (strict: every tensor must match)."""
     try:
-        missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
+        missing, unexpected = load_safetensors_into(model, str(ckpt / "model.safetensors"), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"cannot load {ckpt / 'model.safetensors'} ({e}): "
                               "the checkpoint is damaged or written for another model") from None
     if missing or unexpected:
         raise CheckpointError(f"{ckpt / 'model.safetensors'} does not match the model "
                               f"(missing {sorted(missing)}, unexpected {sorted(unexpected)})")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               check=None) -> tuple[Transformer, dict, Path]:
+    """The model of the checkpoint at `path` (a step directory, a checkpoints/ folder or a run
+    directory), its weights loaded on `device`, in eval mode; with the checkpoint's verified state
+    and its directory. `check(model_config)`, if given, runs before the model is built."""
+    ckpt = resolve_checkpoint(path)
+    state = read_state(ckpt)
+    cfg = ModelConfig.from_dict(state["config"]["model"])
+    if check is not None:
+        check(cfg)
+    model = Transformer(cfg).to(device)
+    load_weights(ckpt, model)
+    return model.eval(), state, ckpt
 
 
 def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, load_optimizer=None) -> None:

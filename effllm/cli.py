@@ -16,7 +16,19 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+import tyro
+
+import effllm.recipes
+from effllm import checkpoint as ckpt_io
+from effllm.card import CardConfig, write_card
+from effllm.config import TrainConfig, saved_config
+from effllm.data import PrepareConfig, load_tokenizer, prepare
+from effllm.devices import resolve_device
 from effllm.errors import ConfigError, EffllmError, TrainingInterrupted
+from effllm.hf import ExportConfig, export_hf
+from effllm.parallelize import exit_rank
+from effllm.train import train
 
 USAGE = """usage: effllm <command> [options]
 
@@ -46,8 +58,6 @@ class GenerateConfig:
 
 
 def recipe_names() -> list[str]:
-    import effllm.recipes
-
     return sorted(m.name for m in pkgutil.iter_modules(effllm.recipes.__path__) if not m.name.startswith("_"))
 
 
@@ -72,10 +82,6 @@ def load_recipe(name: str):
 
 def run_recipe(default, args: list[str], prog: str) -> dict:
     """Parse overrides of the TrainConfig `default` from `args` and train."""
-    import tyro
-
-    from effllm.train import TrainConfig, saved_config, train
-
     description = "Train a model. Every field below can be overridden on the command line."
     cfg = tyro.cli(TrainConfig, default=default, args=args, prog=prog, description=description)
     if cfg.resume:  # continue the run as it was configured: the command line changes only what it names
@@ -85,10 +91,6 @@ def run_recipe(default, args: list[str], prog: str) -> dict:
 
 
 def cmd_prepare(args: list[str]) -> None:
-    import tyro
-
-    from effllm.data import PrepareConfig, prepare
-
     cfg = tyro.cli(PrepareConfig, args=args, prog="effllm prepare",
                    description="Tokenize text into train/val shards with a manifest of sources and licences.")
     out = prepare(cfg)
@@ -108,8 +110,6 @@ def cmd_train(args: list[str]) -> None:
 
 
 def cmd_generate(args: list[str]) -> None:
-    import tyro
-
     cfg = tyro.cli(GenerateConfig, args=args, prog="effllm generate",
                    description="Sample text from a trained checkpoint.")
     print(generate_text(cfg))
@@ -117,19 +117,8 @@ def cmd_generate(args: list[str]) -> None:
 
 def generate_text(cfg: GenerateConfig) -> str:
     """Load the checkpoint `cfg.checkpoint` and continue `cfg.prompt`."""
-    import torch
-
-    from effllm import checkpoint as ckpt_io
-    from effllm.data import load_tokenizer
-    from effllm.model import ModelConfig, Transformer
-    from effllm.train import resolve_device
-
-    ckpt = ckpt_io.resolve_checkpoint(cfg.checkpoint)
-    state = ckpt_io.read_state(ckpt)
     device = resolve_device(cfg.device)
-    model = Transformer(ModelConfig.from_dict(state["config"]["model"])).to(device)
-    ckpt_io.load_weights(ckpt, model)
-    model.eval()
+    model, state, ckpt = ckpt_io.load_model(cfg.checkpoint, device)
     tokenizer = load_tokenizer(ckpt, state["tokenizer"])
     ids = tokenizer.encode(cfg.prompt) or [tokenizer.eot_id]
     budget = model.cfg.max_seq_len - len(ids)
@@ -142,20 +131,12 @@ def generate_text(cfg: GenerateConfig) -> str:
 
 
 def cmd_card(args: list[str]) -> None:
-    import tyro
-
-    from effllm.card import CardConfig, write_card
-
     cfg = tyro.cli(CardConfig, args=args, prog="effllm card",
                    description="Write MODEL_CARD.md: architecture, parameters, tokens, compute, data by licence.")
     print(f"wrote {write_card(cfg)}")
 
 
 def cmd_export_hf(args: list[str]) -> None:
-    import tyro
-
-    from effllm.hf import ExportConfig, export_hf
-
     cfg = tyro.cli(ExportConfig, args=args, prog="effllm export-hf",
                    description="Write a checkpoint as a transformers model (Llama or DeepseekV3 layout) with a model card.")
     out = export_hf(cfg)
@@ -196,8 +177,6 @@ def console() -> int:
     is on disk by then: checkpoints and metrics are written and closed before train() returns."""
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from effllm.parallelize import exit_rank
-
         exit_rank(code)
     return code
 

@@ -29,10 +29,16 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
+from effllm import checkpoint as ckpt_io
 from effllm.card import find_manifest
+from effllm.data import EOT_TEXT
 from effllm.errors import ConfigError
+from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved
 from effllm.model import ModelConfig, Transformer
+from effllm.moe import MoE
 
 HF_LATENT_NORM_EPS = 1e-6  # transformers builds DeepseekV3's q_a / kv_a layernorms with this epsilon
 
@@ -82,8 +88,6 @@ def check_exportable(cfg: ModelConfig) -> None:
 def check_router_exportable(model: Transformer) -> None:
     """Refuse group-limited routers without a bias: they score each group by its best expert (as
     DeepSeek's Gate without a bias does), where transformers' DeepseekV3 always sums the top two."""
-    from effllm.moe import MoE
-
     for name, layer in model.named_modules():
         if (isinstance(layer, MoE) and layer.cfg.n_group > 1 and layer.cfg.bias_update_rate == 0
                 and not bool(layer.router.expert_bias.any())):
@@ -224,8 +228,6 @@ def byte_tokenizer_json() -> dict:
 
 def _tokenizer_files(spec: dict, ckpt: Path | None) -> dict[str, str]:
     """tokenizer.json and tokenizer_config.json for the tokenizer `spec` describes ({} if none)."""
-    from effllm.data import EOT_TEXT
-
     if spec.get("kind") == "byte":
         tokenizer = json.dumps(byte_tokenizer_json(), ensure_ascii=False)
         eot = None  # id 0 is byte NUL, which effllm removes from text and uses as end-of-text
@@ -297,9 +299,6 @@ def save_hf(model: Transformer, out: str | Path, dtype: torch.dtype = torch.floa
     """Write `model` to `out` in the transformers layout, atomically (temp dir, then rename). A model
     from a training checkpoint (`state`) needs its data `manifest`: the card lists the data's sources
     and licences, and is never written without them."""
-    from safetensors.torch import save_file
-
-    from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved
 
     cfg = model.cfg
     kind = layout(cfg)  # refuses before anything is written
@@ -338,8 +337,6 @@ EXPORT_FILES = ("model.safetensors", "config.json", "generation_config.json", "t
 
 def is_export(directory: Path) -> bool:
     """Whether `directory` holds an earlier effllm export (its weights say exported_by=effllm)."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(directory / "model.safetensors"), "pt") as f:
             return (f.metadata() or {}).get("exported_by") == "effllm"
@@ -349,14 +346,10 @@ def is_export(directory: Path) -> bool:
 
 def export_hf(cfg: ExportConfig) -> Path:
     """Load the checkpoint `cfg.checkpoint` and write it to `cfg.out` in the transformers layout."""
-    from effllm import checkpoint as ckpt_io
-
     ckpt = ckpt_io.resolve_checkpoint(cfg.checkpoint)
     state = ckpt_io.read_state(ckpt)
-    model_cfg = ModelConfig.from_dict(state["config"]["model"])
-    check_exportable(model_cfg)  # before the model is built
+    check_exportable(ModelConfig.from_dict(state["config"]["model"]))  # before anything is read or built
     manifest = find_manifest(ckpt, state, cfg.data_dir)  # refuses an export without its data's provenance
-    model = Transformer(model_cfg)
-    ckpt_io.load_weights(ckpt, model)
+    model, _, _ = ckpt_io.load_model(ckpt)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     return save_hf(model, cfg.out, dtype, state, manifest, state.get("tokenizer"), ckpt, cfg.overwrite)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from effllm.errors import ConfigError
 from effllm.layers import RMSNorm, SwiGLU
 from effllm.mla import MLA, MLAConfig
 from effllm.moe import MoE, MoEConfig
-from effllm.mtp import MTPModule
+from effllm.mtp import MTPModule, speculative_generate
 
 
 @dataclass
@@ -152,9 +152,11 @@ def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)).
 
-    With `activation_checkpointing` set, training forwards keep only the block's input and
-    recompute the rest during the backward pass (torch.utils.checkpoint, non-reentrant). An MoE
-    feed-forward is told when it is being recomputed, so it counts its expert load once.
+    `forward` returns the block's output and its feed-forward's balance loss (None unless an MoE
+    layer computes one). With activation checkpointing on (`set_activation_checkpointing`),
+    training forwards keep only the block's input and recompute the rest during the backward pass
+    (torch.utils.checkpoint, non-reentrant); an MoE feed-forward recomputes inside its `replaying()`
+    context, so it counts its expert load once.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int):
@@ -165,28 +167,40 @@ class Block(nn.Module):
         self.ffn = build_ffn(cfg, layer)
         self.activation_checkpointing = False
 
-    def forward(self, x: torch.Tensor, rope, cache=None, pos: int = 0) -> torch.Tensor:
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute this block in the backward pass (less memory, about a third more compute)."""
+        self.activation_checkpointing = on
+
+    def forward(self, x: torch.Tensor, rope, cache=None, pos: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.activation_checkpointing and cache is None and self.training and torch.is_grad_enabled():
             if torch.compiler.is_compiling():  # the compiled backward recomputes tensors only, no Python
                 return checkpoint(self._forward, x, rope, use_reentrant=False)
+            replaying = self.ffn.replaying if isinstance(self.ffn, MoE) else contextlib.nullcontext
             return checkpoint(self._forward, x, rope, use_reentrant=False,
-                              context_fn=lambda: (contextlib.nullcontext(), self._recomputing()))
+                              context_fn=lambda: (contextlib.nullcontext(), replaying()))
         return self._forward(x, rope, cache, pos)
 
-    def _forward(self, x: torch.Tensor, rope, cache=None, pos: int = 0) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, rope, cache=None, pos: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.attn(self.attn_norm(x), rope, cache, pos)
-        return x + self.ffn(self.ffn_norm(x))
+        if isinstance(self.ffn, MoE):
+            y, aux = self.ffn(self.ffn_norm(x), return_aux=True)
+            return x + y, aux
+        return x + self.ffn(self.ffn_norm(x)), None
 
-    @contextlib.contextmanager
-    def _recomputing(self):
-        moe = self.ffn if isinstance(self.ffn, MoE) else None
-        if moe is not None:
-            moe.recomputing = True
-        try:
-            yield
-        finally:
-            if moe is not None:
-                moe.recomputing = False
+
+class ModelOutput(NamedTuple):
+    """What `Transformer.forward(..., return_aux=True)` returns: the logits, the mean cross-entropy
+    (None without targets), and the losses the trainer adds to it, from this forward alone."""
+
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None
+    mtp_losses: tuple[torch.Tensor, ...] = ()  # cross-entropy of each MTP depth (training forwards with targets)
+    moe_aux_loss: torch.Tensor | None = None  # sum of the MoE layers' sequence-wise balance losses, when on
+
+    @property
+    def mtp_loss(self) -> torch.Tensor | None:
+        """Mean of the MTP depths' losses (None without MTP, or outside training)."""
+        return sum(self.mtp_losses) / len(self.mtp_losses) if self.mtp_losses else None
 
 
 class Transformer(nn.Module):
@@ -203,7 +217,6 @@ class Transformer(nn.Module):
         # MTP depth k uses the block of layer index n_layers + k - 1 (an MoE block when ffn="moe").
         self.mtp = nn.ModuleList(MTPModule(cfg.dim, Block(cfg, cfg.n_layers + k), cfg.norm_eps)
                                  for k in range(cfg.mtp_depth))
-        self.mtp_losses: list[torch.Tensor] = []
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         self.reset_parameters()
@@ -230,20 +243,30 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,  # (B, T) int64; -1 = ignore
         caches: list | None = None,  # one per block, from new_caches()
         pos: int = 0,  # position of tokens[:, 0] (decoding with caches)
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) and, when targets are given, their mean cross-entropy."""
-        x, embed = self.hidden(tokens, caches, pos)
+        return_aux: bool = False,  # return a ModelOutput, with the MTP and MoE balance losses
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | ModelOutput:
+        """Logits (B, T, V) and, when targets are given, their mean cross-entropy; with `return_aux`,
+        a ModelOutput that also holds the MTP losses (training forwards with targets) and the MoE
+        balance loss, which the cross-entropy does not include."""
+        x, embed, aux = self._trunk(tokens, caches, pos)
         logits = self.head(self.norm(x))  # (B, T, V)
-        loss = None  # the MoE balance and MTP losses are not in it: see moe_aux_loss() and mtp_loss()
-        self.mtp_losses = []
+        loss, mtp_losses = None, ()
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
-            if caches is None and self.training:
-                self.mtp_losses = self._mtp_losses(x, embed, targets)
-        return logits, loss
+            if return_aux and caches is None and self.training:
+                mtp_losses, mtp_aux = self._mtp_losses(x, embed, targets)
+                aux += mtp_aux
+        if not return_aux:
+            return logits, loss
+        return ModelOutput(logits, loss, mtp_losses, sum(aux) if aux else None)
 
     def hidden(self, tokens: torch.Tensor, caches: list | None = None, pos: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The last block's output (B, T, D), before the final norm, and the token embeddings."""
+        x, embed, _ = self._trunk(tokens, caches, pos)
+        return x, embed
+
+    def _trunk(self, tokens: torch.Tensor, caches: list | None, pos: int):
+        """hidden(), and the blocks' balance losses (a list of tensors, empty when none)."""
         T = tokens.shape[1]
         if pos + T > self.cfg.max_seq_len:
             raise ValueError(
@@ -252,35 +275,35 @@ class Transformer(nn.Module):
             )
         rope = self.rope(pos, T)
         embed = self.tok_emb(tokens)  # (B, T, D)
-        x = embed
+        x, aux = embed, []
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, None if caches is None else caches[i], pos)
-        return x, embed
+            x, a = block(x, rope, None if caches is None else caches[i], pos)
+            if a is not None:
+                aux.append(a)
+        return x, embed, aux
 
-    def _mtp_losses(self, hidden: torch.Tensor, embed: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
-        """Cross-entropy of each MTP depth k: position i predicts targets[i+k] (token i+k+1)."""
-        losses = []
+    def _mtp_losses(self, hidden: torch.Tensor, embed: torch.Tensor, targets: torch.Tensor):
+        """Cross-entropy of each MTP depth k (position i predicts targets[i+k], token i+k+1), and the
+        balance losses of the MTP blocks."""
+        losses, aux = [], []
         for k, module in enumerate(self.mtp, start=1):
             length = hidden.shape[1] - 1  # depth k sees one position fewer than depth k-1
             if length <= 0:
                 break
-            hidden = module(hidden[:, :length], embed[:, k:], self.rope(0, length))  # (B, T-k, D)
+            hidden, a = module(hidden[:, :length], embed[:, k:], self.rope(0, length))  # (B, T-k, D)
+            if a is not None:
+                aux.append(a)
             logits = self.head(module.out_norm(hidden))
             losses.append(F.cross_entropy(logits.float().flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1))
-        return losses
-
-    def mtp_loss(self) -> torch.Tensor | None:
-        """Mean of the MTP depths' losses from the last forward with targets (None without MTP)."""
-        return sum(self.mtp_losses) / len(self.mtp_losses) if self.mtp_losses else None
+        return tuple(losses), aux
 
     def moe_layers(self) -> dict[str, MoE]:
         """The MoE layers by module name (e.g. "blocks.1.ffn")."""
         return {name: m for name, m in self.named_modules() if isinstance(m, MoE)}
 
-    def moe_aux_loss(self) -> torch.Tensor | None:
-        """Sum of the MoE layers' sequence-wise balance losses from the last training forward."""
-        losses = [m.aux_loss for m in self.moe_layers().values() if m.aux_loss is not None]
-        return sum(losses) if losses else None
+    def all_blocks(self) -> list[Block]:
+        """Every transformer block: the main stack's, then each MTP module's."""
+        return [*self.blocks, *(m.block for m in self.mtp)]
 
     def new_caches(self, batch: int, max_len: int | None = None) -> list:
         """One empty decoding cache per block, each as its attention kind defines it."""
@@ -303,8 +326,6 @@ class Transformer(nn.Module):
         `speculative=True` gives exactly the greedy output, faster when drafts are accepted; see
         effllm.mtp.speculative_generate for the acceptance statistics."""
         if speculative:
-            from effllm.mtp import speculative_generate
-
             if temperature != 0:
                 raise ValueError("speculative decoding reproduces greedy decoding: pass temperature=0")
             return speculative_generate(self, tokens, max_new_tokens)[0]

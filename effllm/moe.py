@@ -12,15 +12,20 @@ chosen experts, scaled by `route_scale`. As in that Gate, sigmoid gates are reno
 biased affinities when the router uses a bias, by its best affinity when it does not. The bias is a
 buffer that the optimizer never sees: after each optimizer step it moves by `bias_update_rate`
 towards balance (auxiliary-loss-free load balancing). An optional sequence-wise balance loss
-(eq. 17-20) is exposed as `aux_loss` for the trainer to add.
+(eq. 17-20) comes back from `MoE.forward(x, return_aux=True)` for the trainer to add.
 
 Dispatch is dropless: the M (token, expert) pairs are sorted by expert and every expert runs as
 one group of a grouped GEMM (kernels/grouped_gemm.py); each token then sums its K weighted
 outputs in fp32 (kernels/moe_combine.py: a Triton kernel on CUDA, PyTorch ops elsewhere).
+
+The layer knows nothing of FP8 or of process groups: `effllm.fp8.convert_to_fp8` swaps
+`RoutedExperts` for its FP8 subclass, and `effllm.parallelize.shard_experts` installs expert
+parallelism around the experts (both keep the experts' forward signature and parameter names).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from effllm.errors import ConfigError
+from effllm.kernels.backends import combine_backend, grouped_gemm_backend
 from effllm.kernels.fp8_grouped import sum_by_source
-from effllm.kernels.grouped_gemm import grouped_mm, pick_backend
+from effllm.kernels.grouped_gemm import grouped_mm
 from effllm.kernels.moe_combine import combine
 from effllm.layers import SwiGLU
 
@@ -153,26 +159,28 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts stored as stacked weights, run as grouped GEMMs over expert-sorted rows."""
+    """E SwiGLU experts stored as stacked weights, run as grouped GEMMs over expert-sorted rows.
 
-    def __init__(self, dim: int, hidden: int, n: int):
+    `grouped_gemm` names the GEMM backend (kernels.backends.grouped_gemm_backend; "auto" picks per
+    device and dtype at each forward). `weights` (w1, w3, w2) shares existing Parameters instead of
+    allocating new ones (as the FP8 subclass does when it replaces these experts)."""
+
+    def __init__(self, dim: int, hidden: int, n: int, grouped_gemm: str = "auto",
+                 weights: tuple[nn.Parameter, nn.Parameter, nn.Parameter] | None = None):
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(n, hidden, dim))  # gate (E, F, D)
-        self.w3 = nn.Parameter(torch.empty(n, hidden, dim))  # up   (E, F, D)
-        self.w2 = nn.Parameter(torch.empty(n, dim, hidden))  # down (E, D, F), the residual projection
+        if weights is None:
+            weights = (nn.Parameter(torch.empty(n, hidden, dim)), nn.Parameter(torch.empty(n, hidden, dim)),
+                       nn.Parameter(torch.empty(n, dim, hidden)))
+        # gate (E, F, D), up (E, F, D), down (E, D, F): the last is the residual projection
+        self.w1, self.w3, self.w2 = weights
+        self.grouped_gemm = grouped_gemm
 
-        self.fp8: tuple[str, bool] | None = None  # (backend, pow2 scales): set by effllm.fp8.convert_to_fp8
-
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, backend: str, src: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
         """x (M, D) sorted by expert, offsets (E,) int32 cumulative ends -> (M, D). With `src` (M,),
-        x is (R, D) in any order and sorted row i is x[src[i]]: the dispatch gather, which the FP8
-        path fuses into its quantization (the sorted copy is never written in high precision)."""
-        if self.fp8 is not None:  # the three grouped GEMMs in FP8, master weights as they are
-            from effllm.fp8 import fp8_swiglu_experts
-
-            fp8_backend, pow2 = self.fp8
-            return fp8_swiglu_experts(x, self.w1, self.w3, self.w2, offsets, fp8_backend, pow2, src=src)
+        x is (R, D) in any order and sorted row i is x[src[i]]: the dispatch gather (which the FP8
+        subclass fuses into its quantization)."""
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        backend = grouped_gemm_backend(x.device, dtype, self.grouped_gemm, tuple(self.w1.shape[1:]))
         x = (gather_rows(x, src) if src is not None else x).to(dtype)
         w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))  # autocast's cast, by hand
         h = F.silu(grouped_mm(x, w1, offsets, backend)) * grouped_mm(x, w3, offsets, backend)  # (M, F)
@@ -182,10 +190,11 @@ class RoutedExperts(nn.Module):
 class MoE(nn.Module):
     """A DeepSeekMoE feed-forward: shared experts + top-k of E fine-grained routed experts.
 
-    `MoE(dim, MoEConfig(...))` maps (..., D) to (..., D) and drops in where a dense MLP was. After
-    each forward, `last_load` holds tokens per expert and `aux_loss` the sequence-wise balance loss
-    (None when off or in eval). Call `update_bias()` after each optimizer step; `load_stats` of
-    what it returns gives max/mean load and the coefficient of variation.
+    `MoE(dim, MoEConfig(...))` maps (..., D) to (..., D) and drops in where a dense MLP was;
+    `layer(x, return_aux=True)` also returns the sequence-wise balance loss (None when off or in
+    eval). After each forward, `last_load` holds tokens per expert. Call `update_bias()` after each
+    optimizer step; `load_stats` of what it returns gives max/mean load and the coefficient of
+    variation.
     """
 
     def __init__(self, dim: int, cfg: MoEConfig | None = None, init_std: float = 0.02):
@@ -193,14 +202,12 @@ class MoE(nn.Module):
         self.cfg = cfg = cfg or MoEConfig()
         self.dim = dim
         self.router = Router(dim, cfg)
-        self.experts = RoutedExperts(dim, cfg.expert_dim, cfg.n_routed_experts)
+        self.experts = RoutedExperts(dim, cfg.expert_dim, cfg.n_routed_experts, cfg.grouped_gemm)
         self.shared = SwiGLU(dim, cfg.n_shared_experts * cfg.expert_dim) if cfg.n_shared_experts else None
         self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         # Load summed over the forwards since the last update_bias(): the whole (accumulated) batch.
         self.register_buffer("step_load", torch.zeros(cfg.n_routed_experts), persistent=False)
-        self.aux_loss: torch.Tensor | None = None
-        self.ep_group = None  # set by effllm.parallelize.shard_experts: this rank holds a slice of the experts
-        self.recomputing = False  # set by Block while activation checkpointing recomputes this layer
+        self._replaying = False  # inside replaying(): activation checkpointing recomputes this forward
         with torch.no_grad():
             for p in self.parameters():
                 nn.init.normal_(p, std=init_std)
@@ -214,7 +221,18 @@ class MoE(nn.Module):
         per_expert = 3 * self.dim * self.cfg.expert_dim
         return (self.cfg.n_routed_experts - self.cfg.top_k) * per_expert
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @contextlib.contextmanager
+    def replaying(self):
+        """The context of a recomputation of this layer's forward (activation checkpointing): the
+        expert load is counted by the original forward only."""
+        self._replaying = True
+        try:
+            yield
+        finally:
+            self._replaying = False
+
+    def forward(self, x: torch.Tensor, return_aux: bool = False):
+        """x (..., D) -> (..., D); with `return_aux`, (output, sequence-wise balance loss or None)."""
         shape, E, K = x.shape, self.cfg.n_routed_experts, self.cfg.top_k
         tokens = x.reshape(-1, self.dim)  # (T, D)
         weights, indices, scores = self.router(tokens)  # (T, K), (T, K), (T, E)
@@ -224,33 +242,27 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=E)  # (E,) tokens per expert
         offsets = torch.cumsum(counts, 0).to(torch.int32)
         token_of = order // K  # (M,) source token of each sorted pair
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        backend = pick_backend(x.device, dtype, self.cfg.grouped_gemm, (self.dim, self.cfg.expert_dim))
-        if self.ep_group is None:
-            y = self.experts(tokens, offsets, backend, src=token_of)  # (M, D), rows sorted by expert
-        else:  # the experts live on several ranks: send each row to its expert's rank and back
-            from effllm.parallelize import expert_parallel_forward
-
-            rows = gather_rows(tokens, token_of).to(dtype)  # (M, D) sorted by expert
-            y = expert_parallel_forward(self.experts, rows, counts, backend, self.ep_group)
+        y = self.experts(tokens, offsets, src=token_of)  # (M, D), rows sorted by expert
         pos = torch.empty_like(order)
         pos[order] = torch.arange(order.numel(), device=x.device)  # sorted row of each (token, k) pair
         # Weighted sum of each token's K outputs in fp32, gathered in a fixed order (deterministic).
-        out = combine(y, weights, pos.view(-1, K), x.dtype, use_triton=x.device.type == "cuda")
+        out = combine(y, weights, pos.view(-1, K), x.dtype, use_triton=combine_backend(x.device))
         if self.shared is not None:
             out = out + self.shared(tokens)
+        out = out.view(shape)
 
-        aux = None
-        if self.training and self.cfg.seq_aux_loss_weight > 0:
-            seqs = shape[0] if x.dim() == 3 else 1
-            aux = self.sequence_balance_loss(scores.view(seqs, -1, E), indices.view(seqs, -1, K))
-        if not self.recomputing:  # activation checkpointing replays this forward: count everything once
+        if not self._replaying:  # activation checkpointing replays this forward: count everything once
             with torch.no_grad():
                 self.last_load.copy_(counts)
                 if self.training:
                     self.step_load += counts
-            self.aux_loss = aux
-        return out.view(shape)
+        if not return_aux:
+            return out
+        aux = None
+        if self.training and self.cfg.seq_aux_loss_weight > 0:
+            seqs = shape[0] if x.dim() == 3 else 1
+            aux = self.sequence_balance_loss(scores.view(seqs, -1, E), indices.view(seqs, -1, K))
+        return out, aux
 
     def sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 eq. 17-20 per sequence, averaged: alpha * sum_i f_i * P_i, with f_i the

@@ -30,9 +30,11 @@ class MTPModule(nn.Module):
         self.block = block
         self.out_norm = RMSNorm(dim, norm_eps)  # before the shared output head
 
-    def forward(self, hidden: torch.Tensor, next_embed: torch.Tensor, rope, cache=None, pos: int = 0) -> torch.Tensor:
-        """hidden (B, T, D) from the previous depth, next_embed (B, T, D) of tokens k ahead -> (B, T, D);
-        with a cache (drafting), positions pos.. attend to the cached ones before them."""
+    def forward(self, hidden: torch.Tensor, next_embed: torch.Tensor, rope, cache=None,
+                pos: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden (B, T, D) from the previous depth, next_embed (B, T, D) of tokens k ahead -> (B, T, D),
+        and the block's balance loss (as Block returns them); with a cache (drafting), positions pos..
+        attend to the cached ones before them."""
         x = self.proj(torch.cat((self.hidden_norm(hidden), self.embed_norm(next_embed)), dim=-1))
         return self.block(x, rope, cache, pos)
 
@@ -69,7 +71,7 @@ def speculative_generate(model, prompt: torch.Tensor, max_new_tokens: int) -> tu
     drafted = accepted = 0
     while 1 + drafted + accepted < max_new_tokens:  # tokens so far: nxt, then 1 per draft + 1 per accepted
         h_in, tok_in = torch.cat(queue_h, dim=1), torch.cat(queue_tok, dim=1)
-        z = module(h_in, model.tok_emb(tok_in), model.rope(filled, h_in.shape[1]), draft_cache, filled)
+        z, _ = module(h_in, model.tok_emb(tok_in), model.rope(filled, h_in.shape[1]), draft_cache, filled)
         draft = model.head(module.out_norm(z[:, -1:])).argmax(-1)  # (1, 1): guess for position pos + 1
         filled += h_in.shape[1]
         drafted += 1

@@ -35,22 +35,85 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
+from effllm.devices import resolve_device
 from effllm.errors import ConfigError
+from effllm.moe import MoE, gather_rows
 
 
-def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> list[str]:
-    """Keep on this rank only its slice of every MoE layer's routed experts, in place.
+class ExpertParallel:
+    """Expert parallelism around one MoE layer's routed experts, installed by `shard_experts` as a
+    forward pre-hook and a forward hook on the experts module (torchtitan's ExpertParallel style
+    works the same way): the experts keep their class (RoutedExperts, or its FP8 subclass), their
+    forward signature `(x, offsets, src)` and their parameter names, and hold experts
+    [first_expert, first_expert + E/P) only.
+
+    `dispatch` (before the experts' forward) gathers the sorted rows, sends each to its expert's
+    rank and hands the experts what they received, regrouped by local expert; `combine` (after it)
+    sends the outputs back, in the order the layer sorted them. The split sizes need the counts on
+    the host: one sync per layer, as in any all-to-all dispatch.
+    """
+
+    def __init__(self, experts: nn.Module, group, first_expert: int, n_experts: int):
+        self.experts, self.group = experts, group
+        self.first_expert, self.n_experts = first_expert, n_experts
+        self._route: tuple | None = None  # the way back of the forward in flight (dispatch -> combine)
+        self._hooks = (experts.register_forward_pre_hook(self.dispatch, with_kwargs=True),
+                       experts.register_forward_hook(self.combine, with_kwargs=True))
+
+    def dispatch(self, module: nn.Module, args: tuple, kwargs: dict):
+        """rows (M, D) sorted by global expert -> (this rank's received rows, their local offsets, the
+        regrouping order as `src`)."""
+        x, offsets, *rest = args
+        src = kwargs.get("src", rest[0] if rest else None)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        rows = (gather_rows(x, src) if src is not None else x).to(dtype)  # (M, D) sorted by expert
+        P = dist.get_world_size(self.group)
+        E = offsets.numel()
+        local = E // P
+        counts = torch.diff(offsets.to(torch.int64), prepend=offsets.new_zeros(1, dtype=torch.int64))  # (E,)
+        # 1. counts: recv[s, e] = rows rank s sends to my local expert e
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        send_splits = counts.view(P, local).sum(1).tolist()
+        recv = recv_counts.view(P, local)
+        recv_splits = recv.sum(1).tolist()
+        # 2. rows out: received in (source rank, local expert) order
+        received = wait_tensor(all_to_all_single_autograd(rows.contiguous(), recv_splits, send_splits, self.group))
+        # 3. regroup by local expert (stable: within an expert, rows keep their source order); the
+        #    experts run the regrouping gather themselves (`src`)
+        expert_of_row = torch.arange(local, device=rows.device).repeat(P).repeat_interleave(recv.flatten())
+        order = expert_of_row.argsort(stable=True)
+        local_offsets = torch.cumsum(recv.sum(0), 0).to(torch.int32)
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)
+        self._route = (back, send_splits, recv_splits)
+        return (received, local_offsets), {"src": order}
+
+    def combine(self, module: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> torch.Tensor:
+        """The experts' outputs -> back to the ranks their rows came from, in the layer's order."""
+        back, send_splits, recv_splits = self._route
+        self._route = None
+        out_received = out[back]  # (source rank, local expert) order again
+        # 4. results back to where the rows came from
+        return wait_tensor(all_to_all_single_autograd(out_received.contiguous(), send_splits, recv_splits, self.group))
+
+
+def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> dict[str, ExpertParallel]:
+    """Keep on this rank only its slice of every MoE layer's routed experts, in place, and install
+    expert parallelism around them (`ExpertParallel`).
 
     `group` is the expert-parallel process group (default: the whole world). Must run before the
-    optimizer is built (the expert Parameters are replaced). Returns the names of the layers sharded.
+    optimizer is built (the expert Parameters are replaced). Returns {MoE layer name: its
+    ExpertParallel}, which data parallelism and checkpoints need (`wrap_data_parallel`,
+    `gather_full_state`, `load_full_optimizer_state`).
     """
-    from effllm.moe import MoE
-
     if not dist.is_initialized():
         raise ConfigError("expert parallelism needs torch.distributed: launch with torchrun")
+    group = group if group is not None else dist.group.WORLD
     size, rank = dist.get_world_size(group), dist.get_rank(group)
-    done = []
+    done = {}
     for name, layer in model.named_modules():
         if not isinstance(layer, MoE):
             continue
@@ -64,43 +127,8 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> l
             full = getattr(experts, pname)
             part = full.detach()[rank * local:(rank + 1) * local].clone()
             setattr(experts, pname, nn.Parameter(part, requires_grad=full.requires_grad))
-        experts.first_expert, experts.n_experts_total = rank * local, E
-        layer.ep_group = group if group is not None else dist.group.WORLD
-        done.append(name)
+        done[name] = ExpertParallel(experts, group, rank * local, E)
     return done
-
-
-def expert_parallel_forward(experts: nn.Module, rows: torch.Tensor, counts: torch.Tensor, backend: str,
-                            group) -> torch.Tensor:
-    """rows (M, D) sorted by global expert with counts (E,) -> the experts' outputs (M, D), same order.
-
-    `experts` holds this rank's E/P experts. The two all-to-alls carry the rows out and back; the
-    split sizes need the counts on the host (one sync per layer, as in any all-to-all dispatch).
-    """
-    from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
-
-    P = dist.get_world_size(group)
-    E = counts.numel()
-    local = E // P
-    counts = counts.to(torch.int64)
-    # 1. counts: recv[s, e] = rows rank s sends to my local expert e
-    recv_counts = torch.empty_like(counts)
-    dist.all_to_all_single(recv_counts, counts, group=group)
-    send_splits = counts.view(P, local).sum(1).tolist()
-    recv = recv_counts.view(P, local)
-    recv_splits = recv.sum(1).tolist()
-    # 2. rows out: received in (source rank, local expert) order
-    received = wait_tensor(all_to_all_single_autograd(rows.contiguous(), recv_splits, send_splits, group))
-    # 3. regroup by local expert (stable: within an expert, rows keep their source order)
-    expert_of_row = torch.arange(local, device=rows.device).repeat(P).repeat_interleave(recv.flatten())
-    order = expert_of_row.argsort(stable=True)
-    offsets = torch.cumsum(recv.sum(0), 0).to(torch.int32)
-    out_local = experts(received, offsets, backend, src=order)  # the regrouping gather runs inside
-    back = torch.empty_like(order)
-    back[order] = torch.arange(order.numel(), device=order.device)
-    out_received = out_local[back]  # (source rank, local expert) order again
-    # 4. results back to where the rows came from
-    return wait_tensor(all_to_all_single_autograd(out_received.contiguous(), send_splits, recv_splits, group))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +165,6 @@ def init_distributed(env: DistEnv, device: str, timeout_s: float) -> torch.devic
     """This rank's device, with the process group initialised when the job has several ranks:
     NCCL on CUDA (one GPU per local rank), gloo on CPU. A collective that waits longer than
     `timeout_s` (a rank died) fails instead of hanging."""
-    from effllm.train import resolve_device
-
     if not env.enabled:
         return resolve_device(device)
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -187,10 +213,11 @@ def build_mesh(env: DistEnv, device: torch.device, expert_parallel: int):
                             mesh_dim_names=("dp", "ep"))
 
 
-def wrap_data_parallel(model: nn.Module, kind: str, device: torch.device, compile: bool, mesh=None) -> nn.Module:
+def wrap_data_parallel(model: nn.Module, kind: str, device: torch.device, compile: bool, mesh=None,
+                       expert_shards: dict[str, ExpertParallel] | None = None) -> nn.Module:
     """The module the training step calls, in this order (torchtitan's): expert sharding (done
-    before, by `shard_experts` over mesh["ep"]), torch.compile per block, then FSDP2 (`fully_shard`
-    per block, then the root) or DDP around the whole model.
+    before, by `shard_experts` over mesh["ep"], which returned `expert_shards`), torch.compile per
+    block, then FSDP2 (`fully_shard` per block, then the root) or DDP around the whole model.
 
     FSDP2 shards parameters, gradients and optimizer state across ranks and returns the model
     itself (its parameters become DTensors); DDP keeps full replicas and all-reduces gradients.
@@ -200,19 +227,16 @@ def wrap_data_parallel(model: nn.Module, kind: str, device: torch.device, compil
     every parameter then gets the gradient of the mean loss over the global batch.
     """
     if compile:  # in place (Module.compile), so parameter names and checkpoints stay the same
-        for block in _blocks(model):
+        for block in model.all_blocks():
             block.compile()
     if kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
         if mesh is not None:
-            from effllm.moe import MoE
-
-            for layer in model.modules():
-                if isinstance(layer, MoE) and layer.ep_group is not None:
-                    fully_shard(layer.experts, mesh=mesh["dp"])
-                    layer.experts.set_gradient_divide_factor(float(dist.get_world_size()))
-        for block in _blocks(model):
+            for shard in (expert_shards or {}).values():
+                fully_shard(shard.experts, mesh=mesh["dp"])
+                shard.experts.set_gradient_divide_factor(float(dist.get_world_size()))
+        for block in model.all_blocks():
             fully_shard(block)
         fully_shard(model)
         return model
@@ -231,16 +255,12 @@ def wrap_data_parallel(model: nn.Module, kind: str, device: torch.device, compil
     raise ConfigError(f"unknown data_parallel {kind!r}: choose fsdp or ddp")
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks to wrap one by one: the main stack and each MTP module's block."""
-    return list(model.blocks) + [m.block for m in model.mtp]
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: gathered to the single-device format, so any world size can resume any other
 
 
-def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, tied: bool) -> tuple[dict | None, dict | None]:
+def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, tied: bool,
+                      expert_shards: dict[str, ExpertParallel] | None = None) -> tuple[dict | None, dict | None]:
     """Collective: every rank calls it. Rank 0 gets the full model state dict (what a single process
     would save: with tied embeddings only `head.weight`, as safetensors' save_model keeps it) and the
     optimizer state keyed by position, exactly as `optimizer.state_dict()` on one device; other
@@ -252,7 +272,7 @@ def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, tied: 
     )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    experts = _gather_expert_states(model, optimizer)  # before the others: every rank takes part
+    experts = _gather_expert_states(optimizer, expert_shards or {})  # before the others: every rank takes part
     model_sd = get_model_state_dict(model, options=opts)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=opts)
     if dist.get_rank() != 0:
@@ -271,13 +291,14 @@ def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, tied: 
     return model_sd, {"state": {index[name]: s for name, s in optim_sd["state"].items()}, "param_groups": groups}
 
 
-def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                              expert_shards: dict[str, ExpertParallel] | None = None) -> None:
     """Load a position-keyed full optimizer state (as one device saves it) into a sharded optimizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     name_of = {id(p): name for name, p in model.named_parameters()}
     names = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    for name, rows in _expert_slices(model).items():  # this rank's experts of the saved moments
+    for name, rows in _expert_slices(expert_shards or {}).items():  # this rank's experts of the saved moments
         moments = state["state"][names.index(name)]
         for key, value in moments.items():
             if torch.is_tensor(value) and value.dim() == 3:
@@ -291,26 +312,20 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     set_optimizer_state_dict(model, optimizer, fqn_state, options=StateDictOptions(full_state_dict=True))
 
 
-def _expert_params(model: nn.Module):
-    """(name, parameter, layer) of every expert-parallel expert weight."""
-    from effllm.moe import MoE
-
-    for lname, layer in model.named_modules():
-        if isinstance(layer, MoE) and layer.ep_group is not None:
-            for pname in ("w1", "w3", "w2"):
-                yield f"{lname}.experts.{pname}", getattr(layer.experts, pname), layer
+def _expert_params(expert_shards: dict[str, ExpertParallel]):
+    """(name, parameter, shard) of every expert-parallel expert weight."""
+    for lname, shard in expert_shards.items():
+        for pname in ("w1", "w3", "w2"):
+            yield ".".join(filter(None, (lname, "experts", pname))), getattr(shard.experts, pname), shard
 
 
-def _expert_slices(model: nn.Module) -> dict[str, slice]:
+def _expert_slices(expert_shards: dict[str, ExpertParallel]) -> dict[str, slice]:
     """name -> rows of the full (E, ...) expert tensor that this rank holds."""
-    out = {}
-    for name, param, layer in _expert_params(model):
-        first = layer.experts.first_expert
-        out[name] = slice(first, first + param.shape[0])
-    return out
+    return {name: slice(shard.first_expert, shard.first_expert + param.shape[0])
+            for name, param, shard in _expert_params(expert_shards)}
 
 
-def _gather_expert_states(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def _gather_expert_states(optimizer: torch.optim.Optimizer, expert_shards: dict[str, ExpertParallel]) -> dict:
     """Collective over each EP group: name -> (all E experts' weight, their AdamW moments), on CPU."""
 
     def full(t: torch.Tensor, group) -> torch.Tensor:
@@ -320,10 +335,10 @@ def _gather_expert_states(model: nn.Module, optimizer: torch.optim.Optimizer) ->
         return torch.cat(parts).cpu()
 
     out = {}
-    for name, param, layer in _expert_params(model):
+    for name, param, shard in _expert_params(expert_shards):
         state = optimizer.state.get(param, {})
-        moments = {k: full(v, layer.ep_group) for k, v in sorted(state.items()) if torch.is_tensor(v) and v.dim() == 3}
-        out[name] = (full(param, layer.ep_group), moments)
+        moments = {k: full(v, shard.group) for k, v in sorted(state.items()) if torch.is_tensor(v) and v.dim() == 3}
+        out[name] = (full(param, shard.group), moments)
     return out
 
 

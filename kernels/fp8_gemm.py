@@ -29,14 +29,11 @@ reference the tests hold the kernel to.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
-from effllm.kernels.fp8_quant import _interpreting, dequant_rows
-
-TILE = 128
+from effllm.kernels.fp8_quant import TILE, dequant_rows
+from effllm.kernels.launch import bucket, launch
 
 
 @triton.jit
@@ -93,13 +90,13 @@ def _fp8_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _hopper_configs() -> list:
+def hopper_configs() -> list:
     """The search space of the autotuner on a GPU. BLOCK_K is fixed at the 128-wide scale tile, and
     BLOCK_N divides 128 so that one weight block scale covers a whole tile. The stages trade shared
     memory (32 KiB per stage at 128x128x128 FP8) for latency hiding; H100 has 228 KiB per SM.
     128x128 tiles take 8 warps: with 4, the fp32 accumulator and the block's partial product need
     256 registers a thread, and every FP8 GEMM here spilled 120-410 instructions' worth to local
-    memory (`python tests/hopper_compile.py --tuner`, triton 3.6); the tuner never chose it on an H100."""
+    memory (`python benchmarks/hopper_compile.py --tuner`, triton 3.6); the tuner never chose it on an H100."""
     configs = []
     for bm, bn, warps in ((128, 128, 8), (64, 128, 4), (128, 64, 4), (64, 64, 4)):
         for stages in (3, 4, 5):
@@ -110,7 +107,7 @@ def _hopper_configs() -> list:
 
 # Tuned per (M, K) bucket, N and scale layout: a training run sees a handful of shapes, each tuned
 # once on first use. `_fp8_gemm_tuned.best_config` tells which configuration won.
-_fp8_gemm_tuned = triton.autotune(configs=_hopper_configs(), key=["M_BUCKET", "N", "K_BUCKET", "B_K_CONTIGUOUS",
+_fp8_gemm_tuned = triton.autotune(configs=hopper_configs(), key=["M_BUCKET", "N", "K_BUCKET", "B_K_CONTIGUOUS",
                                                                  "B_ROW_SCALES"])(
     _fp8_gemm_kernel)
 
@@ -118,15 +115,6 @@ _fp8_gemm_tuned = triton.autotune(configs=_hopper_configs(), key=["M_BUCKET", "N
 def tuned_configs() -> dict[str, str]:
     """The configuration the autotuner chose for each shape key so far (for benchmark reports)."""
     return {str(key): str(config) for key, config in _fp8_gemm_tuned.cache.items()}
-
-
-def _fixed_config() -> bool:
-    """EFFLLM_FP8_AUTOTUNE=0 on a GPU: one fixed 128x128 configuration instead of autotuning."""
-    return os.environ.get("EFFLLM_FP8_AUTOTUNE") == "0" and not _interpreting()
-
-
-def _bucket(x: int) -> int:
-    return 1 << max(x - 1, 0).bit_length()
 
 
 def _check(a, a_s, b, b_s, b_row_scales: bool) -> None:
@@ -162,18 +150,11 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
         return c
     args = (a, b, c, a_s, b_s, M, N, K,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-            a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), _bucket(M), _bucket(K), int(b.stride(1) == 1))
-    if _fixed_config():  # the GPU tests
-        grid = (triton.cdiv(M, 128) * triton.cdiv(N, 128),)
-        _fp8_gemm_kernel[grid](*args, BLOCK_M=128, BLOCK_N=128, BLOCK_K=TILE, GROUP_M=8, B_ROW_SCALES=b_row_scales,
-                               num_warps=8, num_stages=3)
-    elif _interpreting():  # the CPU tests: fewer, larger programs (the interpreter's cost is per program and op)
-        grid = (triton.cdiv(M, 64) * triton.cdiv(N, 64),)
-        _fp8_gemm_kernel[grid](*args, BLOCK_M=64, BLOCK_N=64, BLOCK_K=TILE, GROUP_M=2, B_ROW_SCALES=b_row_scales,
-                               num_warps=1, num_stages=1)
-    else:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _fp8_gemm_tuned[grid](*args, BLOCK_K=TILE, B_ROW_SCALES=b_row_scales)
+            a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), bucket(M), bucket(K), int(b.stride(1) == 1))
+    launch(_fp8_gemm_kernel, _fp8_gemm_tuned, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),),
+           args, fixed=dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3),
+           interpreted=dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=2, num_warps=1, num_stages=1),
+           BLOCK_K=TILE, B_ROW_SCALES=b_row_scales)
     return c
 
 

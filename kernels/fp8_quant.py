@@ -26,11 +26,10 @@ to agree bit for bit.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from effllm.kernels.launch import interpreting
 
 FP8_MAX = 448.0  # largest finite E4M3 (fn) value
 TILE = 128  # quantization tile along a row, and the weight block edge
@@ -56,7 +55,7 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
-def _scale_of(amax, POW2: tl.constexpr):
+def scale_of(amax, POW2: tl.constexpr):
     s = tl.maximum(amax, 1e-12) / 448.0
     if POW2:  # the next power of two >= s, from the bits (no log2 rounding)
         bits = s.to(tl.int32, bitcast=True)
@@ -66,7 +65,7 @@ def _scale_of(amax, POW2: tl.constexpr):
 
 
 @triton.jit
-def _quant(x, s, HW_CAST: tl.constexpr):
+def quant_tile(x, s, HW_CAST: tl.constexpr):
     """x / s clamped to +-448, in fp32, ready for the cast to e4m3. div_rn: IEEE round-to-nearest
     division, as torch divides; compiled, `x / s` is an approximate division that put some values on
     the other side of a rounding midpoint (seen on an H100). With HW_CAST (sm_90+, compiled) the
@@ -95,8 +94,8 @@ def _quant_rows_kernel(
     mask = (rows < M)[:, None] & (cols < K)[None, :]
     rows64 = rows.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = _scale_of(tl.max(tl.abs(x), axis=1), POW2)  # (BLOCK_M,)
-    q = _quant(x, s[:, None], HW_CAST)
+    s = scale_of(tl.max(tl.abs(x), axis=1), POW2)  # (BLOCK_M,)
+    q = quant_tile(x, s[:, None], HW_CAST)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows64 * stride_sm + tl.program_id(1), s, mask=rows < M)
 
@@ -122,10 +121,10 @@ def _quant_rows_and_cols_kernel(
     rows64, cols64 = rows.to(tl.int64), cols.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols64[None, :], mask=mask, other=0.0).to(tl.float32)
     ax = tl.abs(x)
-    s_row = _scale_of(tl.max(ax, axis=1), POW2)  # (TILE_M,)
-    s_col = _scale_of(tl.max(ax, axis=0), POW2)  # (TILE_K,)
-    q = _quant(x, s_row[:, None], HW_CAST)
-    qt = _quant(x, s_col[None, :], HW_CAST)
+    s_row = scale_of(tl.max(ax, axis=1), POW2)  # (TILE_M,)
+    s_col = scale_of(tl.max(ax, axis=0), POW2)  # (TILE_K,)
+    q = quant_tile(x, s_row[:, None], HW_CAST)
+    qt = quant_tile(x, s_col[None, :], HW_CAST)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols64[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows64 * stride_sm + pid_k, s_row, mask=row_ok)
     # stored through a register transpose, so each thread writes along the rows of qt (coalesced):
@@ -157,9 +156,9 @@ def _quant_blocks_kernel(
     cols = (pid_k * TILE + tl.arange(0, TILE)).to(tl.int64)
     mask = (rows < N)[:, None] & (cols < K)[None, :]
     w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = _scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
+    s = scale_of(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
     if ROWS:
-        tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], _quant(w, s, HW_CAST).to(q_ptr.dtype.element_ty),
+        tl.store(q_ptr + rows[:, None] * stride_qn + cols[None, :], quant_tile(w, s, HW_CAST).to(q_ptr.dtype.element_ty),
                  mask=mask)
     if TRANSPOSED:
         # The block read again through transposed addresses (from L2) and cast on its own, so that the two
@@ -169,7 +168,7 @@ def _quant_blocks_kernel(
         # see benchmarks/results/fp8_gemm/NOTES.md.
         wt = tl.load(w_ptr + rows[None, :] * stride_wn + cols[:, None], mask=tl.trans(mask), other=0.0)
         tl.store(qt_ptr + cols[:, None] * stride_qtk + rows[None, :],
-                 _quant(wt.to(tl.float32), s, HW_CAST).to(qt_ptr.dtype.element_ty), mask=tl.trans(mask))
+                 quant_tile(wt.to(tl.float32), s, HW_CAST).to(qt_ptr.dtype.element_ty), mask=tl.trans(mask))
     tl.store(s_ptr + pid_n * stride_sn + pid_k, s)
 
 
@@ -177,16 +176,12 @@ def _quant_blocks_kernel(
 # Launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _hw_cast(device: torch.device) -> bool:
+def hw_cast(device: torch.device) -> bool:
     """Whether the compiled fp32 -> e4m3 cast rounds to nearest-even on `device`: on sm_90+ Triton
     emits the hardware conversion; the interpreter drops the carry, and on sm_89 the cast was
     reported to round through fp16, so there the kernels round in fp32 first (`_round_to_e4m3`).
     The GPU tests hold both to torch's cast bit for bit, rounding midpoints included."""
-    return device.type == "cuda" and not _interpreting() and torch.cuda.get_device_capability(device) >= (9, 0)
+    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def check_float(x: torch.Tensor, name: str) -> None:
@@ -217,7 +212,7 @@ def quant_rows(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch
         block_m = 16
         _quant_rows_kernel[(triton.cdiv(M, block_m), K // TILE)](
             x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), BLOCK_M=block_m, TILE_K=TILE, POW2=pow2,
-            HW_CAST=_hw_cast(x.device))
+            HW_CAST=hw_cast(x.device))
     return q, s
 
 
@@ -233,7 +228,7 @@ def quant_rows_and_cols(x: torch.Tensor, pow2: bool = False):
     if M:
         _quant_rows_and_cols_kernel[(triton.cdiv(M, TILE), K // TILE)](
             x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0),
-            TILE_M=TILE, TILE_K=TILE, POW2=pow2, HW_CAST=_hw_cast(x.device),
+            TILE_M=TILE, TILE_K=TILE, POW2=pow2, HW_CAST=hw_cast(x.device),
             num_warps=8)  # a 128x128 fp32 tile: 8 warps hold it
     return q, s, qt, st
 
@@ -287,9 +282,9 @@ def quant_blocks_into(w: torch.Tensor, q: torch.Tensor | None, s: torch.Tensor, 
     _quant_blocks_kernel[(triton.cdiv(N, TILE), K // TILE, G)](
         w, q, s, qt, N, K, w.stride(0), w.stride(1), q.stride(0), q.stride(1), s.stride(0), s.stride(1),
         qt.stride(0), qt.stride(1),
-        TILE=TILE, POW2=pow2, HW_CAST=_hw_cast(w.device), ROWS=rows, TRANSPOSED=transposed,
+        TILE=TILE, POW2=pow2, HW_CAST=hw_cast(w.device), ROWS=rows, TRANSPOSED=transposed,
         # the transposed copy holds a second 128x128 tile: 8 warps (rows alone: Triton's default 4)
-        num_warps=1 if _interpreting() else 8 if transposed else 4)
+        num_warps=1 if interpreting() else 8 if transposed else 4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,6 +328,19 @@ def quant_blocks_ref(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor,
     s = _scale_ref(blocks.abs().amax(dim=(1, 3)), pow2)  # (ceil(N/128), K/128)
     q = (blocks / s[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.view(nb * TILE, K)[:N], s
+
+
+def quant_rows_and_cols_ref(x: torch.Tensor, pow2: bool = False):
+    """The reference of `quant_rows_and_cols`: (q, s) of `quant_rows_ref` and (qt, st) of `quant_cols_ref`."""
+    q, s = quant_rows_ref(x, pow2)
+    qt, st = quant_cols_ref(x, pow2)
+    return q, s, qt, st
+
+
+def quant_blocks_t_ref(w: torch.Tensor, pow2: bool = False):
+    """The reference of `quant_blocks_t`: (q, s) of `quant_blocks_ref` and q's K-major transpose."""
+    q, s = quant_blocks_ref(w, pow2)
+    return q, s, q.t().contiguous()
 
 
 def e4m3_to_float(q: torch.Tensor) -> torch.Tensor:

@@ -18,11 +18,10 @@ Three implementations of the same three products, chosen by `backend`:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+from effllm.kernels.launch import interpreting
 
 BACKENDS = ("torch", "triton", "loop")
 # What the Triton kernels and torch._grouped_mm take: both accumulate in fp32, so fp64 (and any other
@@ -119,16 +118,12 @@ def _grouped_wgrad_kernel(
 # Launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _blocks(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Small tiles under the interpreter keep CPU
     tests fast. On an H100 (triton 3.6, M=98304 K=2048 N=1408, 64 equal groups) 64x256x64 tiles,
     8 warps, 3 stages measured best of six configurations: 314 TFLOP/s forward, 201 wgrad (128x128x64:
     310 / 165; 128x256x64 does not fit shared memory). torch._grouped_mm ran 603 / 588 there."""
-    if _interpreting():
+    if interpreting():
         return 16, 16, 16, 1, 1
     if dtype == torch.float32:
         return 64, 64, 32, 4, 3
@@ -146,7 +141,7 @@ def _check(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, k_dim: int) 
         raise ValueError(f"x is {x.dtype} but w is {w.dtype}: cast one")
 
 
-def _check_kernel_dtype(dtype: torch.dtype, backend: str) -> None:
+def check_kernel_dtype(dtype: torch.dtype, backend: str) -> None:
     if dtype not in KERNEL_DTYPES:
         raise ValueError(f"the {backend!r} grouped GEMM takes fp32, bf16 or fp16 (it accumulates in fp32), got {dtype}: "
                          "use backend 'loop' (or 'auto', which picks it) for other dtypes")
@@ -178,7 +173,7 @@ def tile_schedule(offsets: torch.Tensor, m: int, block_m: int) -> tuple[torch.Te
 def triton_grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_w: bool = True) -> torch.Tensor:
     """x (M, K) times w[g].T (trans_w, w (G, N, K)) or w[g] (not trans_w, w (G, K, N)), per group."""
     _check(x, w, offsets, 2 if trans_w else 1)
-    _check_kernel_dtype(x.dtype, "triton")
+    check_kernel_dtype(x.dtype, "triton")
     m, k = x.shape
     n = w.shape[1] if trans_w else w.shape[2]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -204,7 +199,7 @@ def triton_grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tenso
         raise ValueError(f"wgrad takes dy (M, N) and x (M, K); got {tuple(dy.shape)} and {tuple(x.shape)}")
     if dy.dtype != x.dtype:
         raise ValueError(f"dy is {dy.dtype} but x is {x.dtype}: cast one")
-    _check_kernel_dtype(x.dtype, "triton")
+    check_kernel_dtype(x.dtype, "triton")
     (n, k), g = (dy.shape[1], x.shape[1]), offsets.numel()
     dw = torch.empty((g, n, k), dtype=x.dtype, device=x.device)
     bm, bn, bk, warps, stages = _blocks(x.dtype)
@@ -288,7 +283,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend:
         raise ValueError(f"unknown grouped GEMM backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     _check(x, w, offsets, 2)
     if backend in ("torch", "triton"):
-        _check_kernel_dtype(x.dtype, backend)
+        check_kernel_dtype(x.dtype, backend)
     if backend == "torch" and not torch_fits(x.dtype, *w.shape[1:]):
         raise ValueError(f"torch._grouped_mm needs feature sizes whose rows are multiples of 16 bytes; got "
                          f"{tuple(w.shape[1:])} in {x.dtype}: use backend 'triton' or 'loop', or pad the sizes")
@@ -299,33 +294,3 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor
     """Plain PyTorch, differentiable by autograd itself: what every backend must equal."""
     b = _bounds(offsets)
     return torch.cat([x[b[g] : b[g + 1]] @ w[g].t() for g in range(w.shape[0])], dim=0)
-
-
-def pick_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto", features: tuple[int, ...] = ()) -> str:
-    """The grouped GEMM backend for tensors of `dtype` on `device` whose GEMMs have these feature sizes.
-
-    auto: the loop for dtypes the kernels do not take (fp64); on CUDA, torch._grouped_mm for bf16 on
-    compute capability 9.0+ (its supported case), else the Triton kernels; on CPU, torch._grouped_mm where this PyTorch has it (bf16 only while
-    torch.compile traces, as its meta function demands), else the loop. Feature
-    sizes that torch._grouped_mm cannot stride (rows not a multiple of 16 bytes) rule it out.
-    """
-    if requested != "auto":
-        if requested not in BACKENDS:
-            raise ValueError(f"unknown grouped GEMM backend {requested!r}; choose auto or one of {', '.join(BACKENDS)}")
-        if requested != "loop":
-            _check_kernel_dtype(dtype, requested)
-        if requested == "torch" and not hasattr(torch, "_grouped_mm"):
-            raise ValueError(f"torch {torch.__version__} has no torch._grouped_mm: choose 'triton' or 'loop'")
-        if requested == "triton" and device.type != "cuda" and not _interpreting():
-            raise ValueError("the Triton grouped GEMM needs a CUDA GPU (or TRITON_INTERPRET=1 for tests)")
-        return requested
-    if dtype not in KERNEL_DTYPES:
-        return "loop"
-    has_torch = hasattr(torch, "_grouped_mm") and torch_fits(dtype, *features)
-    if device.type == "cuda":
-        if has_torch and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0):
-            return "torch"
-        return "triton"
-    if has_torch and torch.compiler.is_compiling() and dtype != torch.bfloat16:
-        return "loop"  # torch._grouped_mm's meta function (what compile traces) accepts only bf16
-    return "torch" if has_torch else "loop"

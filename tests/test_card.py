@@ -12,10 +12,12 @@ from safetensors import safe_open
 from effllm import checkpoint as ckpt_io
 from effllm.card import CardConfig, licence_shares, write_card
 from effllm.cli import main
+from effllm.config import OptimConfig
 from effllm.errors import CheckpointError, OutputError
 from effllm.hf import ExportConfig, export_hf
 from effllm.model import ModelConfig, Transformer
-from effllm.train import OptimConfig, build_optimizer, train
+from effllm.run import build_optimizer
+from effllm.train import train
 
 
 def test_card_and_checkpoint_carry_the_runs_provenance(byte_data, tmp_path, capsys):

@@ -8,6 +8,7 @@ import torch
 from conftest import FP8_SUM_TOL, assert_fp8_trains_like_fp32, tiny_train_config
 
 from effllm import ConfigError, FP8Linear, ModelConfig, Transformer, convert_to_fp8
+from effllm.fp8_experts import FP8RoutedExperts
 from effllm.moe import MoEConfig
 from effllm.train import train
 
@@ -75,7 +76,7 @@ def test_convert_to_fp8_reports_what_it_converted_and_kept():
     assert "blocks.0.attn.wq" in report["converted"] and "blocks.0.ffn.w1" in report["converted"]
     assert "blocks.1.ffn.shared.w2" in report["converted"]
     assert "head" in report["skipped"] and "blocks.1.ffn.experts" in report["converted"]  # 128 -> 128 experts
-    assert model.blocks[1].ffn.experts.fp8 is not None and "blocks.1.ffn.router" not in report["converted"]
+    assert isinstance(model.blocks[1].ffn.experts, FP8RoutedExperts) and "blocks.1.ffn.router" not in report["converted"]
     assert isinstance(model.blocks[0].attn.wo, FP8Linear) and isinstance(model.head, torch.nn.Linear)
     assert "128 -> 64 is not a multiple of 128" in report["skipped"]["blocks.0.attn.wk"]  # 2 kv heads of 32
     assert {n: p for n, p in model.named_parameters()} == weights_before  # same Parameters, same names

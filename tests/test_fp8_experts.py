@@ -10,7 +10,7 @@ from conftest import FP8_SUM_TOL
 from effllm.kernels.grouped_gemm import grouped_mm_reference
 
 from effllm import ConfigError, convert_to_fp8
-from effllm.fp8 import FP8SwiGLUExpertsFunction, fp8_grouped_mm, fp8_swiglu_experts
+from effllm.fp8_experts import FP8RoutedExperts, FP8SwiGLUExpertsFunction, fp8_grouped_mm, fp8_swiglu_experts
 from effllm.moe import MoE, MoEConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -159,7 +159,7 @@ def test_convert_to_fp8_converts_experts_and_keeps_the_router():
     x = torch.randn(3, 11, 128, device=DEVICE)
     ref = layer(x)
     report = convert_to_fp8(layer, backend="torch")
-    assert "experts" in report["converted"] and layer.experts.fp8 == ("torch", False)
+    assert "experts" in report["converted"] and isinstance(layer.experts, FP8RoutedExperts) and layer.experts.backend == "torch"
     assert "router" not in " ".join(report["converted"])
     out = layer(x)
     # A SwiGLU expert chains FP8 GEMMs: gate and up each carry ~0.034 (two rounded operands), their

@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import FP8_SUM_TOL
-from effllm.kernels import fp8_grouped
+from effllm.kernels import fp8_grouped, fp8_grouped_gemm
 from effllm.kernels.fp8_gemm import fp8_gemm_ref
 from effllm.kernels.fp8_quant import quant_blocks, quant_blocks_ref, quant_cols_ref, quant_rows_ref
 from effllm.kernels.grouped_gemm import grouped_mm_reference
 
-from effllm.fp8 import fp8_grouped_mm, fp8_swiglu_experts
+from effllm.fp8_experts import fp8_grouped_mm, fp8_swiglu_experts
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = [[13, 0, 150, 7, 0], [0, 1, 128, 0], [37]]
@@ -79,9 +79,9 @@ def test_grouped_gemm_equals_the_per_group_reference(sizes, k_major):
     qw, sw = qw.view(G, N, K), sw.view(G, N // 128, K // 128)
     if not k_major:  # the same operand read through a transposed view
         qw = qw.transpose(1, 2).contiguous().transpose(1, 2)
-    c = fp8_grouped.grouped_gemm(q, s, qw, sw, sched, torch.float32)
+    c = fp8_grouped_gemm.grouped_gemm(q, s, qw, sw, sched, torch.float32)
     c0 = randn(M, N, seed=11)
-    acc = fp8_grouped.grouped_gemm(q, s, qw, sw, sched, accumulate=c0.clone())  # adds into what it holds
+    acc = fp8_grouped_gemm.grouped_gemm(q, s, qw, sw, sched, accumulate=c0.clone())  # adds into what it holds
     for g, (lo, hi) in enumerate(zip(bounds(sizes), bounds(sizes)[1:])):
         if hi > lo:
             ref = fp8_gemm_ref(q[lo:hi], s[lo:hi], qw[g], sw[g], torch.float32)
@@ -96,7 +96,7 @@ def test_grouped_wgrad_equals_the_per_group_reference(sizes):
     dy, x = randn(M, N, seed=3), randn(M, K, seed=4)
     _, _, qt_dy, st_dy = fp8_grouped.quant_grouped(dy, sched)
     _, _, qt_x, st_x = fp8_grouped.quant_grouped(x, sched)
-    dw = fp8_grouped.grouped_wgrad(qt_dy, st_dy, qt_x, st_x, sched)
+    dw = fp8_grouped_gemm.grouped_wgrad(qt_dy, st_dy, qt_x, st_x, sched)
     assert dw.shape == (G, N, K)
     for g, (lo, hi) in enumerate(zip(bounds(sizes), bounds(sizes)[1:])):
         if hi == lo:  # an expert without tokens: exact zeros
@@ -235,7 +235,7 @@ def test_bad_operands_are_refused():
     q, s, _, _ = fp8_grouped.quant_grouped(randn(7, 128, seed=0), sched)
     qw, sw = quant_blocks(randn(3 * 128, 128, seed=1))
     with pytest.raises(ValueError, match="G groups"):
-        fp8_grouped.grouped_gemm(q, s, qw.view(3, 128, 128), sw.view(3, 1, 1), sched)
+        fp8_grouped_gemm.grouped_gemm(q, s, qw.view(3, 128, 128), sw.view(3, 1, 1), sched)
 
 
 @pytest.mark.gpu

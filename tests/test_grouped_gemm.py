@@ -11,10 +11,10 @@ import os
 
 import pytest
 import torch
+from effllm.kernels.backends import grouped_gemm_backend
 from effllm.kernels.grouped_gemm import (
     grouped_mm,
     grouped_mm_reference,
-    pick_backend,
     tile_schedule,
     torch_fits,
     triton_grouped_mm,
@@ -128,16 +128,16 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="unknown grouped GEMM backend"):
         grouped_mm(x, w, offsets, "cutlass")
     with pytest.raises(ValueError, match="unknown grouped GEMM backend"):
-        pick_backend(torch.device("cpu"), torch.float32, "fast")
+        grouped_gemm_backend(torch.device("cpu"), torch.float32, "fast")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU choice")
 def test_auto_backend_on_cpu():
     expected = "torch" if hasattr(torch, "_grouped_mm") else "loop"
-    assert pick_backend(torch.device("cpu"), torch.float32, features=(64, 128)) == expected
-    assert pick_backend(torch.device("cpu"), torch.float32, features=(64, 33)) == "loop"
+    assert grouped_gemm_backend(torch.device("cpu"), torch.float32, features=(64, 128)) == expected
+    assert grouped_gemm_backend(torch.device("cpu"), torch.float32, features=(64, 33)) == "loop"
     assert os.environ["TRITON_INTERPRET"] == "1"  # and under the interpreter, Triton runs on the CPU
-    assert pick_backend(torch.device("cpu"), torch.float32, "triton") == "triton"
+    assert grouped_gemm_backend(torch.device("cpu"), torch.float32, "triton") == "triton"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -177,12 +177,12 @@ def test_dtypes_the_kernels_do_not_take_are_refused_or_run_on_the_loop():
         with pytest.raises(ValueError, match="takes fp32, bf16 or fp16.*got torch.float64"):
             grouped_mm(x, w, offsets, backend)
         with pytest.raises(ValueError, match="use backend 'loop'"):
-            pick_backend(torch.device("cpu"), torch.float64, backend)
+            grouped_gemm_backend(torch.device("cpu"), torch.float64, backend)
     with pytest.raises(ValueError, match="got torch.float64"):
         triton_grouped_mm(x, w, offsets)
-    assert pick_backend(torch.device("cpu"), torch.float64) == "loop"
+    assert grouped_gemm_backend(torch.device("cpu"), torch.float64) == "loop"
     xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y = grouped_mm(xr, wr, offsets, pick_backend(x.device, x.dtype))
+    y = grouped_mm(xr, wr, offsets, grouped_gemm_backend(x.device, x.dtype))
     assert torch.equal(y, grouped_mm_reference(x, w, offsets))
 
 

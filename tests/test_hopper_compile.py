@@ -1,5 +1,5 @@
 """Every Triton kernel compiles for Hopper (sm_90) with the compiler Triton ships, without a GPU,
-and compiles to the structure the H100 needs (tests/hopper_compile.py does the compiling, in a
+and compiles to the structure the H100 needs (benchmarks/hopper_compile.py does the compiling, in a
 subprocess: the rest of the suite runs under TRITON_INTERPRET=1, whose kernels do not compile).
 
 What the interpreter cannot show:
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import built_once
 
-SCRIPT = Path(__file__).with_name("hopper_compile.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hopper_compile.py"
 
 
 def _nvidia_toolchain() -> str | None:

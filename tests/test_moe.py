@@ -221,7 +221,8 @@ def test_sequence_balance_loss_matches_the_formula_and_trains_the_router():
     cfg = MoEConfig(n_routed_experts=6, top_k=2, expert_dim=8, seq_aux_loss_weight=1e-2)
     layer = MoE(16, cfg).train()
     x = torch.randn(3, 11, 16)
-    layer(x)
+    out, aux = layer(x, return_aux=True)
+    torch.testing.assert_close(out, layer(x))  # without return_aux: the output alone
     _, idx, s = layer.router(x.reshape(-1, 16))
     idx, s = idx.view(3, 11, 2), s.view(3, 11, 6).double()
     expected = 0.0
@@ -229,12 +230,11 @@ def test_sequence_balance_loss_matches_the_formula_and_trains_the_router():
         f = torch.bincount(idx[b].flatten(), minlength=6).double() * 6 / (2 * 11)
         p = (s[b] / s[b].sum(-1, keepdim=True)).mean(0)
         expected += 1e-2 * (f * p).sum().item() / 3
-    assert layer.aux_loss.item() == pytest.approx(expected, rel=1e-5)
-    layer.aux_loss.backward()
+    assert aux.item() == pytest.approx(expected, rel=1e-5)
+    aux.backward()
     assert layer.router.weight.grad.abs().sum() > 0
     layer.eval()
-    layer(x)
-    assert layer.aux_loss is None
+    assert layer(x, return_aux=True)[1] is None
 
 
 def moe_model_config(**kw) -> ModelConfig:

@@ -34,21 +34,22 @@ def test_each_depth_predicts_k_tokens_further(name):
     model = model_for(name)
     x = torch.randint(0, 97, (2, 20))
     y = torch.randint(0, 97, (2, 20))
-    _, loss = model(x, y)
-    assert len(model.mtp_losses) == model.cfg.mtp_depth
+    out = model(x, y, return_aux=True)
+    assert len(out.mtp_losses) == model.cfg.mtp_depth
     # recompute by hand: depth k at position i sees h_{k-1}[i] and token i+k, predicts y[i+k]
     with torch.no_grad():
         embed = model.tok_emb(x)
         h = embed
         for block in model.blocks:
-            h = block(h, model.rope(0, 20))
+            h, _ = block(h, model.rope(0, 20))
         for k, module in enumerate(model.mtp, start=1):
             n = 20 - k
             z = module.proj(torch.cat((module.hidden_norm(h[:, :n]), module.embed_norm(embed[:, k:])), -1))
-            h = module.block(z, model.rope(0, n))
+            h, _ = module.block(z, model.rope(0, n))
             expected = F.cross_entropy(model.head(module.out_norm(h)).flatten(0, 1), y[:, k:].flatten())
-            torch.testing.assert_close(model.mtp_losses[k - 1].detach(), expected, rtol=1e-5, atol=1e-6)
-    assert model.mtp_loss().item() == pytest.approx(sum(l.item() for l in model.mtp_losses) / len(model.mtp_losses))  # noqa: E741
+            torch.testing.assert_close(out.mtp_losses[k - 1].detach(), expected, rtol=1e-5, atol=1e-6)
+    assert out.mtp_loss.item() == pytest.approx(sum(l.item() for l in out.mtp_losses) / len(out.mtp_losses))  # noqa: E741
+    torch.testing.assert_close(model(x, y)[1], out.loss)  # without return_aux: (logits, the same loss)
 
 
 def test_depth_k_never_sees_past_token_i_plus_k():
@@ -57,17 +58,17 @@ def test_depth_k_never_sees_past_token_i_plus_k():
 
     def capture(k):
         def hook(block, inputs, output):
-            logits_at[k] = model.head(model.mtp[k - 1].out_norm(output)).detach()
+            logits_at[k] = model.head(model.mtp[k - 1].out_norm(output[0])).detach()  # (hidden, balance loss)
         return hook
 
     for k, module in enumerate(model.mtp, start=1):
         module.block.register_forward_hook(capture(k))
     x = torch.randint(0, 97, (1, 24))
-    model(x, x)
+    model(x, x, return_aux=True)  # a training forward with targets: the MTP depths run
     base = dict(logits_at)
     changed = x.clone()
     changed[0, 15] = (changed[0, 15] + 1) % 97
-    model(changed, changed)
+    model(changed, changed, return_aux=True)
     for k in (1, 2):  # depth k at position i uses tokens <= i+k: positions < 15-k are untouched
         torch.testing.assert_close(logits_at[k][:, : 15 - k], base[k][:, : 15 - k], rtol=0, atol=1e-5)
         assert (logits_at[k][:, 15 - k] - base[k][:, 15 - k]).abs().max() > 1e-4
@@ -76,15 +77,13 @@ def test_depth_k_never_sees_past_token_i_plus_k():
 def test_mtp_loss_trains_its_modules_and_the_shared_embedding_and_head():
     model = model_for("mla-moe")
     x = torch.randint(0, 97, (2, 12))
-    model(x, x)
-    model.mtp_loss().backward()
+    model(x, x, return_aux=True).mtp_loss.backward()
     for name, p in model.named_parameters():
         if name.startswith("mtp.") and "experts" not in name and "router" not in name:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert model.tok_emb.weight.grad.abs().sum() > 0 and model.head.weight.grad.abs().sum() > 0
     model.eval()
-    model(x, x)
-    assert model.mtp_loss() is None  # not computed outside training
+    assert model(x, x, return_aux=True).mtp_loss is None  # not computed outside training
     out = model.generate(x[:, :4], 6, temperature=0.0)
     assert out.shape == (2, 10)  # plain inference ignores the MTP modules
 
@@ -133,8 +132,8 @@ def test_speculative_decoding_equals_greedy_and_accepts_drafts_once_trained():
     for _ in range(150):
         starts = torch.randint(0, 7, (16,))
         seq = cycle[(starts[:, None] + torch.arange(41)) % 7]
-        _, loss = model(seq[:, :-1], seq[:, 1:])
-        (loss + model.mtp_loss()).backward()
+        out = model(seq[:, :-1], seq[:, 1:], return_aux=True)
+        (out.loss + out.mtp_loss).backward()
         opt.step()
         opt.zero_grad()
     model.eval()

@@ -47,7 +47,7 @@ def _ep_rank(rank: int, port: int, results, fp8: bool) -> None:
         ref = full(ref_x)
         ref.backward(dy)
         # expert parallel: this rank's tokens, half the experts
-        assert shard_experts(layer) == [""]
+        assert list(shard_experts(layer)) == [""]
         lo = sum(TOKENS[:rank])
         mine = slice(lo, lo + TOKENS[rank])
         xi = x[mine].clone().requires_grad_()

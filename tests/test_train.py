@@ -11,12 +11,14 @@ import pytest
 import torch
 from conftest import tiny_train_config
 
+import effllm.run
 from effllm import checkpoint as ckpt_io
 from effllm.cli import GenerateConfig, generate_text
+from effllm.config import OptimConfig, TrainConfig, lr_at
 from effllm.errors import CheckpointError, ConfigError, DataError, OutputError, TrainingDiverged, TrainingInterrupted
 from effllm.model import ModelConfig, Transformer
 from effllm.moe import MoEConfig
-from effllm.train import OptimConfig, TrainConfig, lr_at, train
+from effllm.train import train
 
 # `effllm.train` the attribute is the train() function re-exported by the package; the module:
 train_mod = sys.modules["effllm.train"]
@@ -82,7 +84,7 @@ def test_a_crash_mid_save_keeps_the_previous_checkpoint(byte_data, tmp_path, mon
     root = tmp_path / "run" / "checkpoints"
     assert ckpt_io.latest_checkpoint(root).name == "step_00000004"
     model = Transformer(cfg.model)
-    optimizer = train_mod.build_optimizer(model, cfg.optim)
+    optimizer = effllm.run.build_optimizer(model, cfg.optim)
     real_save = torch.save
 
     def torn_write(obj, f, *args, **kwargs):  # writes half a file, then the process "dies"
@@ -110,14 +112,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(byte_data, tmp
 
     class BlowsUp(Transformer):
         def forward(self, tokens, targets=None, **kwargs):
-            logits, loss = super().forward(tokens, targets, **kwargs)
+            out = super().forward(tokens, targets, **kwargs)  # a ModelOutput: the trainer asks for return_aux
             if targets is not None and self.training:
                 calls["n"] += 1
                 if calls["n"] == 7:  # the 7th training forward = step 7
-                    loss = loss * float("nan")
-            return logits, loss
+                    out = out._replace(loss=out.loss * float("nan"))
+            return out
 
-    monkeypatch.setattr(train_mod, "Transformer", BlowsUp)
+    monkeypatch.setattr(effllm.run, "Transformer", BlowsUp)  # the model build_run builds
     cfg = tiny_train_config(byte_data, tmp_path / "run", max_steps=10, ckpt_interval=4)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 7.*step_00000004 is kept"):
         train(cfg)
@@ -240,12 +242,12 @@ def test_recomputed_moe_blocks_count_their_load_once(compiled):
     model = Transformer(cfg).train()
     blocks = [*model.blocks, model.mtp[0].block]
     for block in blocks:
-        block.activation_checkpointing = True
+        block.set_activation_checkpointing(True)
         if compiled:
             block.compile()
     x = torch.randint(0, 96, (2, 16))
-    _, loss = model(x, x)
-    (loss + model.mtp_loss()).backward()
+    out = model(x, x, return_aux=True)
+    (out.loss + out.mtp_loss).backward()
     assert model.blocks[1].ffn.step_load.sum().item() == 2 * 16 * 2  # tokens x top_k, once
     assert model.mtp[0].block.ffn.step_load.sum().item() == 2 * 15 * 2  # the MTP depth sees T-1 positions
     assert all(p.grad is not None for p in model.blocks[1].ffn.experts.parameters())

@@ -1,7 +1,7 @@
 """Compile every Triton kernel of effllm for Hopper (sm_90) on a machine without a GPU, and say what
 each compiled to. tests/test_hopper_compile.py runs it in a subprocess; by hand:
 
-    python tests/hopper_compile.py [--dump DIR] [--tuner]
+    python benchmarks/hopper_compile.py [--dump DIR] [--tuner]
 
 The interpreter runs the kernels' numerics on a CPU, but never the compiler. Here the whole NVIDIA
 pipeline runs (TTGIR, LLVM, PTX, then ptxas to a cubin, all bundled with Triton) for an explicit
@@ -80,9 +80,11 @@ def variants(tuner: bool = False):
     every configuration of the tuner's search space."""
     from effllm.kernels import fp8_gemm as fg
     from effllm.kernels import fp8_grouped as fgr
+    from effllm.kernels import fp8_grouped_gemm as fgg
     from effllm.kernels import fp8_quant as fq
     from effllm.kernels import grouped_gemm as gg
     from effllm.kernels import moe_combine as mc
+    from effllm.kernels.launch import bucket
 
     def space(configs, fixed, keys=("BLOCK_M", "BLOCK_N")):
         """(tile rows, tile columns, warps, stages) to compile."""
@@ -137,10 +139,10 @@ def variants(tuner: bool = False):
         b_s = torch.rand(n, k // 128) if row_scales else torch.rand(n // 128, k // 128)
         c = torch.empty(m, n, dtype=out_dtype)
         args = (a, b, c, a_s, b_s, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
-                c.stride(1), a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), fg._bucket(m),
-                fg._bucket(k), 1)
+                c.stride(1), a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), bucket(m),
+                bucket(k), 1)
         # the GPU tests' tiles; the tuned winner
-        for bm, bn, warps, stages in space(fg._hopper_configs(), [(128, 128, 8, 3), (64, 128, 4, 4)]):
+        for bm, bn, warps, stages in space(fg.hopper_configs(), [(128, 128, 8, 3), (64, 128, 4, 4)]):
             out.append((f"{name}/{bm}x{bn}" + (f"/w{warps}s{stages}" if tuner else ""), fg._fp8_gemm_kernel, args,
                         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, B_ROW_SCALES=row_scales,
                              num_warps=warps, num_stages=stages)))
@@ -167,20 +169,20 @@ def variants(tuner: bool = False):
         c = torch.empty(M, N, dtype=torch.float32 if accumulate else torch.bfloat16)
         args = (a, bw, c, a_s, bw_s, sched.group, sched.row, sched.ends, N, K, T, a.stride(0), a.stride(1),
                 bw.stride(0), bw.stride(1), bw.stride(2), c.stride(0), c.stride(1), a_s.stride(0), a_s.stride(1),
-                bw_s.stride(0), bw_s.stride(1), bw_s.stride(2), fg._bucket(M), 1)
-        for bm, bn, warps, stages in space(fg._hopper_configs(), [(128, 128, 8, 3)]):
+                bw_s.stride(0), bw_s.stride(1), bw_s.stride(2), bucket(M), 1)
+        for bm, bn, warps, stages in space(fg.hopper_configs(), [(128, 128, 8, 3)]):
             out.append((f"grouped_fp8_gemm{'/accumulate' if accumulate else ''}"
-                        + (f"/{bm}x{bn}/w{warps}s{stages}" if tuner else ""), fgr._grouped_gemm_kernel, args,
+                        + (f"/{bm}x{bn}/w{warps}s{stages}" if tuner else ""), fgg._grouped_gemm_kernel, args,
                         dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, TILE_M=128, ACCUMULATE=accumulate,
                              num_warps=warps, num_stages=stages)))
     at, at_s = torch.randn(N, T * 128).to(FP8), torch.rand(N, T)
     bt, bt_s = torch.randn(K, T * 128).to(FP8), torch.rand(K, T)
     dw = torch.empty(G, N, K, dtype=torch.bfloat16)
-    for bn, bk, warps, stages in space(fgr._wgrad_configs(), [(128, 128, 8, 3)], ("BLOCK_N", "BLOCK_K")):
+    for bn, bk, warps, stages in space(fgg._wgrad_configs(), [(128, 128, 8, 3)], ("BLOCK_N", "BLOCK_K")):
         out.append(("grouped_fp8_wgrad" + (f"/{bn}x{bk}/w{warps}s{stages}" if tuner else ""),
-                    fgr._grouped_wgrad_kernel,
+                    fgg._grouped_wgrad_kernel,
                     (at, bt, dw, at_s, bt_s, sched.first, sched.count, N, K, at.stride(0), bt.stride(0), dw.stride(0),
-                     dw.stride(1), dw.stride(2), at_s.stride(0), bt_s.stride(0), fg._bucket(M)),
+                     dw.stride(1), dw.stride(2), at_s.stride(0), bt_s.stride(0), bucket(M)),
                     dict(BLOCK_N=bn, BLOCK_K=bk, TILE_M=128, num_warps=warps, num_stages=stages)))
     dx, out_rows = torch.randn(M, K).bfloat16(), torch.empty(M, K).bfloat16()
     order, bounds = torch.argsort(src), torch.arange(M + 1)

@@ -1,0 +1,196 @@
+"""The configuration of a training run: TrainConfig, OptimConfig and the learning-rate schedule.
+
+Recipes are TrainConfig instances; the CLI builds one from a recipe and the command line. Every
+check here runs before anything is allocated. A resumed run takes its own configuration from its
+latest checkpoint (`saved_config`), and `resumed_config` says what a resume may change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Literal
+
+from effllm import checkpoint as ckpt_io
+from effllm.errors import CheckpointError, ConfigError
+from effllm.model import ModelConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    schedule: Literal["cosine", "wsd"] = "cosine"  # warmup+cosine, or warmup-stable-decay
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    schedule_steps: int | None = None  # steps the schedule spans (warmup, then decay); None = max_steps; past it the lr stays at its final value
+    decay_fraction: float = 0.2  # wsd only: share of max_steps spent in the final linear decay
+    weight_decay: float = 0.1  # decoupled weight decay on matrices and embeddings (not norms)
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # clip the global grad norm to this; 0 = no clipping
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; recipes are instances of it."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)  # the model to train
+    optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
+    data_dir: str = "data/stdlib"  # a directory written by `effllm prepare`
+    out_dir: str = "runs/default"  # metrics.jsonl, summary.json and checkpoints/ go here
+    batch_size: int = 16  # sequences per micro-batch
+    seq_len: int = 256  # tokens per sequence (at most model.max_seq_len)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000  # optimizer steps of the whole run
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"  # auto = cuda if available, else cpu
+    compile: bool = False  # wrap the model in torch.compile (under torchrun: each block, before FSDP/DDP)
+    goldfish_k: int = 0  # Goldfish loss: drop 1/k of target positions (chosen by a hash of context) from the loss; 0 = off
+    goldfish_h: int = 13  # Goldfish loss: tokens of context the hash reads (Hans et al. 2024 use 13)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
+    data_parallel: Literal["fsdp", "ddp"] = "fsdp"  # under torchrun: FSDP2 (sharded) or DDP (replicated)
+    dist_timeout_s: float = 300.0  # under torchrun: a collective waiting this long (a rank died) fails the job
+    expert_parallel: int = 1  # under torchrun: ranks that split each MoE layer's routed experts (1 = off)
+    fp8: bool = False  # run attention / FFN linears in FP8 with block scaling (effllm.fp8.convert_to_fp8)
+    seed: int = 1337  # seeds the init and the data order
+    log_interval: int = 10  # steps between metrics lines
+    eval_interval: int = 200  # steps between validation losses (and at the end)
+    eval_tokens: int = 65536  # validation tokens per evaluation (the same windows every time)
+    ckpt_interval: int = 500  # steps between checkpoints (and at the end); 0 = only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    resume: bool = False  # continue from the latest checkpoint in out_dir
+    progress: bool = True  # show a progress bar
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "log_interval", "eval_interval",
+                     "eval_tokens", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}: "
+                              "lower --seq-len or raise --model.max-seq-len")
+        if self.goldfish_k < 0 or self.goldfish_k == 1 or self.goldfish_h < 1:
+            raise ConfigError(f"goldfish_k must be 0 (off) or >= 2 and goldfish_h >= 1, got {self.goldfish_k}, "
+                              f"{self.goldfish_h}: goldfish_k=1 would drop every token")
+        if self.optim.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
+        if not 0 < self.optim.decay_fraction <= 1:
+            raise ConfigError(f"optim.decay_fraction must lie in (0, 1], got {self.optim.decay_fraction}")
+        if self.optim.schedule_steps is not None and self.optim.schedule_steps <= 0:
+            raise ConfigError(f"optim.schedule_steps must be positive (or None = max_steps), got {self.optim.schedule_steps}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Inverse of asdict (config.json, and the config every checkpoint stores). A config written
+        before `optim.schedule_steps` existed had a schedule spanning its max_steps."""
+        d = dict(d)
+        optim = dict(d.pop("optim", {}))
+        optim.setdefault("schedule_steps", d.get("max_steps"))
+        known = {f.name for f in fields(OptimConfig)}
+        top = {f.name for f in fields(cls)} - {"model", "optim"}
+        return cls(model=ModelConfig.from_dict(d.pop("model")), optim=OptimConfig(**{k: v for k, v in optim.items()
+                                                                                     if k in known}),
+                   **{k: v for k, v in d.items() if k in top})
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+
+def schedule_steps(cfg: TrainConfig) -> int:
+    """The number of steps the lr schedule spans: optim.schedule_steps, or max_steps."""
+    return cfg.optim.schedule_steps or cfg.max_steps
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine or
+    warmup-stable-decay (Hu et al., MiniCPM 2024) down to lr * min_lr_ratio at the last step of the
+    schedule (`schedule_steps`); steps past it keep that final lr."""
+    o = cfg.optim
+    peak, floor, horizon = o.lr, o.lr * o.min_lr_ratio, schedule_steps(cfg)
+    step = min(step, horizon - 1)  # past the schedule: the lr of its last step
+    if step < o.warmup_steps:
+        return peak * (step + 1) / o.warmup_steps
+    if o.schedule == "cosine":
+        span = max(1, horizon - 1 - o.warmup_steps)  # the last step lands on the floor
+        progress = min(1.0, (step - o.warmup_steps) / span)
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_start = horizon - max(1, round(o.decay_fraction * horizon))
+    if step < decay_start:
+        return peak
+    progress = min(1.0, (step - decay_start) / max(1, horizon - 1 - decay_start))
+    return peak + (floor - peak) * progress
+
+
+def saved_config(out_dir: str | Path) -> TrainConfig:
+    """The configuration of the run in `out_dir`, as its latest checkpoint recorded it: what `--resume`
+    continues (the command line changes only what it names). Library users resume with
+    `train(replace(saved_config(d), max_steps=..., resume=True))`."""
+    latest = ckpt_io.latest_checkpoint(Path(out_dir) / "checkpoints")
+    if latest is None:
+        raise CheckpointError(f"--resume given but {Path(out_dir) / 'checkpoints'} holds no checkpoint: drop --resume "
+                              "to start afresh")
+    return TrainConfig.from_dict(ckpt_io.read_state(latest)["config"])
+
+
+def config_changes(before: dict, after: dict, prefix: str = "") -> dict[str, tuple]:
+    """{dotted field: (before, after)} for every field that differs between two config dicts."""
+    out = {}
+    for key in sorted(before.keys() | after.keys()):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(config_changes(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out[f"{prefix}{key}"] = (a, b)
+    return out
+
+
+def resumed_config(cfg: TrainConfig, saved: TrainConfig, step: int) -> tuple[TrainConfig, dict[str, tuple]]:
+    """The configuration a resume at `step` runs with, and what it changes against the run's own.
+
+    The model must compute the same function with the same weights (`ModelConfig.resume_changes`
+    names the fields that may differ; checked by the caller). The lr schedule keeps its span: with
+    `optim.schedule_steps` None the run's own, so a larger max_steps runs the steps past the span at
+    the schedule's final lr. A new span is taken only when asked for (`optim.schedule_steps`) and
+    only when every step before `step` keeps its learning rate, as in warmup-stable-decay's stable
+    phase; a cosine schedule cannot be stretched once it has started to decay."""
+    saved_horizon = schedule_steps(saved)
+    horizon = cfg.optim.schedule_steps or saved_horizon
+    new = replace(cfg, optim=replace(cfg.optim, schedule_steps=horizon))
+    stretched = replace(saved, optim=replace(saved.optim, schedule_steps=horizon))  # the run's schedule, new span
+    moved = [s for s in range(step) if lr_at(s, stretched) != lr_at(s, saved)] if horizon != saved_horizon else []
+    if moved:
+        s = moved[0]
+        raise ConfigError(
+            f"optim.schedule_steps={horizon} would change the learning rate of steps this run already took (step "
+            f"{s + 1}: {lr_at(s, saved):.3g} -> {lr_at(s, stretched):.3g}): the run's {saved.optim.schedule} schedule of "
+            f"{saved_horizon} steps cannot be stretched at step {step}. Leave --optim.schedule-steps out (steps past "
+            f"{saved_horizon} then run at the final lr), or start a new run from these weights")
+    changes = config_changes(asdict(saved), asdict(new))
+    changes.pop("resume", None)
+    return new, changes
+
+
+def check_parallel(cfg: TrainConfig, world_size: int) -> None:
+    """Fail, before anything is allocated, on a parallel layout that cannot work."""
+    ep = cfg.expert_parallel
+    if ep < 1:
+        raise ConfigError(f"expert_parallel must be >= 1, got {ep}")
+    if ep == 1:
+        return
+    if world_size == 1:
+        raise ConfigError(f"expert_parallel={ep} needs {ep} or more ranks: launch with "
+                          f"torchrun --nproc_per_node={ep} -m effllm train ...")
+    if world_size % ep:
+        raise ConfigError(f"expert_parallel={ep} does not divide the {world_size} ranks: pick a divisor of the world size")
+    if cfg.model.ffn != "moe" or cfg.model.first_k_dense >= cfg.model.n_layers:
+        raise ConfigError("expert_parallel > 1 needs MoE layers (model.ffn=moe): this model has none to split")
+    if cfg.model.moe.n_routed_experts % ep:
+        raise ConfigError(f"{cfg.model.moe.n_routed_experts} routed experts cannot be split evenly over "
+                          f"expert_parallel={ep} ranks: pick a divisor of the expert count")
+    if cfg.data_parallel != "fsdp":
+        raise ConfigError("expert parallelism runs with data_parallel=fsdp: pass --data-parallel fsdp")

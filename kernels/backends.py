@@ -1,0 +1,72 @@
+"""Which implementation runs each kernel family, in one place.
+
+Every family has a Triton kernel and a PyTorch implementation of the same function (its reference,
+beside it in the kernel's file); the grouped GEMM also has torch._grouped_mm and a loop. The layers
+ask here, at each forward, with the tensors' device and dtype:
+
+- `fp8_backend(device, requested)`: the FP8 quantizations and block-scaled GEMMs (fp8_quant,
+  fp8_gemm, fp8_grouped);
+- `grouped_gemm_backend(device, dtype, requested, features)`: the MoE experts' grouped GEMM
+  (grouped_gemm);
+- `combine_backend(device)`: the MoE combine (moe_combine).
+
+"auto" is what the measurements in each kernel file support; any other name is checked and taken.
+Under TRITON_INTERPRET=1 (the CPU tests) a Triton kernel may be asked for on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from effllm.kernels.grouped_gemm import BACKENDS, KERNEL_DTYPES, check_kernel_dtype, torch_fits
+from effllm.kernels.launch import interpreting
+
+FP8_BACKENDS = ("triton", "torch")
+
+
+def fp8_backend(device: torch.device, requested: str = "auto") -> str:
+    """"triton" on CUDA GPUs with FP8 tensor cores (sm_89+), else "torch"; or what was asked for."""
+    if requested in FP8_BACKENDS:
+        return requested
+    if requested != "auto":
+        raise ValueError(f"unknown FP8 backend {requested!r}; choose auto, triton or torch")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
+        return "triton"
+    return "torch"
+
+
+def grouped_gemm_backend(device: torch.device, dtype: torch.dtype, requested: str = "auto",
+                         features: tuple[int, ...] = ()) -> str:
+    """The grouped GEMM backend for tensors of `dtype` on `device` whose GEMMs have these feature sizes.
+
+    auto: the loop for dtypes the kernels do not take (fp64); on CUDA, torch._grouped_mm for bf16 on
+    compute capability 9.0+ (its supported case), else the Triton kernels; on CPU, torch._grouped_mm
+    where this PyTorch has it (bf16 only while torch.compile traces, as its meta function demands),
+    else the loop. Feature sizes that torch._grouped_mm cannot stride (rows not a multiple of 16
+    bytes) rule it out.
+    """
+    if requested != "auto":
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown grouped GEMM backend {requested!r}; choose auto or one of {', '.join(BACKENDS)}")
+        if requested != "loop":
+            check_kernel_dtype(dtype, requested)
+        if requested == "torch" and not hasattr(torch, "_grouped_mm"):
+            raise ValueError(f"torch {torch.__version__} has no torch._grouped_mm: choose 'triton' or 'loop'")
+        if requested == "triton" and device.type != "cuda" and not interpreting():
+            raise ValueError("the Triton grouped GEMM needs a CUDA GPU (or TRITON_INTERPRET=1 for tests)")
+        return requested
+    if dtype not in KERNEL_DTYPES:
+        return "loop"
+    has_torch = hasattr(torch, "_grouped_mm") and torch_fits(dtype, *features)
+    if device.type == "cuda":
+        if has_torch and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0):
+            return "torch"
+        return "triton"
+    if has_torch and torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        return "loop"  # torch._grouped_mm's meta function (what compile traces) accepts only bf16
+    return "torch" if has_torch else "loop"
+
+
+def combine_backend(device: torch.device) -> bool:
+    """Whether the MoE combine runs its Triton kernel: on CUDA; elsewhere PyTorch ops in the same
+    fixed order (the interpreter would only make the CPU path slower)."""
+    return device.type == "cuda"
