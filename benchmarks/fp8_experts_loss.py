@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RUNS_ROOT, base_parser, environment, parse_args, write_markdown  # noqa: E402
 from effllm.kernels.fp8_quant import TILE, dequant_blocks, dequant_rows, quant_blocks_ref, quant_rows_ref  # noqa: E402
 
-from effllm.data import PrepareConfig, is_prepared, prepare  # noqa: E402
 from effllm.model import ModelConfig  # noqa: E402
 from effllm.moe import MoEConfig, RoutedExperts, gather_rows  # noqa: E402
+from effllm.prepare import PrepareConfig, is_prepared, prepare  # noqa: E402
 from effllm.train import OptimConfig, TrainConfig, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fp8_experts_loss"

@@ -26,8 +26,9 @@ import torch
 from common import base_parser, environment, parse_args, write_markdown, write_result
 
 from effllm import checkpoint as ckpt_io
-from effllm.data import PrepareConfig, TokenDataset, prepare
+from effllm.data import TokenDataset
 from effllm.model import ModelConfig, Transformer
+from effllm.prepare import PrepareConfig, prepare
 from effllm.train import OptimConfig, TrainConfig, train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memorization"

@@ -23,11 +23,12 @@ import effllm.recipes
 from effllm import checkpoint as ckpt_io
 from effllm.card import CardConfig, write_card
 from effllm.config import TrainConfig, saved_config
-from effllm.data import PrepareConfig, load_tokenizer, prepare
 from effllm.devices import resolve_device
 from effllm.errors import ConfigError, EffllmError, TrainingInterrupted
 from effllm.hf import ExportConfig, export_hf
 from effllm.parallelize import exit_rank
+from effllm.prepare import PrepareConfig, prepare
+from effllm.tokenizer import load_tokenizer
 from effllm.train import train
 
 USAGE = """usage: effllm <command> [options]

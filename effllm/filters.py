@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from effllm.errors import DataError
+from effllm.fsutil import sha256_file
 
 UNKNOWN_LICENSE = "unknown"
 
@@ -103,3 +104,52 @@ class NearDuplicates:
         for band, key in zip(self.buckets, keys):
             band.setdefault(key, []).append(index)
         return False
+
+
+DROP_REASONS = ("license", "opt_out", "exact_duplicate", "near_duplicate")
+
+
+class DocumentFilter:
+    """All of prepare's filters over a stream of documents, in source order: `verdict` says why a
+    document is dropped (the first of DROP_REASONS that applies), or None to keep it, and counts
+    the drops by reason."""
+
+    def __init__(self, allow_licenses: tuple[str, ...] = (), opt_out: str | None = None,
+                 near_dup_threshold: float = 0.0):
+        self.allowed = set(allow_licenses) or None
+        self.opt_out = OptOut(opt_out) if opt_out else None
+        self.near = NearDuplicates(near_dup_threshold) if near_dup_threshold else None
+        self.seen: set[str] = set()
+        self.dropped = {reason: {"documents": 0, "bytes": 0} for reason in DROP_REASONS}
+
+    def verdict(self, license: str, text: str, origin: str) -> str | None:
+        reason = self._reason(license, text, origin)
+        if reason is not None:
+            self.dropped[reason]["documents"] += 1
+            self.dropped[reason]["bytes"] += len(text.encode("utf-8"))
+        return reason
+
+    def _reason(self, license: str, text: str, origin: str) -> str | None:
+        if self.allowed is not None and license not in self.allowed:
+            return "license"
+        if self.opt_out is not None and self.opt_out.match(origin):
+            return "opt_out"
+        digest = text_sha256(text)
+        if digest in self.seen:
+            return "exact_duplicate"
+        self.seen.add(digest)
+        if self.near is not None and self.near.seen(text):
+            return "near_duplicate"
+        return None
+
+    def manifest(self, near_dup_threshold: float) -> dict:
+        """The manifest's record of the filters that ran."""
+        opt_out, near = self.opt_out, self.near
+        return {
+            "allow_licenses": sorted(self.allowed) if self.allowed else None,
+            "opt_out": ({"file": str(opt_out.path.resolve()), "sha256": sha256_file(opt_out.path),
+                         "patterns": len(opt_out.patterns)} if opt_out else None),
+            "exact_dedup": "sha256 of each document's text; the first occurrence in source order is kept",
+            "near_dedup": ({"threshold": near_dup_threshold, "method": f"MinHash, {near.NUM_PERM} permutations "
+                            f"over {near.SHINGLE}-word shingles, LSH with {near.BANDS} bands"} if near else None),
+        }

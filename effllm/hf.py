@@ -34,11 +34,11 @@ from safetensors.torch import save_file
 
 from effllm import checkpoint as ckpt_io
 from effllm.card import find_manifest
-from effllm.data import EOT_TEXT
 from effllm.errors import ConfigError
 from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved
 from effllm.model import ModelConfig, Transformer
 from effllm.moe import MoE
+from effllm.tokenizer import EOT_TEXT
 
 HF_LATENT_NORM_EPS = 1e-6  # transformers builds DeepseekV3's q_a / kv_a layernorms with this epsilon
 

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 else:  # on a GPU the FP8 kernels run one fixed configuration: autotuning every test shape takes minutes
     os.environ.setdefault("EFFLLM_FP8_AUTOTUNE", "0")
 
-from effllm.data import PrepareConfig, prepare
+from effllm.prepare import PrepareConfig, prepare
 
 # Relative error allowed between the FP8 GEMM and an exact sum of the same quantized operands. On a
 # CPU (the interpreter, or the PyTorch path) every sum is fp32: 1e-6. On NVIDIA tensor cores each

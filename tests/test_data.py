@@ -11,15 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from effllm.data import (
-    STDLIB_EXCLUDED_DIRS,
-    PrepareConfig,
-    TokenDataset,
-    load_tokenizer,
-    prepare,
-    stdlib_source,
-)
+from effllm.data import TokenDataset
 from effllm.errors import DataError, OutputError
+from effllm.prepare import PrepareConfig, prepare
+from effllm.sources import STDLIB_EXCLUDED_DIRS, stdlib_source
+from effllm.tokenizer import load_tokenizer
 
 
 def files_of(directory: Path) -> dict[str, bytes]:

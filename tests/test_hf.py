@@ -20,11 +20,11 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from effllm import ConfigError
 from effllm.cli import main
-from effllm.data import ByteTokenizer
 from effllm.hf import byte_tokenizer_json, check_exportable, hf_state_dict, save_hf
 from effllm.mla import MLAConfig
 from effllm.model import ModelConfig
 from effllm.moe import MoEConfig
+from effllm.tokenizer import ByteTokenizer
 from effllm.train import train
 
 BASE = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, max_seq_len=64)

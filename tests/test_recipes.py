@@ -57,7 +57,7 @@ def test_fp8_recipe_converts_attention_and_dense_linears():
 
 @pytest.fixture(scope="module")
 def stdlib_data(tmp_path_factory):
-    from effllm.data import PrepareConfig, prepare
+    from effllm.prepare import PrepareConfig, prepare
 
     return prepare(PrepareConfig(out=str(tmp_path_factory.mktemp("stdlib") / "data")), progress=False)
 

@@ -201,7 +201,7 @@ def test_generate_from_a_checkpoint(byte_data, tmp_path):
 
 
 def test_bpe_data_trains_and_generates_from_the_checkpoint_alone(tmp_path, small_prepare_config):
-    from effllm.data import prepare
+    from effllm.prepare import prepare
 
     data = prepare(replace(small_prepare_config, out=str(tmp_path / "bpe"), tokenizer="bpe", vocab_size=600),
                    progress=False)

@@ -1,0 +1,239 @@
+"""`effllm prepare`: text sources -> tokenizer -> train/val token shards and a manifest.
+
+`prepare()` reads the embedded default corpus (the Python standard library's own .py files, PSF
+licence) or a user's text / jsonl files and folders (effllm/sources.py), filters their documents
+(effllm/filters.py), tokenizes them (effllm/tokenizer.py: bytes, or a BPE trained here), and
+writes into one directory:
+
+    train.bin, val.bin   flat token ids (uint16 when the vocabulary fits, else uint32), one
+                         end-of-text token after each document
+    manifest.json        every source file (path, sha256, bytes, tokens, split, licence), the
+                         tokenizer, the split rule, the filters and the totals
+    tokenizer.json       the trained BPE (BPE only)
+
+The output is a pure function of the input files and options: re-running gives byte-identical
+files. It is written into a hidden folder that replaces the output only once complete. Only one
+file's text is held in memory at a time, so corpora larger than memory prepare fine. The stages:
+`_read` (hash, filter and split every file), the BPE training (train split only), `_tokenize`,
+and `_manifest`. effllm/data.py reads the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from tqdm import tqdm
+
+from effllm.data import MANIFEST_FORMAT
+from effllm.errors import DataError
+from effllm.filters import DocumentFilter
+from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved, sha256_file
+from effllm.sources import (
+    DEFAULT_EXTENSIONS,
+    Source,
+    SourceFile,
+    read_documents,
+    split_source_spec,
+    stdlib_root,
+    stdlib_source,
+    user_sources,
+)
+from effllm.tokenizer import BPETokenizer, ByteTokenizer
+
+SPLIT_RULE = "a document is in val when the first 8 bytes of sha256(document id), big-endian, are < val_fraction * 2**64"
+PREPARED_FILES = ("train.bin", "val.bin", "manifest.json", "tokenizer.json")  # all that `prepare` writes
+
+
+@dataclass
+class PrepareConfig:
+    """Options of `effllm prepare`."""
+
+    sources: tuple[str, ...] = ()  # text/jsonl files or folders, each optionally PATH=LICENSE; empty = the stdlib corpus
+    out: str = "data/stdlib"  # output directory
+    license: str | None = None  # licence (SPDX id, or "unknown") of the sources that name none of their own
+    allow_licenses: tuple[str, ...] = ()  # keep only sources with these licences ("unknown" only if listed); empty = all
+    opt_out: str | None = None  # a file of origin patterns (URL prefix, domain or path glob) whose documents are dropped
+    origin_field: str | None = None  # jsonl: the record field holding the document's origin URL (for opt-outs)
+    near_dup_threshold: float = 0.0  # drop documents this similar (MinHash Jaccard) to an earlier one; 0 = off
+    tokenizer: Literal["byte", "bpe"] = "byte"  # byte-level (vocab 256) or a BPE trained on the train split
+    vocab_size: int = 4096  # BPE vocabulary size (ignored for byte)
+    val_fraction: float = 0.02  # share of documents held out for validation
+    text_field: str = "text"  # the field of each jsonl record that holds its text
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS  # which files of a folder are read
+    overwrite: bool = False  # replace an existing prepared directory
+
+
+def split_of(doc_id: str, val_fraction: float) -> str:
+    """'val' for a stable val_fraction share of document ids, chosen by hash, else 'train'."""
+    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
+    return "val" if h < val_fraction * 2**64 else "train"
+
+
+def is_prepared(directory: Path) -> bool:
+    """Whether `directory` holds an earlier `prepare`'s output (an effllm manifest)."""
+    try:
+        return json.loads((directory / "manifest.json").read_text()).get("format") == MANIFEST_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class _Corpus:
+    """The files kept by the read pass, each with its manifest entry and the ids of its dropped
+    documents; `documents(i, split)` reads file i again (checking it did not change) and gives its
+    kept (id, text) pairs, of one split or both."""
+
+    def __init__(self, cfg: PrepareConfig, sources: list[Source]):
+        self.cfg, self.sources = cfg, sources
+        self.files: list[SourceFile] = []
+        self.entries: list[dict] = []
+        self.dropped_ids: dict[int, set[str]] = {}  # kept file index -> ids of its dropped documents
+        self.skipped: list[dict] = []
+        self.n_docs = {"train": 0, "val": 0}
+
+    def read(self, f: SourceFile) -> tuple[str, list[tuple[str, str, str]]]:
+        raw = f.path.read_bytes()
+        return hashlib.sha256(raw).hexdigest(), read_documents(f, raw, self.cfg.text_field, self.cfg.origin_field)
+
+    def documents(self, i: int, split: str | None = None) -> list[tuple[str, str]]:
+        f, entry = self.files[i], self.entries[i]
+        digest, file_docs = self.read(f)
+        if digest != entry["sha256"]:
+            raise DataError(f"{f.path} changed while being prepared: run `effllm prepare` again")
+        drop = self.dropped_ids.get(i, ())
+        return [(doc_id, text) for doc_id, text, _ in file_docs
+                if doc_id not in drop and split in (None, split_of(doc_id, self.cfg.val_fraction))]
+
+
+def _read(cfg: PrepareConfig, sources: list[Source], filters: DocumentFilter, progress: bool) -> _Corpus:
+    """Pass 1: hash every file, filter its documents and assign the kept ones to a split."""
+    corpus = _Corpus(cfg, sources)
+    files = [f for s in sources for f in s.files]
+    for f in tqdm(files, desc="reading", unit="file", disable=not progress or None):
+        try:
+            digest, file_docs = corpus.read(f)
+        except UnicodeDecodeError as e:
+            corpus.skipped.append({"source": f.source, "path": f.rel,
+                                   "reason": f"not UTF-8 ({e.reason} at byte {e.start})"})
+            continue
+        entry = {"source": f.source, "path": f.rel, "sha256": digest, "bytes": f.path.stat().st_size,
+                 "documents": 0, "kept_bytes": 0, "tokens": {"train": 0, "val": 0}}
+        for doc_id, text, origin in file_docs:
+            reason = filters.verdict(sources[f.source].license, text, origin)
+            if reason is None:
+                entry["documents"] += 1
+                entry["kept_bytes"] += len(text.encode("utf-8"))
+                corpus.n_docs[split_of(doc_id, cfg.val_fraction)] += 1
+                continue
+            corpus.dropped_ids.setdefault(len(corpus.files), set()).add(doc_id)
+            entry.setdefault("dropped", {}).setdefault(reason, 0)
+            entry["dropped"][reason] += 1
+        corpus.files.append(f)
+        corpus.entries.append(entry)
+    for split, n in corpus.n_docs.items():
+        if not n:
+            raise DataError(f"the {split} split is empty ({sum(corpus.n_docs.values())} documents kept, "
+                            f"{sum(d['documents'] for d in filters.dropped.values())} dropped by the filters): "
+                            "add documents, loosen the filters or change --val-fraction")
+    return corpus
+
+
+def _tokenize(corpus: _Corpus, tokenizer, dtype, tmp: Path, progress: bool) -> np.ndarray:
+    """Pass 3: file by file, each document and an end-of-text token appended to its split's file in
+    `tmp`; the entries get their token counts. Returns the train split's token counts (V,)."""
+    counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    eot = np.array([tokenizer.eot_id], dtype=dtype)
+    with open(tmp / "train.bin", "wb") as train_fh, open(tmp / "val.bin", "wb") as val_fh:
+        handles = {"train": train_fh, "val": val_fh}
+        for i in tqdm(range(len(corpus.files)), desc="tokenizing", unit="file", disable=not progress or None):
+            entry = corpus.entries[i]
+            file_docs = corpus.documents(i)
+            for (doc_id, _), ids in zip(file_docs, tokenizer.encode_array([t for _, t in file_docs])):
+                split = split_of(doc_id, corpus.cfg.val_fraction)
+                ids = np.concatenate((ids.astype(dtype), eot))
+                handles[split].write(ids.tobytes())
+                entry["tokens"][split] += len(ids)
+                if split == "train":
+                    counts += np.bincount(ids, minlength=tokenizer.vocab_size)
+    return counts
+
+
+def _manifest(cfg: PrepareConfig, corpus: _Corpus, filters: DocumentFilter, tokenizer, dtype, tmp: Path,
+              counts: np.ndarray) -> dict:
+    """The manifest of the prepared files in `tmp`: sources and licences, tokenizer, split, totals,
+    filters, drops, and every file."""
+    entries = corpus.entries
+    totals = {f"{split}_tokens": sum(e["tokens"][split] for e in entries) for split in ("train", "val")}
+    # Cross-entropy of the val split under the train split's unigram distribution (add-one
+    # smoothed): the loss a model gets from token frequencies alone, the bar training must clear.
+    val = np.fromfile(tmp / "val.bin", dtype=dtype)
+    logp = np.log((counts + 1) / (counts.sum() + len(counts)))
+    unigram = float(-np.mean(logp[val]))
+    tok_spec = {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}
+    if tokenizer.kind == "bpe":
+        tok_spec |= {"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")}
+    return {
+        "format": MANIFEST_FORMAT,
+        "sources": [
+            {"kind": s.kind, "root": str(s.root), "license": s.license}
+            | ({"python": sys.version.split()[0], "note": "Python standard library source, tests excluded"}
+               if s.kind == "stdlib" else {})
+            for s in corpus.sources
+        ],
+        "tokenizer": tok_spec,
+        "dtype": np.dtype(dtype).name,
+        "split": {"rule": SPLIT_RULE, "val_fraction": cfg.val_fraction, "document_id": "path relative to "
+                  "its source root, plus ':line' for a jsonl record"},
+        "totals": {"files": len(entries), "documents": sum(corpus.n_docs.values()),
+                   "bytes": sum(e["bytes"] for e in entries), **totals,
+                   "unigram_val_loss": round(unigram, 6)},
+        "filters": filters.manifest(cfg.near_dup_threshold),
+        "dropped": filters.dropped,
+        "files": entries,
+        "skipped": corpus.skipped,
+    }
+
+
+def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
+    """Tokenize the sources of `cfg` into `cfg.out`; returns the output directory."""
+    if not 0 < cfg.val_fraction < 1:
+        raise DataError(f"val_fraction must lie in (0, 1), got {cfg.val_fraction}")
+    if cfg.tokenizer == "bpe" and not 256 < cfg.vocab_size < 2**31:
+        raise DataError(f"BPE vocab_size must exceed the 256 byte symbols, got {cfg.vocab_size}")
+    out = resolved(cfg.out)
+    given = [split_source_spec(spec, cfg.license)[0] for spec in cfg.sources] or [stdlib_root()]
+    refuse_overlap(out, given)
+    if cfg.opt_out:
+        refuse_overlap(out, [cfg.opt_out], what="opt-out file")
+    claim_output_dir(out, writer="effllm prepare", owned=PREPARED_FILES, is_ours=is_prepared, overwrite=cfg.overwrite)
+    sources = user_sources(cfg.sources, cfg.license, cfg.extensions) if cfg.sources else [stdlib_source()]
+    if not any(s.files for s in sources):
+        raise DataError("no source files found")
+    filters = DocumentFilter(cfg.allow_licenses, cfg.opt_out, cfg.near_dup_threshold)
+    corpus = _read(cfg, sources, filters, progress)
+
+    # Pass 2 (BPE only): learn merges from the train split alone, so val stays unseen.
+    if cfg.tokenizer == "byte":
+        tokenizer = ByteTokenizer()
+    else:
+        train_texts = (text for i in range(len(corpus.files)) for _, text in corpus.documents(i, "train"))
+        tokenizer = BPETokenizer.train(train_texts, cfg.vocab_size)
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+
+    tmp = new_temp_dir(out)  # replaces `out` only once complete, removed on failure
+    try:
+        counts = _tokenize(corpus, tokenizer, dtype, tmp, progress)
+        tokenizer.save(tmp)
+        manifest = _manifest(cfg, corpus, filters, tokenizer, dtype, tmp, counts)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, out)
+    return out

@@ -1,0 +1,126 @@
+"""Where prepared text comes from, and under which licence: the embedded corpus or the user's files.
+
+A `Source` is a root folder with one licence (SPDX id, or the explicit word "unknown") and its
+files in a fixed order; `read_documents` cuts a file into documents (the whole file, or one per
+jsonl record) with the id the split and the manifest use, and the origin an opt-out matches.
+The embedded default corpus is the running Python's standard library: its .py files, tests and
+third-party packages excluded, under the PSF licence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from effllm.errors import DataError
+
+# Directories of the standard library that hold tests, or third-party packages with licences of
+# their own (site-packages sits inside the stdlib directory of many installs).
+STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+STDLIB_LICENSE = "PSF-2.0"
+DEFAULT_EXTENSIONS = (".txt", ".md", ".jsonl")
+
+
+@dataclass
+class SourceFile:
+    source: int  # index into the manifest's sources
+    path: Path  # absolute path
+    rel: str  # path relative to its source root, as the manifest records it
+    jsonl: bool = False
+
+
+@dataclass
+class Source:
+    kind: str  # "stdlib" or "files"
+    root: Path
+    license: str
+    files: list[SourceFile] = field(default_factory=list)
+
+
+def stdlib_root() -> Path:
+    """The folder of the running Python's standard library: the embedded corpus."""
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def stdlib_source() -> Source:
+    """The standard library's .py files of the running Python, tests and site-packages excluded."""
+    root = stdlib_root()
+    src = Source("stdlib", root, STDLIB_LICENSE)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_EXCLUDED_DIRS)
+        for name in sorted(filenames):
+            if name.endswith(".py") and not name.startswith("test_"):
+                path = Path(dirpath) / name
+                src.files.append(SourceFile(0, path, path.relative_to(root).as_posix()))
+    src.files.sort(key=lambda f: f.rel)
+    return src
+
+
+def split_source_spec(spec: str, default: str | None) -> tuple[str, str]:
+    """"PATH=LICENSE" -> (PATH, LICENSE); a bare PATH takes `default` (a path that itself contains
+    "=" and exists is read as a path)."""
+    if "=" in spec and not Path(spec).exists():
+        path, licence = spec.rsplit("=", 1)
+        if licence.strip():
+            return path, licence.strip()
+    if not default:
+        raise DataError(
+            f"source {spec} has no licence: every source needs one in the manifest. Name it with "
+            f"{spec}=SPDX-ID, or pass --license for all sources (an SPDX id such as CC-BY-4.0, or the "
+            "explicit word 'unknown')"
+        )
+    return spec, default
+
+
+def user_sources(specs: tuple[str, ...], license: str | None = None,
+                 extensions: tuple[str, ...] = DEFAULT_EXTENSIONS) -> list[Source]:
+    """The files named by `specs` ("PATH" or "PATH=LICENSE"; folders read recursively, keeping the
+    files ending in `extensions`); `license` is the licence of the specs that name none."""
+    sources = []
+    for i, spec in enumerate(specs):
+        name, licence = split_source_spec(spec, license)
+        path = Path(name).resolve()
+        if path.is_file():
+            src = Source("files", path.parent, licence)
+            src.files.append(SourceFile(i, path, path.name, path.suffix == ".jsonl"))
+        elif path.is_dir():
+            src = Source("files", path, licence)
+            for dirpath, dirnames, filenames in os.walk(path):
+                dirnames.sort()
+                for fname in sorted(filenames):
+                    if Path(fname).suffix in extensions:
+                        p = Path(dirpath) / fname
+                        src.files.append(SourceFile(i, p, p.relative_to(path).as_posix(), p.suffix == ".jsonl"))
+            src.files.sort(key=lambda f: f.rel)
+            if not src.files:
+                raise DataError(f"folder {path} holds no files ending in {', '.join(extensions)}: "
+                                "point at other files or pass --extensions")
+        else:
+            raise DataError(f"source {name} does not exist: pass existing files or folders")
+        sources.append(src)
+    return sources
+
+
+def read_documents(f: SourceFile, raw: bytes, text_field: str, origin_field: str | None = None
+                   ) -> list[tuple[str, str, str]]:
+    """(document id, text, origin) of one file: the whole file, or one per jsonl record. The origin
+    is the file's path, or a record's `origin_field` (a URL) when it has one."""
+    text = raw.decode("utf-8")
+    if not f.jsonl:
+        return [(f.rel, text, str(f.path))]
+    docs = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{f.path}:{n} is not valid JSON ({e.msg}): fix or remove the line") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise DataError(f"{f.path}:{n} has no string field {text_field!r}: pass --text-field NAME")
+        origin = record.get(origin_field) if origin_field else None
+        docs.append((f"{f.rel}:{n}", record[text_field], origin if isinstance(origin, str) else f"{f.path}:{n}"))
+    return docs
