@@ -111,8 +111,7 @@ def main() -> None:
         for name, k in (("plain", 0), ("goldfish k=4, h=13", 4)):
             out = work / name.split()[0]
             summary = train(replace(base, out_dir=str(out), goldfish_k=k))
-            trained = Transformer(model).to(device)
-            ckpt_io.load_weights(ckpt_io.latest_checkpoint(out / "checkpoints"), trained)
+            trained, _, _ = ckpt_io.load_model(out, device)
             runs[name] = {"final_val_loss": summary["final_val_loss"], "final_train_loss": summary["final_train_loss"],
                           "tokens_seen": summary["tokens_seen"],
                           "recall": recall(trained, docs, args.samples_per_doc)}

@@ -20,7 +20,6 @@ from common import base_parser, environment, finish, parse_args, sync, write_mar
 
 from effllm import checkpoint as ckpt_io
 from effllm.data import TokenDataset
-from effllm.model import ModelConfig, Transformer
 from effllm.mtp import speculative_generate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "speculative"
@@ -48,11 +47,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     args = parse_args(parser)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ckpt = ckpt_io.resolve_checkpoint(args.checkpoint)
-    state = ckpt_io.read_state(ckpt)
-    model = Transformer(ModelConfig.from_dict(state["config"]["model"])).to(device)
-    ckpt_io.load_weights(ckpt, model)
-    model.eval()
+    model, state, _ = ckpt_io.load_model(args.checkpoint, device)
     val = TokenDataset(args.data_dir).splits["val"]
     stride = (len(val) - args.prompt_len) // args.prompts
     greedy_s, spec_s, drafted, accepted = [], [], 0, 0

@@ -49,22 +49,30 @@ def licence_shares(manifest: dict) -> list[dict]:
              "token_share": r["train_tokens"] / total_tokens} for r in sorted(by.values(), key=lambda r: -r["bytes"])]
 
 
-def card_text(state: dict, counts: dict, manifest: dict) -> str:
-    """The card's markdown from a checkpoint's state, the model's parameter counts and the manifest."""
-    cfg = state["config"]
-    m = cfg["model"]
+def model_lines(m: dict, counts: dict) -> list[str]:
+    """The card's "Model" section for a model config (as a dict) and its parameter counts."""
     attn = "MLA" if m["attention"] == "mla" else "MHA/GQA"
     ffn = (f"DeepSeekMoE, {m['moe']['n_routed_experts']} routed experts (top-{m['moe']['top_k']}) + "
            f"{m['moe']['n_shared_experts']} shared" if m["ffn"] == "moe" else "dense SwiGLU")
+    return ["## Model", "",
+            f"- Decoder-only Transformer: {m['n_layers']} layers, width {m['dim']}, {m['n_heads']} heads, {attn} "
+            f"attention, {ffn} feed-forwards" + (f", {m['mtp_depth']} multi-token-prediction module(s)"
+                                                  if m.get("mtp_depth") else "") + ".",
+            f"- Parameters: {counts['total']:,} in total, {counts['active']:,} active per token"
+            + (f" ({counts['mtp']:,} in MTP modules, used in training only)" if counts.get("mtp") else "") + ".",
+            f"- Vocabulary {m['vocab_size']}, context {m['max_seq_len']} tokens.", ""]
+
+
+def card_text(state: dict, counts: dict, manifest: dict, title: str = "# Model card") -> str:
+    """The card's markdown from a checkpoint's state, the model's parameter counts and the manifest:
+    the model, its training and compute, and its data by licence with the filters applied. The one
+    card writer: `effllm card` and every run write it as MODEL_CARD.md, `effllm export-hf` as the
+    export's README.md (under the hub's front matter, `title` its own)."""
+    cfg = state["config"]
+    m = cfg["model"]
     hours = state["elapsed_s"] / 3600
-    lines = ["# Model card", "", "Written by effllm from the checkpoint and its data manifest.", "",
-             "## Model", "",
-             f"- Decoder-only Transformer: {m['n_layers']} layers, width {m['dim']}, {m['n_heads']} heads, {attn} "
-             f"attention, {ffn} feed-forwards" + (f", {m['mtp_depth']} multi-token-prediction module(s)"
-                                                   if m.get("mtp_depth") else "") + ".",
-             f"- Parameters: {counts['total']:,} in total, {counts['active']:,} active per token"
-             + (f" ({counts['mtp']:,} in MTP modules, used in training only)" if counts.get("mtp") else "") + ".",
-             f"- Vocabulary {m['vocab_size']}, context {m['max_seq_len']} tokens.", "",
+    lines = [title, "", "Written by effllm from the checkpoint and its data manifest.", "",
+             *model_lines(m, counts),
              "## Training", "",
              f"- {state['step']:,} optimizer steps, {state['tokens_seen']:,} tokens seen"
              + (f" over {state['data']['world_size']} ranks" if state.get("data", {}).get("world_size", 1) > 1 else "")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from effllm import checkpoint as ckpt_io
-from effllm.card import find_manifest
+from effllm.card import card_text, find_manifest, model_lines
 from effllm.errors import ConfigError
 from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved
 from effllm.model import ModelConfig, Transformer
@@ -241,56 +241,30 @@ def _tokenizer_files(spec: dict, ckpt: Path | None) -> dict[str, str]:
 
 
 def model_card(cfg: ModelConfig, counts: dict, state: dict | None, manifest: dict | None, kind: str) -> str:
-    """README.md for the export: architecture, size, training, data and licences, export notes."""
-    arch = ("MLA" if cfg.attention == "mla" else ("MHA" if cfg.kv_heads == cfg.n_heads else f"GQA ({cfg.kv_heads} kv heads)"))
-    ffn = (f"DeepSeekMoE ({cfg.moe.n_routed_experts} routed experts of width {cfg.moe.expert_dim}, top-{cfg.moe.top_k}, "
-           f"{cfg.moe.n_shared_experts} shared; first {cfg.first_k_dense} layer(s) dense)" if cfg.ffn == "moe"
-           else f"dense SwiGLU of width {cfg.hidden_dim}")
-    licences = sorted({s.get("license", "unknown") for s in manifest["sources"]}) if manifest else []
-    front = ["---", "library_name: transformers", "tags: [effllm, " + kind + "]", "pipeline_tag: text-generation"]
-    lines = front + ["---", "", f"# A {'DeepseekV3' if kind == 'deepseek_v3' else 'Llama'}-layout model trained with effllm", "",
-                     "## Architecture", "",
-                     f"- {cfg.n_layers} layers, width {cfg.dim}, {cfg.n_heads} heads, {arch} attention, {ffn}.",
-                     f"- Vocabulary {cfg.vocab_size}, context {cfg.max_seq_len}, "
-                     f"{'tied' if cfg.tie_embeddings else 'separate'} input and output embeddings.",
-                     f"- Parameters: {counts['total'] - counts['mtp']:,} in the export, {counts['active']:,} active per "
-                     "token." + (f" The training model also had {counts['mtp']:,} in multi-token-prediction modules, "
-                                 "which are not exported." if counts["mtp"] else ""), ""]
-    lines += ["## Training", ""]
-    if state:
-        train = state.get("config", {})
-        val = state.get("val_loss")
-        lines += [f"- {state['step']:,} steps, {state['tokens_seen']:,} tokens, "
-                  f"{state['elapsed_s']:,.0f} s ({state['elapsed_s'] / 3600:.3g} device-hours) of training"
-                  + (f" on {train['device']}" if train.get("device") not in (None, "auto") else "") + ".",
-                  f"- Validation loss at the last evaluation: {val:.4f} (nats per token)." if val is not None
-                  else "- No validation loss was recorded.",
-                  f"- Data manifest sha256: `{state.get('data_manifest_sha256')}`.", ""]
+    """README.md for the export: effllm's model card (effllm.card.card_text: the model, its training,
+    its data by licence) under the hub's front matter, then how to load it and the export's notes."""
+    front = ["---", "library_name: transformers", "tags: [effllm, " + kind + "]", "pipeline_tag: text-generation",
+             "---", ""]
+    title = f"# A {'DeepseekV3' if kind == 'deepseek_v3' else 'Llama'}-layout model trained with effllm"
+    if state is not None:
+        body = card_text(state, counts, manifest, title=title)
     else:
-        lines += ["- Not exported from a training checkpoint: no training record.", ""]
-    lines += ["## Data", ""]
-    if manifest:
-        t = manifest["totals"]
-        lines += [f"- {t['files']:,} files, {t['bytes']:,} bytes, {t['train_tokens']:,} training tokens.",
-                  "- Licences of the sources: " + ", ".join(licences) + "."]
-        for s in manifest["sources"]:
-            where = s.get("root") or s.get("path") or s.get("kind")
-            lines.append(f"  - {s.get('kind')}: {where} ({s.get('license', 'unknown licence')})"
-                         + (f", {s['note']}" if s.get("note") else ""))
-        lines.append("")
-    else:
-        lines += ["- Not exported from a training checkpoint: no training data recorded.", ""]
-    lines += ["## Using it", "", "```python", "from transformers import AutoModelForCausalLM",
-              "model = AutoModelForCausalLM.from_pretrained(PATH)", "```", "",
-              "## Export notes", "",
-              "- RoPE rotates the two halves of each rotary slice, as in Llama"
-              + ("; the config sets `rope_interleave: false` (DeepSeek's own checkpoints interleave pairs)."
-                 if kind == "deepseek_v3" else "."),
-              "- Routed experts are stored one tensor per expert, as in DeepSeek's checkpoints, and the "
-              "balancing bias as `mlp.gate.e_score_correction_bias`." if cfg.ffn == "moe" else None,
-              "- Byte-level model: token id = UTF-8 byte; id 0 (NUL) marks the end of a document."
-              if (state or {}).get("tokenizer", {}).get("kind") == "byte" else None, ""]
-    return "\n".join(line for line in lines if line is not None) + "\n"
+        body = "\n".join([title, "", *model_lines(asdict(cfg), counts), "## Training", "",
+                          "- Not exported from a training checkpoint: no training record and no training data.", ""])
+    notes = ["", "## Using it", "", "```python", "from transformers import AutoModelForCausalLM",
+             "model = AutoModelForCausalLM.from_pretrained(PATH)", "```", "",
+             "## Export notes", "",
+             f"- The export holds {counts['total'] - counts['mtp']:,} parameters"
+             + (f": the {counts['mtp']:,} of the multi-token-prediction modules are not exported." if counts["mtp"]
+                else "."),
+             "- RoPE rotates the two halves of each rotary slice, as in Llama"
+             + ("; the config sets `rope_interleave: false` (DeepSeek's own checkpoints interleave pairs)."
+                if kind == "deepseek_v3" else "."),
+             "- Routed experts are stored one tensor per expert, as in DeepSeek's checkpoints, and the "
+             "balancing bias as `mlp.gate.e_score_correction_bias`." if cfg.ffn == "moe" else None,
+             "- Byte-level model: token id = UTF-8 byte; id 0 (NUL) marks the end of a document."
+             if (state or {}).get("tokenizer", {}).get("kind") == "byte" else None, ""]
+    return "\n".join(front) + body + "\n".join(line for line in notes if line is not None) + "\n"
 
 
 def save_hf(model: Transformer, out: str | Path, dtype: torch.dtype = torch.float32, state: dict | None = None,
