@@ -42,11 +42,14 @@ ifeq ($(origin RUN),file)
 endif
 	$(BIN)/effllm train $(RECIPE) --out-dir $(RUN) --resume $(ARGS)
 
+# ruff (its settings are in pyproject.toml) lints the whole tree before the suite runs.
 test: $(INSTALLED) $(DATA)/manifest.json
+	$(BIN)/ruff check .
 	$(PYTEST)
 
 # The fast tier: every test module, no test marked slow (training runs, torchrun launches, compiles).
 test-fast: $(INSTALLED) $(DATA)/manifest.json
+	$(BIN)/ruff check .
 	$(PYTEST) -m "not slow"
 
 clean:

@@ -21,7 +21,8 @@ on the trainer itself (effllm.train.train):
 
 The operands, as <projection>_<GEMM>_<operand>: up (gate and up, one GEMM) and down; fwd (the
 forward: input x, weight w), dgrad (the input gradient: output gradient dy, weight w), wgrad (the
-weight gradient: dy and x, both tiled along the expert's tokens). Results: runs/bench/fp8_experts_loss-<time>/ (JSON and report.md), or with
+weight gradient: dy and x, both tiled along the expert's tokens). Results:
+runs/bench/fp8_experts_loss-<time>/ (JSON and report.md), or with
 --update-record benchmarks/results/fp8_experts_loss/ (the training runs then go to
 runs/bench/fp8_experts_loss-scratch/, never into the record).
 """
@@ -41,8 +42,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RUNS_ROOT, base_parser, environment, parse_args, write_markdown  # noqa: E402
-from effllm.kernels.fp8_quant import TILE, dequant_blocks, dequant_rows, quant_blocks_ref, quant_rows_ref  # noqa: E402
 
+from effllm.kernels.fp8_quant import TILE, dequant_blocks, dequant_rows, quant_blocks_ref, quant_rows_ref  # noqa: E402
 from effllm.model import ModelConfig  # noqa: E402
 from effllm.moe import MoEConfig, RoutedExperts, gather_rows  # noqa: E402
 from effllm.prepare import PrepareConfig, is_prepared, prepare  # noqa: E402

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 from common import base_parser, environment, finish, parse_args, time_fn, write_markdown
+
+from effllm.fp8 import FP8Linear
 from effllm.kernels.backends import fp8_backend
 from effllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref, tuned_configs
 from effllm.kernels.fp8_quant import (
@@ -35,8 +37,6 @@ from effllm.kernels.fp8_quant import (
     quant_rows_and_cols,
     quant_rows_ref,
 )
-
-from effllm.fp8 import FP8Linear
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fp8_gemm"
 SHAPES = {"gpu": [(4096, 4096, 4096), (8192, 8192, 8192), (4096, 7168, 16384), (4096, 4096, 7168), (4096, 2112, 7168)],
@@ -138,7 +138,9 @@ def write_report(folder: Path) -> Path:
     for path in sorted(folder.glob("*.json")):
         r = json.loads(path.read_text())
         lines += [f"## {r['device']}, {r['size']} ({r['date']})", "", f"torch {r['torch']}, triton {r['triton']}, "
-                  f"commit `{r['commit']}`.", "", "| M x N x K | bf16 | scaled_mm rowwise | fp8 block | fp8 block + quant | fp8 dgrad | fp8 dgrad, strided Wᵀ | fp8 wgrad |",
+                  f"commit `{r['commit']}`.", "",
+                  "| M x N x K | bf16 | scaled_mm rowwise | fp8 block | fp8 block + quant | fp8 dgrad "
+                  "| fp8 dgrad, strided Wᵀ | fp8 wgrad |",
                   "|---|---|---|---|---|---|---|---|"]
         for shape, row in r["gemm"].items():
             cell = lambda v: f"{v['tflops']:.1f}" if isinstance(v, dict) else "n/a"  # noqa: E731

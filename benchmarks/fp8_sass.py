@@ -22,8 +22,10 @@ from pathlib import Path
 
 import torch
 import triton
+
 from effllm.kernels import fp8_gemm as g
 from effllm.kernels.fp8_quant import quant_blocks, quant_rows
+from effllm.kernels.launch import bucket
 
 CLASSES = ("QGMMA", "HGMMA", "HMMA", "IMMA", "LDL", "STL", "FFMA")
 
@@ -48,15 +50,16 @@ def compiled_for(a, a_s, b, b_s, out_dtype, row_scales):
     g.fp8_gemm(a, a_s, b, b_s, out_dtype, row_scales)  # tunes (once per key)
     M, K = a.shape
     N = b.shape[0]
-    key = (g._bucket(M), N, g._bucket(K), int(b.stride(1) == 1), row_scales)
+    key = (bucket(M), N, bucket(K), int(b.stride(1) == 1), row_scales)
     config = next(c for kk, c in g._fp8_gemm_tuned.cache.items() if tuple(kk[:5]) == key)
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     meta = config.kwargs
     grid = (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     kernel = g._fp8_gemm_kernel[grid](
         a, b, c, a_s, b_s, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), g._bucket(M), g._bucket(K),
-        int(b.stride(1) == 1), BLOCK_K=g.TILE, B_ROW_SCALES=row_scales, num_warps=config.num_warps, num_stages=config.num_stages, **meta)
+        a_s.stride(0), a_s.stride(1), b_s.stride(0), b_s.stride(1), bucket(M), bucket(K),
+        int(b.stride(1) == 1), BLOCK_K=g.TILE, B_ROW_SCALES=row_scales, num_warps=config.num_warps,
+        num_stages=config.num_stages, **meta)
     return config, kernel
 
 

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 from common import base_parser, environment, finish, parse_args, size_and_device, time_fn, write_markdown
+
+from effllm.fp8 import convert_to_fp8
 from effllm.kernels import fp8_grouped
 from effllm.kernels.backends import fp8_backend, grouped_gemm_backend
 from effllm.kernels.grouped_gemm import BACKENDS, torch_fits
-
-from effllm.fp8 import convert_to_fp8
 from effllm.layers import SwiGLU
 from effllm.moe import MoE, MoEConfig
 

@@ -25,7 +25,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     schedule: Literal["cosine", "wsd"] = "cosine"  # warmup+cosine, or warmup-stable-decay
     warmup_steps: int = 100  # linear warmup from 0 to lr
-    schedule_steps: int | None = None  # steps the schedule spans (warmup, then decay); None = max_steps; past it the lr stays at its final value
+    schedule_steps: int | None = None  # steps the schedule spans (None = max_steps); past it the lr stays at its final value
     decay_fraction: float = 0.2  # wsd only: share of max_steps spent in the final linear decay
     weight_decay: float = 0.1  # decoupled weight decay on matrices and embeddings (not norms)
     beta1: float = 0.9  # AdamW first-moment decay

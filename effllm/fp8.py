@@ -120,9 +120,10 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = 
     """Swap the nn.Linear layers of `model` for FP8Linear, in place.
 
     Routed experts whose widths are multiples of 128 become FP8RoutedExperts (the same Parameters),
-    whose grouped GEMMs run in FP8 forward and backward. Kept in higher precision: linears named in `keep` (the output head), linears with a
-    bias or with dims that are not multiples of 128. Embeddings, norms and routers are not
-    nn.Linear, so they are never converted. Returns {"converted": [names], "skipped": {name: why}}.
+    whose grouped GEMMs run in FP8 forward and backward. Kept in higher precision: linears named in
+    `keep` (the output head), linears with a bias or with dims that are not multiples of 128.
+    Embeddings, norms and routers are not nn.Linear, so they are never converted. Returns
+    {"converted": [names], "skipped": {name: why}}.
     """
     if backend not in ("auto", *FP8_BACKENDS):
         raise ConfigError(f"unknown FP8 backend {backend!r}; choose auto, triton or torch")

@@ -51,7 +51,7 @@ class MoEConfig:
     expert_dim: int = 256  # hidden width F of each expert
     score_func: Literal["sigmoid", "softmax"] = "sigmoid"  # affinities: sigmoid (V3) or softmax (V2)
     route_scale: float = 1.0  # gate weights are multiplied by this (V3's routed_scaling_factor)
-    norm_topk_prob: bool | None = None  # renormalise the chosen gates to sum to 1; None = DeepSeek's Gate: sigmoid yes, softmax no
+    norm_topk_prob: bool | None = None  # renormalise the chosen gates to sum to 1; None = DeepSeek's: sigmoid yes, softmax no
     n_group: int = 1  # expert groups for group-limited routing (1 = off)
     topk_group: int = 1  # groups each token may route into
     bias_update_rate: float = 1e-3  # aux-loss-free balancing step u (V3: 1e-3); 0 = bias frozen
@@ -174,6 +174,13 @@ class RoutedExperts(nn.Module):
         # gate (E, F, D), up (E, F, D), down (E, D, F): the last is the residual projection
         self.w1, self.w3, self.w2 = weights
         self.grouped_gemm = grouped_gemm
+
+    def keep_experts(self, first: int, count: int) -> None:
+        """Keep only experts first .. first + count - 1, as new Parameters (expert parallelism's
+        slice: run it before the optimizer is built)."""
+        for name in ("w1", "w3", "w2"):
+            full = getattr(self, name)
+            setattr(self, name, nn.Parameter(full.detach()[first:first + count].clone(), requires_grad=full.requires_grad))
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, src: torch.Tensor | None = None) -> torch.Tensor:
         """x (M, D) sorted by expert, offsets (E,) int32 cumulative ends -> (M, D). With `src` (M,),

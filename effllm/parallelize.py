@@ -122,12 +122,8 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> d
             raise ConfigError(f"{name} has {E} routed experts, which {size} expert-parallel ranks cannot split "
                               "evenly: pick an expert-parallel size that divides the number of experts")
         local = E // size
-        experts = layer.experts
-        for pname in ("w1", "w3", "w2"):
-            full = getattr(experts, pname)
-            part = full.detach()[rank * local:(rank + 1) * local].clone()
-            setattr(experts, pname, nn.Parameter(part, requires_grad=full.requires_grad))
-        done[name] = ExpertParallel(experts, group, rank * local, E)
+        layer.experts.keep_experts(rank * local, local)
+        done[name] = ExpertParallel(layer.experts, group, rank * local, E)
     return done
 
 

@@ -17,6 +17,7 @@ Under TRITON_INTERPRET=1 (the CPU tests) a Triton kernel may be asked for on the
 from __future__ import annotations
 
 import torch
+
 from effllm.kernels.grouped_gemm import BACKENDS, KERNEL_DTYPES, check_kernel_dtype, torch_fits
 from effllm.kernels.launch import interpreting
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from effllm.kernels.fp8_quant import TILE, dequant_rows
 from effllm.kernels.launch import bucket, launch
 

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
 from effllm.kernels.fp8_quant import (
     FP8,
     TILE,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from effllm.kernels import fp8_grouped
 from effllm.kernels.fp8_gemm import fp8_gemm_ref, hopper_configs
 from effllm.kernels.fp8_grouped import Schedule

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from effllm.kernels.launch import interpreting
 
 FP8_MAX = 448.0  # largest finite E4M3 (fn) value

@@ -10,9 +10,8 @@ The MTP module also drafts for self-speculative decoding.
 
 from dataclasses import replace
 
-from effllm.recipes import moe_tiny
-
 from effllm.mla import MLAConfig
+from effllm.recipes import moe_tiny
 from effllm.train import TrainConfig
 
 

@@ -7,9 +7,8 @@ per token at 1,024 tokens. Data, batch, steps and schedule are deepseek_600m's.
 
 from dataclasses import replace
 
-from effllm.recipes import deepseek_600m
-
 from effllm.model import ModelConfig
+from effllm.recipes import deepseek_600m
 from effllm.train import TrainConfig
 
 

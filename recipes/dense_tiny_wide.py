@@ -9,7 +9,6 @@ dense_tiny's.
 from dataclasses import replace
 
 from effllm.recipes import dense_tiny
-
 from effllm.train import TrainConfig
 
 

@@ -10,9 +10,8 @@ parameters at the same active FLOPs per token.
 
 from dataclasses import replace
 
-from effllm.recipes import dense_tiny
-
 from effllm.moe import MoEConfig
+from effllm.recipes import dense_tiny
 from effllm.train import TrainConfig
 
 

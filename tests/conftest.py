@@ -1,13 +1,9 @@
-"""Shared fixtures: a small real corpus (one package of the standard library) prepared once."""
+"""pytest's hooks and the shared fixtures: a small real corpus (one package of the standard library)
+prepared once. What tests share besides fixtures is in tests/helpers/."""
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-import shutil
-import sysconfig
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,19 +17,9 @@ if not torch.cuda.is_available():
 else:  # on a GPU the FP8 kernels run one fixed configuration: autotuning every test shape takes minutes
     os.environ.setdefault("EFFLLM_FP8_AUTOTUNE", "0")
 
-from effllm.prepare import PrepareConfig, prepare
+from helpers import SMALL_CORPUS  # noqa: E402  (imports effllm: after TRITON_INTERPRET is set)
 
-# Relative error allowed between the FP8 GEMM and an exact sum of the same quantized operands. On a
-# CPU (the interpreter, or the PyTorch path) every sum is fp32: 1e-6. On NVIDIA tensor cores each
-# 128-wide K block is summed in the FP8 MMA's own accumulator, which keeps about 14 bits (DeepSeek-V3
-# report §3.3.2), before the kernel promotes it to fp32: measured 1.25e-4 on an H100 (K=256), so
-# 2^-11 there. tests/test_fp8_gemm.py checks on the GPU that the error does not grow with K.
-FP8_SUM_TOL = 2**-11 if torch.cuda.is_available() else 1e-6
-from effllm.model import ModelConfig, Transformer
-from effllm.train import OptimConfig, TrainConfig, train
-
-# The `email` package of the running Python: ~0.4 MB of real text, ~30 files, PSF licence.
-SMALL_CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "email"
+from effllm.prepare import PrepareConfig, prepare  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -48,40 +34,10 @@ def small_prepare_config() -> PrepareConfig:
     return PrepareConfig(sources=(str(SMALL_CORPUS),), license="PSF-2.0", extensions=(".py",), val_fraction=0.15)
 
 
-def built_once(tmp_path_factory, name: str, build: Callable[[Path], dict]) -> dict:
-    """What `build(folder)` makes (its files in folder, and the JSON-able dict it returns), made once
-    per test session, also when the suite runs on several workers (make test: pytest -n 2): the first
-    worker to ask builds it under a lock in the folder the workers share, the others wait and read it.
-    For fixtures that cost tens of seconds, such as a torchrun launch that several tests read."""
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"built-once-{name}"
-    with open(f"{root}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        done = root / "built.json"
-        if not done.exists():
-            shutil.rmtree(root, ignore_errors=True)  # what a failed build left
-            root.mkdir()
-            done.write_text(json.dumps(build(root)))
-        return json.loads(done.read_text())
-
-
 @pytest.fixture(scope="session")
 def byte_data(tmp_path_factory, small_prepare_config) -> Path:
     out = tmp_path_factory.mktemp("data") / "email-byte"
     return prepare(replace(small_prepare_config, out=str(out)), progress=False)
-
-
-def tiny_train_config(data_dir: Path, out_dir: Path, **overrides) -> TrainConfig:
-    """A model and run small enough to take a second or two per few steps on one core. On the CPU
-    even where a GPU is present: exact resume is promised (and tested) bit for bit on the CPU."""
-    fields = dict(
-        model=ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64),
-        optim=OptimConfig(lr=3e-3, warmup_steps=2),
-        data_dir=str(data_dir), out_dir=str(out_dir), batch_size=4, seq_len=32, max_steps=8,
-        log_interval=1, eval_interval=4, eval_tokens=256, ckpt_interval=4, progress=False, device="cpu",
-    )
-    fields.update(overrides)
-    return TrainConfig(**fields)
 
 
 # The modules that take longest, longest first (README, "The test suite"). `make test` runs the
@@ -101,42 +57,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def perturbed_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """A model whose weights are pushed past their small init, so that every position matters and
-    equality checks between decoding paths have teeth."""
-    torch.manual_seed(seed)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
-
-
-def assert_fp8_trains_like_fp32(data_dir, out: Path, model: ModelConfig, seeds: tuple[int, ...] = (1, 2)) -> None:
-    """Train `model` 100 steps in fp32 and in FP8 from each seed, on the same data (2,048 tokens per
-    step, lr 1e-3): the FP8 runs' val loss must be within 1% of the fp32 runs', as a mean over the
-    seeds of each pair's relative difference, and every FP8 run must learn (well under the unigram
-    bar, its loss curve falling).
-
-    Why a mean over paired seeds: one pair of runs measures where two trajectories land, not what
-    FP8 costs. Any perturbation of the gradients of about 1% moves the end of a run by several tenths
-    of a percent, FP8 or not. Measured on 2 CPU cores with the FP8-experts model of
-    tests/test_fp8_experts.py (README, "FP8 experts and the loss they cost"): 1% Gaussian noise on the
-    dense weights' gradients of an fp32 run moved its 200-step val loss by -0.28 to +0.51%; the FP8
-    experts' 200-step gap was +0.93% before a change of fp32 summation order inside the FP8 GEMM and
-    -0.06% after. Paired over seeds at 100 steps the gaps spread by 0.24% (MoE, 6 seeds) and 0.12%
-    (dense, 4 seeds) around a mean of -0.05% and 0.00%, so the mean of 2 pairs stays 6 (MoE) and 12
-    (dense) standard deviations inside the 1% bound."""
-    common = dict(model=model, max_steps=100, eval_interval=100, eval_tokens=16384, ckpt_interval=0, batch_size=32,
-                  seq_len=64, optim=OptimConfig(lr=1e-3, warmup_steps=20))
-    gaps = []
-    for seed in seeds:
-        full = train(tiny_train_config(data_dir, out / f"fp32-{seed}", seed=seed, **common))
-        fp8 = train(tiny_train_config(data_dir, out / f"fp8-{seed}", seed=seed, fp8=True, **common))
-        assert fp8["final_val_loss"] < fp8["unigram_val_loss"] - 0.2
-        curve = [json.loads(line)["loss"] for line in (out / f"fp8-{seed}" / "metrics.jsonl").read_text().splitlines()]
-        assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.5
-        gaps.append((fp8["final_val_loss"] - full["final_val_loss"]) / full["final_val_loss"])
-    assert abs(sum(gaps) / len(gaps)) < 0.01, gaps

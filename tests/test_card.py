@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from conftest import tiny_train_config
+from helpers import tiny_train_config
 from safetensors import safe_open
 
 from effllm import checkpoint as ckpt_io

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_CORPUS
+from helpers import SMALL_CORPUS
 
 from effllm.cli import load_recipe, recipe_names
 from effllm.errors import ConfigError

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import built_once
+from helpers import built_once
 
 HELPERS = Path(__file__).parent / "helpers"
 TINY = ["--model.vocab-size", "256", "--model.dim", "64", "--model.n-layers", "2", "--model.n-heads", "4",

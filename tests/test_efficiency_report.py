@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_train_config
+from helpers import tiny_train_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import report  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FP8_SUM_TOL, assert_fp8_trains_like_fp32, tiny_train_config
+from helpers import REL_TOL, assert_fp8_trains_like_fp32, rel, tiny_train_config
 
 from effllm import ConfigError, FP8Linear, ModelConfig, Transformer, convert_to_fp8
 from effllm.fp8_experts import FP8RoutedExperts
@@ -15,9 +15,6 @@ from effllm.train import train
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rel(a, b):
-    b = b.double()
-    return ((a.double() - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -57,7 +54,7 @@ def test_triton_and_torch_paths_compute_the_same_function():
         w.grad = None
     for a, b in zip(*outs):
         # the same quantized operands; only the sums differ: fp32 order on a CPU, the MMA accumulator on a GPU
-        assert rel(a, b) < max(FP8_SUM_TOL, 1e-5)
+        assert rel(a, b) < max(REL_TOL["fp8_sum"], REL_TOL[torch.float32])
 
 
 def test_autocast_output_dtype():

@@ -6,19 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FP8_SUM_TOL
-from effllm.kernels.grouped_gemm import grouped_mm_reference
+from helpers import REL_TOL, rel
 
 from effllm import ConfigError, convert_to_fp8
 from effllm.fp8_experts import FP8RoutedExperts, FP8SwiGLUExpertsFunction, fp8_grouped_mm, fp8_swiglu_experts
+from effllm.kernels.grouped_gemm import grouped_mm_reference
 from effllm.moe import MoE, MoEConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rel(a, b):
-    b = b.double()
-    return ((a.double() - b).norm() / b.norm()).item()
 
 
 def case(sizes, n=128, k=256, seed=0):
@@ -61,7 +58,7 @@ def test_triton_and_torch_paths_agree_on_the_quantized_operands():
         outs.append((y.detach(), xi.grad, wi.grad))
     for a, b in zip(*outs):
         # the same quantized operands; only the sums differ: fp32 order on a CPU, the MMA accumulator on a GPU
-        assert rel(a, b) < max(FP8_SUM_TOL, 1e-5)
+        assert rel(a, b) < max(REL_TOL["fp8_sum"], REL_TOL[torch.float32])
 
 
 def swiglu_case(gather, seed=0):
@@ -99,7 +96,7 @@ def test_fp8_swiglu_experts_equal_the_unfused_fp8_experts(backend):
 
     fused = run_experts(lambda x, w1, w3, w2: fp8_swiglu_experts(x, w1, w3, w2, offsets, backend, src=src), x, ws, dy)
     for a, b in zip(fused, run_experts(unfused, x, ws, dy)):
-        assert rel(a, b) < max(FP8_SUM_TOL, 1e-5)
+        assert rel(a, b) < max(REL_TOL["fp8_sum"], REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("gather", [False, True])
@@ -181,7 +178,7 @@ def test_fp8_moe_training_reaches_the_full_precision_loss(byte_data, tmp_path):
     """A small DeepSeek-style model (MoE with FP8 experts, shared expert and attention in FP8) trains
     as well as in fp32 (the CPU path: the kernels' quantize / blockwise matmul): within 1% as a mean
     over paired seeds (conftest.assert_fp8_trains_like_fp32 says why one pair is not enough)."""
-    from conftest import assert_fp8_trains_like_fp32
+    from helpers import assert_fp8_trains_like_fp32
 
     from effllm.model import ModelConfig
 

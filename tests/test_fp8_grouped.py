@@ -5,32 +5,28 @@ middle, last) and multi-tile groups. Without a GPU the kernels run under TRITON_
 
 from __future__ import annotations
 
+import functools
+
+import helpers
 import pytest
 import torch
-from conftest import FP8_SUM_TOL
+from helpers import REL_TOL, rel, same_bits
+
+from effllm.fp8_experts import fp8_grouped_mm, fp8_swiglu_experts
 from effllm.kernels import fp8_grouped, fp8_grouped_gemm
 from effllm.kernels.fp8_gemm import fp8_gemm_ref
 from effllm.kernels.fp8_quant import quant_blocks, quant_blocks_ref, quant_cols_ref, quant_rows_ref
 from effllm.kernels.grouped_gemm import grouped_mm_reference
 
-from effllm.fp8_experts import fp8_grouped_mm, fp8_swiglu_experts
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZES = [[13, 0, 150, 7, 0], [0, 1, 128, 0], [37]]
 
 
-def rel(a, b):
-    b = b.double()
-    return ((a.double() - b).norm() / b.norm()).item()
 
 
-def same_bits(a, b):
-    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
-def randn(*shape, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=g) * scale).to(DEVICE)
+randn = functools.partial(helpers.randn, device=DEVICE)
 
 
 def offsets_of(sizes):
@@ -85,8 +81,8 @@ def test_grouped_gemm_equals_the_per_group_reference(sizes, k_major):
     for g, (lo, hi) in enumerate(zip(bounds(sizes), bounds(sizes)[1:])):
         if hi > lo:
             ref = fp8_gemm_ref(q[lo:hi], s[lo:hi], qw[g], sw[g], torch.float32)
-            assert rel(c[lo:hi], ref) < FP8_SUM_TOL
-            assert rel(acc[lo:hi], c0[lo:hi] + ref) < FP8_SUM_TOL
+            assert rel(c[lo:hi], ref) < REL_TOL["fp8_sum"]
+            assert rel(acc[lo:hi], c0[lo:hi] + ref) < REL_TOL["fp8_sum"]
 
 
 @pytest.mark.parametrize("sizes", SIZES)
@@ -105,7 +101,7 @@ def test_grouped_wgrad_equals_the_per_group_reference(sizes):
         a, a_s = quant_cols_ref(dy[lo:hi])
         b, b_s = quant_cols_ref(x[lo:hi])
         ref = fp8_gemm_ref(a, a_s, b, b_s, torch.float32, b_row_scales=True)
-        assert rel(dw[g], ref) < FP8_SUM_TOL
+        assert rel(dw[g], ref) < REL_TOL["fp8_sum"]
         assert rel(dw[g], dy[lo:hi].double().t() @ x[lo:hi].double()) < 5e-2  # FP8's own error
 
 

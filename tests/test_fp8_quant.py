@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import same_bits
+
 from effllm.kernels.fp8_quant import (
     FP8,
     FP8_MAX,
@@ -32,8 +34,6 @@ def sample(shape, seed, dtype=torch.float32):
     return x.to(dtype).to(DEVICE)
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def test_rounding_matches_torch_on_every_e4m3_midpoint():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_train_config
+from helpers import tiny_train_config
 
 from effllm import ConfigError
 from effllm.goldfish import apply_goldfish, goldfish_drop

@@ -11,6 +11,8 @@ import os
 
 import pytest
 import torch
+from helpers import REL_TOL, rel
+
 from effllm.kernels.backends import grouped_gemm_backend
 from effllm.kernels.grouped_gemm import (
     grouped_mm,
@@ -23,7 +25,6 @@ from effllm.kernels.grouped_gemm import (
 
 # Relative error bounds by dtype (||out - ref|| / ||ref||, ref in fp64): fp32 accumulates in fp32
 # (IEEE dots), fp16/bf16 round the inputs and the output.
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 # (group sizes, K, N): ragged, empty groups first / middle / last, odd feature sizes, all empty.
 SHAPES = [
@@ -40,9 +41,6 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make(sizes, k, n, dtype, seed):
@@ -79,9 +77,9 @@ def test_triton_kernels_equal_reference(sizes, k, n, dtype):
     y = triton_grouped_mm(x, w, offsets)
     assert y.shape == (sum(sizes), n) and y.dtype == dtype
     if sum(sizes):
-        assert rel_err(y, ref) < TOL[dtype]
+        assert rel(y, ref) < REL_TOL[dtype]
         dx = triton_grouped_mm(dy, w, offsets, trans_w=False)
-        assert rel_err(dx, grouped_mm_reference(dy.double(), w.double().transpose(1, 2), offsets)) < TOL[dtype]
+        assert rel(dx, grouped_mm_reference(dy.double(), w.double().transpose(1, 2), offsets)) < REL_TOL[dtype]
     dw = triton_grouped_wgrad(dy, x, offsets)
     bounds = [0] + offsets.tolist()
     for g in range(len(sizes)):
@@ -89,7 +87,7 @@ def test_triton_kernels_equal_reference(sizes, k, n, dtype):
         if sizes[g] == 0:
             assert torch.equal(dw[g], torch.zeros_like(dw[g]))  # empty experts get exact zeros
         else:
-            assert rel_err(dw[g], dy[rows].double().T @ x[rows].double()) < TOL[dtype]
+            assert rel(dw[g], dy[rows].double().T @ x[rows].double()) < REL_TOL[dtype]
 
 
 AUTOGRAD_CASES = [("triton", torch.float32), ("torch", torch.float32), ("loop", torch.float32)]
@@ -113,10 +111,10 @@ def test_autograd_function_matches_reference_gradients(backend, dtype, sizes, k,
     xt, wt = x.clone().requires_grad_(), w.clone().requires_grad_()
     y = grouped_mm(xt, wt, offsets, backend)
     y.backward(dy)
-    tol = TOL[dtype]
-    assert rel_err(y, grouped_mm_reference(x.double(), w.double(), offsets)) < tol
-    assert rel_err(xt.grad, xr.grad) < tol
-    assert rel_err(wt.grad, wr.grad) < tol
+    tol = REL_TOL[dtype]
+    assert rel(y, grouped_mm_reference(x.double(), w.double(), offsets)) < tol
+    assert rel(xt.grad, xr.grad) < tol
+    assert rel(wt.grad, wr.grad) < tol
 
 
 def test_bad_input_is_refused():
@@ -159,9 +157,9 @@ def test_combine_kernel_equals_reference_forward_and_backward(t, k, d, dtype):
     out.backward(dout)
     assert out.dtype == torch.float32 and yt.grad.dtype == dtype and wt.grad.dtype == torch.float32
     if t:
-        assert rel_err(out, ref) < 1e-6  # fp32 accumulation of the exact inputs
-        assert rel_err(wt.grad, wr.grad) < 1e-6
-        assert rel_err(yt.grad, yr.grad) < TOL[dtype]  # w * dout rounded to y's dtype
+        assert rel(out, ref) < 1e-6  # fp32 accumulation of the exact inputs
+        assert rel(wt.grad, wr.grad) < 1e-6
+        assert rel(yt.grad, yr.grad) < REL_TOL[dtype]  # w * dout rounded to y's dtype
         torch.testing.assert_close(combine_reference(y, w, pos, torch.float32), out, rtol=1e-6, atol=1e-6)
 
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import built_once
+from helpers import built_once
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "hopper_compile.py"
 

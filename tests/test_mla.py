@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import perturbed_model
+from helpers import perturbed_model
 
 from effllm import ConfigError, ModelConfig, Transformer
 from effllm.attention import RotaryEmbedding, apply_rotary, yarn_inv_freq, yarn_mscale
@@ -179,7 +179,7 @@ def test_mla_model_config_round_trips():
 
 
 def test_trainer_trains_resumes_and_samples_an_mla_model(byte_data, tmp_path):
-    from conftest import tiny_train_config
+    from helpers import tiny_train_config
 
     from effllm.cli import GenerateConfig, generate_text
     from effllm.train import train

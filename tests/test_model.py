@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import perturbed_model
+from helpers import perturbed_model
 
 from effllm import ConfigError, ModelConfig, Transformer
 from effllm.flops import (

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from effllm.moe import MoE, MoEConfig, load_stats
 from effllm.parallelize import exit_rank
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, port: int, results) -> None:
@@ -41,7 +35,7 @@ def _rank(rank: int, port: int, results) -> None:
 
 def test_bias_update_uses_the_load_summed_over_ranks():
     results = mp.Manager().dict()
-    mp.start_processes(_rank, args=(_free_port(), results), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank, args=(free_port(), results), nprocs=2, start_method="spawn")
     # Global load: expert 0 and 1 got 6 tokens each, experts 2 and 3 none; mean 3.
     # A rank-local update would have lowered only its own busy expert and raised the other one.
     expected = [-0.1, -0.1, 0.1, 0.1]

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturbed_model, tiny_train_config
+from helpers import perturbed_model, tiny_train_config
 
 from effllm import ConfigError, ModelConfig, Transformer
 from effllm.flops import attention_flops, forward_flops_per_token, mtp_flops_per_token, train_flops_per_token

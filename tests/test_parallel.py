@@ -5,23 +5,16 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from effllm import ConfigError, convert_to_fp8
 from effllm.moe import MoE, MoEConfig
 from effllm.parallelize import exit_rank, shard_experts
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 TOKENS = (7, 12)  # uneven token counts per rank
 
@@ -89,7 +82,7 @@ def test_expert_parallel_moe_equals_the_single_process_layer(fp8):
     order as on one process, so its 128-token wgrad tiles, and everything but the replicated shared
     expert's weight gradients, come out the same."""
     results = mp.Manager().dict()
-    mp.start_processes(_ep_rank, args=(_free_port(), results, fp8), nprocs=2, start_method="spawn")
+    mp.start_processes(_ep_rank, args=(free_port(), results, fp8), nprocs=2, start_method="spawn")
     for rank in (0, 1):
         errors = results[rank]
         relative = {k: v for k, v in errors.items() if k.endswith("(relative)")}

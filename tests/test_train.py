@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_train_config
+from helpers import tiny_train_config
 
 import effllm.run
 from effllm import checkpoint as ckpt_io
