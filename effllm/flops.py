@@ -12,6 +12,8 @@ The input embedding is a lookup and costs nothing; the output head is a full mat
 
 from __future__ import annotations
 
+import torch
+
 from effllm.model import ModelConfig
 
 
@@ -86,8 +88,6 @@ BF16_PEAK_FLOPS = {
 
 def device_name(device) -> str:
     """A human name of the device: the GPU's marketing name, or "CPU"."""
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from effllm import checkpoint as ckpt_io
 from effllm.card import card_text, find_manifest, model_lines
@@ -205,8 +206,6 @@ def byte_tokenizer_json() -> dict:
     The ByteLevel pre-tokenizer maps each byte to a printable character; a BPE with those 256
     characters as its vocabulary and no merges gives every byte its own id.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
     # GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the other
     # bytes take the characters from U+0100 on, in byte order.
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

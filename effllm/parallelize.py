@@ -29,7 +29,9 @@ contributions of every rank's tokens.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -189,9 +191,6 @@ def exit_rank(code: int = 0) -> None:
     destructor, and the rank aborts ("terminate called without an active exception") after a run
     that has finished. A core dump of such a rank showed exactly this; under CPU contention it
     happened in about 1 of 25 two-rank runs."""
-    import logging
-    import sys
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -203,7 +202,8 @@ def build_mesh(env: DistEnv, device: torch.device, expert_parallel: int):
     ranks holding the same expert slice form the "dp" groups. None without expert parallelism."""
     if expert_parallel <= 1:
         return None
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import init_device_mesh  # here, as the FSDP/DDP/DCP imports below: they
+    # are the heavy part of torch.distributed (1.0-1.3 s after torch, 2 cores) and only torchrun runs use them
 
     return init_device_mesh(device.type, (env.world_size // expert_parallel, expert_parallel),
                             mesh_dim_names=("dp", "ep"))

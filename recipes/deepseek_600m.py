@@ -13,10 +13,10 @@ Sized for one 80 GB H100: 32k tokens per step (16 x 1024, 2 micro-batches), bf16
 embedded 12M-token corpus 1,000 steps see the data about 2.7 times; pass --data-dir for your own.
 """
 
+from effllm.config import OptimConfig, TrainConfig
 from effllm.mla import MLAConfig
 from effllm.model import ModelConfig
 from effllm.moe import MoEConfig
-from effllm.train import OptimConfig, TrainConfig
 
 
 def config() -> TrainConfig:

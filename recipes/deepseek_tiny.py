@@ -10,9 +10,9 @@ The MTP module also drafts for self-speculative decoding.
 
 from dataclasses import replace
 
+from effllm.config import TrainConfig
 from effllm.mla import MLAConfig
 from effllm.recipes import moe_tiny
-from effllm.train import TrainConfig
 
 
 def config() -> TrainConfig:

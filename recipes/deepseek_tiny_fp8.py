@@ -14,9 +14,9 @@ SwiGLUs, the routed experts' grouped GEMMs and the MTP projection. Kept in highe
 
 from dataclasses import replace
 
+from effllm.config import TrainConfig
 from effllm.mla import MLAConfig
 from effllm.recipes import deepseek_tiny
-from effllm.train import TrainConfig
 
 
 def config() -> TrainConfig:

@@ -7,9 +7,9 @@ per token at 1,024 tokens. Data, batch, steps and schedule are deepseek_600m's.
 
 from dataclasses import replace
 
+from effllm.config import TrainConfig
 from effllm.model import ModelConfig
 from effllm.recipes import deepseek_600m
-from effllm.train import TrainConfig
 
 
 def config() -> TrainConfig:

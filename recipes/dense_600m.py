@@ -7,9 +7,9 @@ steps and schedule are deepseek_600m's, with a lower learning rate for the wider
 
 from dataclasses import replace
 
+from effllm.config import TrainConfig
 from effllm.model import ModelConfig
 from effllm.recipes import deepseek_600m
-from effllm.train import TrainConfig
 
 
 def config() -> TrainConfig:

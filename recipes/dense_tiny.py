@@ -6,8 +6,8 @@ seconds. It is the dense baseline of moe_tiny and deepseek_tiny, with their acti
 256 tokens). deepseek_tiny's MTP module adds training FLOPs that plain inference does not pay.
 """
 
+from effllm.config import OptimConfig, TrainConfig
 from effllm.model import ModelConfig
-from effllm.train import OptimConfig, TrainConfig
 
 
 def config() -> TrainConfig:

@@ -8,8 +8,8 @@ dense_tiny's.
 
 from dataclasses import replace
 
+from effllm.config import TrainConfig
 from effllm.recipes import dense_tiny
-from effllm.train import TrainConfig
 
 
 def config() -> TrainConfig:

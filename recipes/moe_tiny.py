@@ -10,9 +10,9 @@ parameters at the same active FLOPs per token.
 
 from dataclasses import replace
 
+from effllm.config import TrainConfig
 from effllm.moe import MoEConfig
 from effllm.recipes import dense_tiny
-from effllm.train import TrainConfig
 
 
 def config() -> TrainConfig:
