@@ -13,7 +13,13 @@ Cases, all in one run on the same inputs:
   the shared expert in FP8, DeepSeek-V3 block scaling; its output is first compared with the bf16
   layer's on the same weights (relative error recorded);
 - dense: a SwiGLU whose hidden width is (top_k + n_shared) x expert_dim, so its FLOPs per token
-  equal the MoE's active expert FLOPs (the router's 2·D·E FLOPs per token, 0.5% here, are not matched).
+  equal the MoE's active expert FLOPs (the router's 2·D·E FLOPs per token, 0.5% here, are not matched);
+- peer[<implementation>]: what a user would otherwise pick, transformers' DeepseekV3MoE with the
+  same shape, routing and weights (its output is first compared with effllm's layer, relative error
+  recorded), its experts run by each of transformers' implementations ("grouped_mm", "batched_mm",
+  "eager": a loop over the experts that receive tokens);
+- matmul: one dense GEMM of the layer's active expert FLOPs, forward and backward: the rate this
+  device reaches on plain matmuls in this run, the ceiling of the "share of matmul rate" column.
 Every case times forward + backward of the layer on random inputs (a fresh random router, so the
 load is near uniform, as aux-loss-free balancing keeps it), median over repeats after warm-up.
 Results: benchmarks/results/moe_layer/<device>-<size>.json, and report.md rebuilt from them.
@@ -29,7 +35,7 @@ import torch
 from common import base_parser, environment, finish, parse_args, size_and_device, time_fn, write_markdown
 
 from effllm.fp8 import convert_to_fp8
-from effllm.kernels import fp8_grouped
+from effllm.kernels import fp8_grouped_gemm
 from effllm.kernels.backends import fp8_backend, grouped_gemm_backend
 from effllm.kernels.grouped_gemm import BACKENDS, torch_fits
 from effllm.layers import SwiGLU
@@ -60,6 +66,55 @@ def available_backends(device: torch.device, dtype: torch.dtype, features: tuple
     return out
 
 
+PEER_IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+
+
+def transformers_peer(layer: MoE, implementation: str) -> torch.nn.Module | None:
+    """transformers' DeepseekV3MoE with `layer`'s shape, routing and weights, its experts run by
+    `implementation`; None where transformers (a dev dependency) is not installed."""
+    try:
+        from transformers import DeepseekV3Config
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+    except ImportError:
+        return None
+    c = layer.cfg
+    hf = DeepseekV3Config(hidden_size=layer.dim, moe_intermediate_size=c.expert_dim, n_routed_experts=c.n_routed_experts,
+                          num_experts_per_tok=c.top_k, n_shared_experts=c.n_shared_experts, n_group=c.n_group,
+                          topk_group=c.topk_group, norm_topk_prob=c.renormalize, routed_scaling_factor=c.route_scale,
+                          hidden_act="silu", experts_implementation=implementation)
+    peer = DeepseekV3MoE(hf).to(layer.router.weight.device, layer.experts.w1.dtype)
+    with torch.no_grad():
+        peer.gate.weight.copy_(layer.router.weight)
+        peer.gate.e_score_correction_bias.copy_(layer.router.expert_bias)
+        peer.experts.gate_up_proj.copy_(torch.cat([layer.experts.w1, layer.experts.w3], dim=1))
+        peer.experts.down_proj.copy_(layer.experts.w2)
+        for mine, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            getattr(peer.shared_experts, theirs).weight.copy_(getattr(layer.shared, mine).weight)
+    return peer
+
+
+def layer_flops(tokens: int, dim: int, cfg: MoEConfig) -> float:
+    """Forward + backward matmul FLOPs of the layer: 3 GEMMs of D x F per active expert (routed and
+    shared), the router's D x E, times 3 for the backward (dgrad and wgrad)."""
+    active = (cfg.top_k + cfg.n_shared_experts) * 3 * dim * cfg.expert_dim + dim * cfg.n_routed_experts
+    return 3 * 2 * tokens * active
+
+
+def matmul_case(x: torch.Tensor, hidden: int, device, warmup: int, repeats: int) -> dict:
+    """One GEMM x (T, D) · W (D, 3 hidden), forward and backward: the device's plain matmul rate in this run."""
+    w = torch.randn(3 * hidden, x.shape[1], device=x.device, dtype=x.dtype, requires_grad=True)
+    dy = torch.randn(x.shape[0], 3 * hidden, device=x.device, dtype=x.dtype)
+
+    def step():
+        w.grad = x.grad = None
+        torch.nn.functional.linear(x, w).backward(dy)
+
+    row = time_fn(step, device, warmup, repeats)
+    row["peak_mem_bytes"] = None
+    row["tokens_per_s"] = x.shape[0] / row["median_s"]
+    return row
+
+
 def run_case(module: torch.nn.Module, x: torch.Tensor, device, warmup: int, repeats: int) -> dict:
     dy = torch.randn_like(x)
 
@@ -88,11 +143,16 @@ def write_report(folder: Path) -> Path:
                   f"torch {r['torch']}, triton {r['triton']}, commit `{r['commit']}`; dim {c['dim']}, {c['tokens']} tokens, "
                   f"{c['dtype']}; {m['n_routed_experts']} experts of {m['expert_dim']}, top-{m['top_k']}, "
                   f"{m['n_shared_experts']} shared; dense hidden {c['dense_hidden']}.", "",
-                  "| case | median (ms) | p10-p90 (ms) | tokens/s | peak mem (GiB) |", "|---|---|---|---|---|"]
+                  "| case | median (ms) | p10-p90 (ms) | tokens/s | share of matmul rate | peak mem (GiB) |",
+                  "|---|---|---|---|---|---|"]
         for name, row in r["rows"].items():
             mem = "-" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**30:.2f}"
+            share = f"{100 * row['matmul_share']:.0f}%" if row.get("matmul_share") is not None else "-"
             lines.append(f"| {name} | {1e3 * row['median_s']:.2f} | {1e3 * row['p10_s']:.2f}-{1e3 * row['p90_s']:.2f} "
-                         f"| {row['tokens_per_s']:,.0f} | {mem} |")
+                         f"| {row['tokens_per_s']:,.0f} | {share} | {mem} |")
+        if r.get("peer_rel_err"):
+            lines += ["", "The peer computes the same function on the same weights: relative error of its output "
+                      "against effllm's layer " + ", ".join(f"{k} {v:.1e}" for k, v in r["peer_rel_err"].items()) + "."]
         lines += ["", "Ratios (same run): " + ", ".join(f"{k} = {v:.2f}" for k, v in r["ratios"].items()), ""]
     return write_markdown(folder, lines)
 
@@ -152,6 +212,30 @@ def main() -> None:
     rows["dense"] = run_case(dense, x, device, args.warmup, repeats)
     print(f"{'dense':14s} {1e3 * rows['dense']['median_s']:9.2f} ms", flush=True)
 
+    peer_rel_err = {}
+    torch.manual_seed(0)
+    mine = MoE(dim, cfg).to(device, dtype).train()
+    with torch.no_grad():
+        mine.router.expert_bias.copy_(torch.randn(cfg.n_routed_experts) * 0.01)  # a trained-looking bias: both use it
+        ref_out = mine(x).float()
+    for implementation in PEER_IMPLEMENTATIONS:
+        peer = transformers_peer(mine, implementation)
+        if peer is None:
+            break
+        name = f"peer[{implementation}]"
+        with torch.no_grad():
+            peer_rel_err[name] = ((peer(x).float() - ref_out).norm() / ref_out.norm()).item()
+        rows[name] = run_case(peer.train(), x, device, args.warmup,
+                              loop_repeats if implementation == "eager" else repeats)
+        print(f"{name:20s} {1e3 * rows[name]['median_s']:9.2f} ms (output vs effllm: {peer_rel_err[name]:.1e})",
+              flush=True)
+    rows["matmul"] = matmul_case(x.detach().requires_grad_(), dense_hidden, device, args.warmup, repeats)
+    flops = layer_flops(spec["tokens"], dim, cfg)
+    rate = flops / rows["matmul"]["median_s"]  # the plain GEMM does the same FLOPs as the layer's experts
+    for name, row in rows.items():
+        row["matmul_share"] = flops / row["median_s"] / rate
+    print(f"{'matmul':14s} {1e3 * rows['matmul']['median_s']:9.2f} ms ({rate / 1e9:.1f} GFLOP/s)", flush=True)
+
     best = min((r["median_s"], n) for n, r in rows.items() if n.startswith("moe[") and n != "moe[fp8]")
     ratios = {f"{best[1]} / dense time": best[0] / rows["dense"]["median_s"],
               f"loop / {best[1]} time": rows["loop"]["median_s"] / best[0]}
@@ -160,12 +244,17 @@ def main() -> None:
             ratios[f"{n} / {best[1]} time"] = r["median_s"] / best[0]
     if "moe[fp8]" in rows:
         ratios[f"FP8 speed-up over {best[1]}"] = best[0] / rows["moe[fp8]"]["median_s"]
+    peers = [(r["median_s"], n) for n, r in rows.items() if n.startswith("peer[")]
+    if peers:
+        fastest = min(peers)
+        ratios[f"speed-up of {best[1]} over the fastest peer, {fastest[1]}"] = fastest[0] / best[0]
     result = {"bench": "moe_layer", "size": size, **environment(device, args.commit),
               "config": {"dim": dim, "tokens": spec["tokens"], "dtype": str(dtype), "dense_hidden": dense_hidden,
                          "moe": asdict(cfg), "inputs": "randn tokens, fresh random router and experts",
                          "last_load": load},
-              "rows": rows, "ratios": ratios, "fp8_note": fp8_note,
-              "fp8_tuned_configs": fp8_grouped.tuned_configs() if "moe[fp8]" in rows else None}
+              "rows": rows, "ratios": ratios, "fp8_note": fp8_note, "peer_rel_err": peer_rel_err,
+              "matmul_gflops": rate / 1e9, "layer_flops": flops,
+              "fp8_tuned_configs": fp8_grouped_gemm.tuned_configs() if "moe[fp8]" in rows else None}
     finish(args.out, result, size, write_report)
 
 

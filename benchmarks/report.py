@@ -9,6 +9,7 @@ markdown is still written and the plots are skipped with a message.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -154,8 +155,11 @@ def write_report(folder: Path) -> list[Path]:
     return [folder / "report.md", *(folder / name for name in r["_plots"])]
 
 
-def main() -> None:
-    folders = [Path(a) for a in sys.argv[1:]] or sorted(p.parent for p in RESULTS.glob("efficiency-*/results.json"))
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="*", type=Path,
+                        help=f"results folders (default: every efficiency-*/ folder under {RESULTS})")
+    folders = parser.parse_args(argv).folders or sorted(p.parent for p in RESULTS.glob("efficiency-*/results.json"))
     if not folders:
         sys.exit(f"no efficiency results under {RESULTS}: run benchmarks/tokens_per_gpu_hour.py first")
     for folder in folders:

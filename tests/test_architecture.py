@@ -162,3 +162,34 @@ def test_each_module_imports_with_its_own_layer_and_those_above_blocked():
     assert run.returncode == 0, run.stderr[-3000:]
     failures = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(order) > 30 and not failures, failures
+
+
+def test_every_effllm_name_the_code_uses_exists():
+    """Each name taken from an effllm module (`from effllm.x import name`, `module.name` after
+    `import effllm.x as module` or `from effllm import x`) exists, in the library, its benchmarks and
+    its tests: code that runs only on a GPU never runs here, and a rename must not break it unseen."""
+    import importlib
+
+    files = [p for folder in ("effllm", "kernels", "recipes", "benchmarks", "tests") for p in (ROOT / folder).rglob("*.py")]
+    missing = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        aliases = {}  # local name -> effllm module
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("effllm.") and a.asname:
+                        aliases[a.asname] = a.name
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "effllm":
+                module = importlib.import_module(node.module)
+                for a in node.names:
+                    if is_module(f"{node.module}.{a.name}"):
+                        aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+                    elif not hasattr(module, a.name):
+                        missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.module}.{a.name}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                module = importlib.import_module(aliases[node.value.id])
+                if not hasattr(module, node.attr):
+                    missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {aliases[node.value.id]}.{node.attr}")
+    assert not missing, "names that do not exist:\n" + "\n".join(missing)

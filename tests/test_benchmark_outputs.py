@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import common  # noqa: E402
@@ -37,3 +38,33 @@ def test_a_run_writes_a_new_folder_and_never_the_record_unless_asked(tmp_path, m
     monkeypatch.setattr(common, "RESULTS_ROOT", tmp_path / "benchmarks" / "results")
     first = common.base_parser("doc", common.RESULTS_ROOT / "new_bench", "quick")  # no record yet: made
     assert common.parse_args(first, ["--update-record"]).out.is_dir()
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])
+def test_the_moe_peer_computes_effllms_layer(implementation):
+    """benchmarks/moe_layer.py times transformers' DeepseekV3MoE beside effllm's MoE: with the
+    weights it copies over, the peer computes the same function, output and input gradient, so the
+    comparison is of speed alone (groups, shared expert and a balancing bias included; odd sizes)."""
+    pytest.importorskip("transformers")
+    import moe_layer
+    from helpers import REL_TOL, rel
+
+    from effllm.moe import MoE, MoEConfig
+
+    torch.manual_seed(0)
+    layer = MoE(48, MoEConfig(n_routed_experts=8, top_k=3, expert_dim=24, n_shared_experts=1, n_group=2,
+                              topk_group=1)).train()
+    with torch.no_grad():
+        layer.router.expert_bias.copy_(torch.randn(8) * 0.05)
+    peer = moe_layer.transformers_peer(layer, implementation).train()
+    x = torch.randn(37, 48)
+    dy = torch.randn(37, 48)
+    outs, grads = [], []
+    for module in (layer, peer):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        out.backward(dy)
+        outs.append(out.detach())
+        grads.append(xi.grad)
+    assert rel(outs[1], outs[0]) < REL_TOL[torch.float32]
+    assert rel(grads[1], grads[0]) < REL_TOL[torch.float32]
