@@ -68,3 +68,26 @@ def test_the_moe_peer_computes_effllms_layer(implementation):
         grads.append(xi.grad)
     assert rel(outs[1], outs[0]) < REL_TOL[torch.float32]
     assert rel(grads[1], grads[0]) < REL_TOL[torch.float32]
+
+
+def test_the_step_peer_holds_effllms_weights():
+    """benchmarks/peer_step.py times transformers' DeepseekV3ForCausalLM beside effllm's model: its
+    in-memory copy of the weights (the export's mapping, experts fused as transformers holds them)
+    gives effllm's logits."""
+    pytest.importorskip("transformers")
+    import peer_step
+    from helpers import perturbed_model, rel
+
+    from effllm.mla import MLAConfig
+    from effllm.model import ModelConfig
+    from effllm.moe import MoEConfig
+
+    cfg = ModelConfig(vocab_size=96, dim=64, n_layers=3, n_heads=4, max_seq_len=64, attention="mla",
+                      mla=MLAConfig(n_heads=4, q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                    v_head_dim=16),
+                      ffn="moe", first_k_dense=1, moe=MoEConfig(n_routed_experts=6, top_k=2, expert_dim=24))
+    model = perturbed_model(cfg).eval()
+    peer = peer_step.peer_of(model, "eager").eval()
+    x = torch.randint(0, 96, (2, 29), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel(peer(x).logits, model(x)[0]) < 1e-5

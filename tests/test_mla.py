@@ -193,3 +193,26 @@ def test_trainer_trains_resumes_and_samples_an_mla_model(byte_data, tmp_path):
     train(replace(cfg, max_steps=6, resume=True))
     text = generate_text(GenerateConfig(checkpoint=str(tmp_path / "run"), prompt="def ", max_new_tokens=8))
     assert text.startswith("def ")
+
+
+def test_narrow_values_take_the_fused_kernel_and_compute_the_same():
+    """causal_sdpa pads MLA's narrower values to the query width for the causal block (so SDPA can
+    use its fused kernel) and slices the padding off: output and every gradient equal the math
+    kernel's on the unpadded values (fp32; odd sizes)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from effllm.attention import causal_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 3, 37, 24, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(2, 3, 37, 10, generator=g).requires_grad_()
+    dy = torch.randn(2, 3, 37, 10, generator=g)
+    out = causal_sdpa(q, k, v, 0, scale=0.3)
+    grads = torch.autograd.grad(out, (q, k, v), dy)
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dy)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
