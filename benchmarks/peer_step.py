@@ -12,19 +12,22 @@ before timing: the peer's logits must match effllm's. Cases, in one run, on the 
 - peer[<implementation>]: the peer's forward (its own attention: SDPA), the same cross-entropy,
   backward, gradient clipping and AdamW, its experts run by transformers' "grouped_mm" and "eager"
   implementations ("batched_mm" gathers a copy of the experts' weights per token: left out).
-Each case is warmed up, then every step timed alone; medians and 10th/90th percentiles.
+Each case is warmed up alone, then the timed steps of all cases run interleaved (alternating order),
+each step timed alone; medians and 10th/90th percentiles.
 Results: benchmarks/results/peer_step/<device>-<size>.json, and report.md rebuilt from them.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import base_parser, environment, finish, parse_args, size_and_device, time_fn, write_markdown
+from common import base_parser, environment, finish, parse_args, size_and_device, sync, write_markdown
 
 from effllm.config import TrainConfig
 from effllm.hf import hf_config, hf_state_dict
@@ -60,13 +63,29 @@ def peer_of(model, implementation: str):
     return peer  # fp32 master weights, as effllm's; both run under the same autocast
 
 
-def time_steps(step, device, warmup: int, repeats: int, tokens: int) -> dict:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    row = time_fn(step, device, warmup, repeats)
-    row["tokens_per_s"] = tokens / row["median_s"]
-    row["peak_mem_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return row
+def time_interleaved(cases: dict, device, warmup: int, repeats: int, tokens: int) -> dict:
+    """Warm each case up alone (its peak memory is read there), then time `repeats` steps of every
+    case interleaved, in alternating order, so that drift of the machine hits every case alike."""
+    rows, times = {}, {name: [] for name in cases}
+    for name, step in cases.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(warmup):
+            step()
+        sync(device)
+        rows[name] = {"peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    for r in range(repeats):
+        for name, step in (list(cases.items()) if r % 2 == 0 else list(cases.items())[::-1]):
+            sync(device)
+            t = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10)
+        rows[name].update(median_s=statistics.median(ts), p10_s=q[0], p90_s=q[-1], repeats=repeats, warmup=warmup,
+                          tokens_per_s=tokens / statistics.median(ts))
+    return rows
 
 
 def write_report(folder: Path) -> Path:
@@ -94,7 +113,7 @@ def write_report(folder: Path) -> Path:
 def main() -> None:
     parser = base_parser(__doc__, RESULTS, "CPU-sized case (deepseek_tiny's model and batch)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per case (default 3 quick, 10 gpu)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 8 quick, 30 gpu)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 12 quick, 30 gpu)")
     args = parse_args(parser)
     import transformers
 
@@ -104,7 +123,7 @@ def main() -> None:
     # sequence-wise balance loss (transformers has none); effllm still moves its balancing bias.
     model_cfg = replace(recipe.model, mtp_depth=0, moe=replace(recipe.model.moe, seq_aux_loss_weight=0.0))
     cfg = replace(recipe, model=model_cfg, grad_accum=1, seed=0, device=str(device))
-    warmup, repeats = args.warmup or (3 if args.quick else 10), args.repeats or (8 if args.quick else 30)
+    warmup, repeats = args.warmup or (3 if args.quick else 10), args.repeats or (12 if args.quick else 30)
     run = build_run(cfg, DistEnv(), device)
     amp = run.amp
     batches = [torch.randint(0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
@@ -123,13 +142,16 @@ def main() -> None:
         run.model.eval()
         reference = run.model(probe)[0].float()
         run.model.train()
-    rows, rel_err = {}, {}
-    for implementation in IMPLEMENTATIONS:  # copies of the untrained weights, before effllm's steps move them
+    cases, rel_err, keep = {"effllm": effllm_step}, {}, []
+    for implementation in IMPLEMENTATIONS:  # copies of the untrained weights, before any step moves them
+        name = f"peer[{implementation}]"
         peer = peer_of(run.model, implementation).eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             got = peer(probe).logits.float()
-        rel_err[f"peer[{implementation}]"] = ((got - reference).norm() / reference.norm()).item()
+        rel_err[name] = ((got - reference).norm() / reference.norm()).item()
+        print(f"{name:20s} logits vs effllm: {rel_err[name]:.1e}", flush=True)
         optimizer = build_optimizer(peer.train(), cfg.optim)
+        keep.append((peer, optimizer))
 
         def peer_step(peer=peer, optimizer=optimizer) -> None:
             b = batches[next(counter) % len(batches)]
@@ -140,13 +162,10 @@ def main() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        name = f"peer[{implementation}]"
-        rows[name] = time_steps(peer_step, device, warmup, repeats, tokens)
-        print(f"{name:20s} {1e3 * rows[name]['median_s']:9.1f} ms/step (logits vs effllm: {rel_err[name]:.1e})",
-              flush=True)
-        del peer, optimizer
-    rows["effllm"] = time_steps(effllm_step, device, warmup, repeats, tokens)
-    print(f"{'effllm':20s} {1e3 * rows['effllm']['median_s']:9.1f} ms/step", flush=True)
+        cases[name] = peer_step
+    rows = time_interleaved(cases, device, warmup, repeats, tokens)
+    for name, row in rows.items():
+        print(f"{name:20s} {1e3 * row['median_s']:9.1f} ms/step", flush=True)
     fastest = min((r["median_s"], n) for n, r in rows.items() if n.startswith("peer["))
     ratios = {f"effllm speed-up over the fastest peer, {fastest[1]}": fastest[0] / rows["effllm"]["median_s"]}
     for name, row in rows.items():
