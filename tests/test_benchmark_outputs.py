@@ -91,3 +91,70 @@ def test_the_step_peer_holds_effllms_weights():
     x = torch.randint(0, 96, (2, 29), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert rel(peer(x).logits, model(x)[0]) < 1e-5
+
+
+def test_the_power_law_fit_recovers_a_known_exponent_and_the_multiplier():
+    """benchmarks/compute_multiplier.py: on synthetic points of L = a C^-b the fit gives a and b
+    back, and a DeepSeek-style curve that reaches every loss with 2.5x fewer FLOPs gives a
+    multiplier of 2.5 (inside the measured range: not extrapolated)."""
+    import compute_multiplier as cm
+
+    flops = [1e12, 3e12, 1e13, 4e13]
+    a, b = cm.fit_power_law(flops, [7.0 * c ** -0.08 for c in flops])
+    assert a == pytest.approx(7.0, rel=1e-9) and b == pytest.approx(0.08, rel=1e-9)
+    dense = [{"flops": c, "val_loss": 7.0 * c ** -0.08} for c in flops]
+    deepseek = [{"flops": c, "val_loss": 7.0 * (2.5 * c) ** -0.08} for c in flops]
+    result = cm.multiplier({"dense": dense, "deepseek": deepseek})
+    assert result["multiplier"] == pytest.approx(2.5, rel=1e-9) and not result["extrapolated"]
+    with pytest.raises(ValueError, match="two points"):
+        cm.fit_power_law([1e12], [3.0])
+
+
+def test_the_size_sweep_matches_active_size_and_flops_at_every_width():
+    """Each width's dense and DeepSeek-style models have the same active parameters and forward
+    FLOPs per token within 5%, so the multiplier compares architectures, not sizes."""
+    import compute_multiplier as cm
+
+    from effllm.flops import forward_flops_per_token
+    from effllm.model import Transformer
+
+    for widths in cm.WIDTHS.values():
+        for width in widths:
+            models = cm.models_at(width)
+            with torch.device("meta"):
+                active = {arch: Transformer(m).param_counts()["active"] for arch, m in models.items()}
+            flops = {arch: forward_flops_per_token(m, 256) for arch, m in models.items()}
+            assert abs(active["deepseek"] / active["dense"] - 1) < 0.05, (width, active)
+            assert abs(flops["deepseek"] / flops["dense"] - 1) < 0.05, (width, flops)
+
+
+def test_every_ladder_rung_costs_what_effllm_flops_says():
+    """The FLOPs each rung of benchmarks/ladder.py is compared at (effllm.flops) are the matrix
+    products its model runs, counted by torch.utils.flop_counter on the math attention kernel and the
+    per-expert loop, full attention's extra keys added back as tests/test_flops.py does; every
+    rung but the dense model of equal total within 5% of the baseline's forward FLOPs."""
+    from dataclasses import replace
+
+    import ladder
+    from helpers import full_attention_extra
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from effllm import flops
+    from effllm.model import Transformer
+
+    T = 64
+    rungs = ladder.rungs("quick")
+    base = flops.forward_flops_per_token(rungs[0][1].model, T)
+    for name, cfg, _ in rungs:
+        model_cfg = replace(cfg.model, max_seq_len=T, moe=replace(cfg.model.moe, grouped_gemm="loop"))
+        model = Transformer(model_cfg).train()
+        x = torch.randint(0, model_cfg.vocab_size, (1, T))
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            model(x, x, return_aux=True)
+        expected = flops.forward_flops_per_token(model_cfg, T) + model_cfg.n_layers * full_attention_extra(model_cfg, T)
+        expected += flops.mtp_flops_per_token(model_cfg, T)
+        expected += sum((T - k) / T * full_attention_extra(model_cfg, T - k) for k in range(1, model_cfg.mtp_depth + 1))
+        assert counter.get_total_flops() / T == pytest.approx(expected, rel=1e-9), name
+        if name != "dense, equal total":
+            assert abs(flops.forward_flops_per_token(model_cfg, T) / base - 1) < 0.05, name

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import full_attention_extra
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -32,12 +33,6 @@ CASES = {
     "mla_moe_mtp": replace(BASE, attention="mla", mla=replace(MLA, q_lora_rank=0), ffn="moe", moe=MOE,
                            first_k_dense=1, mtp_depth=2),
 }
-
-
-def full_attention_extra(cfg: ModelConfig, length: int) -> float:
-    """Per position: what attending all `length` keys costs beyond the causal (length+1)/2."""
-    per_key = 2 * (flops.attention_flops(cfg, 1) - flops.attention_flops(cfg, 0))  # mixing FLOPs per key
-    return per_key * (length - (length + 1) / 2)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from effllm import flops
 from effllm.config import OptimConfig, TrainConfig
 from effllm.model import ModelConfig, Transformer
 from effllm.train import train
@@ -54,6 +55,13 @@ def randn(*shape: int, seed: int, scale: float = 1.0, device: str = "cpu") -> to
     """Fresh normal values from their own generator: the same for a seed on every machine."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g) * scale).to(device)
+
+
+def full_attention_extra(cfg: ModelConfig, length: int) -> float:
+    """Per position: what attending all `length` keys costs beyond the causal (length+1)/2 that
+    effllm.flops counts (a FLOP counter on SDPA's math kernel counts every query against every key)."""
+    per_key = 2 * (flops.attention_flops(cfg, 1) - flops.attention_flops(cfg, 0))  # mixing FLOPs per key
+    return per_key * (length - (length + 1) / 2)
 
 
 def free_port() -> int:
