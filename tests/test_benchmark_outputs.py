@@ -158,3 +158,27 @@ def test_every_ladder_rung_costs_what_effllm_flops_says():
         assert counter.get_total_flops() / T == pytest.approx(expected, rel=1e-9), name
         if name != "dense, equal total":
             assert abs(flops.forward_flops_per_token(model_cfg, T) / base - 1) < 0.05, name
+
+
+@pytest.mark.slow
+def test_the_ladder_runs_end_to_end_at_the_smallest_size(byte_data, tmp_path):
+    """A smoke run of benchmarks/ladder.py: two rungs, one seed, a one-point sweep, a few steps;
+    it writes its JSON, report and plot, with every rung's figures."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ladder.py"
+    run = subprocess.run([sys.executable, str(script), "--quick", "--steps", "4", "--sweep-steps", "2", "--seeds", "1",
+                          "--lr-sweep", "1", "--evals", "2", "--eval-tokens", "256", "--only", "+moe",
+                          "--data-dir", str(byte_data), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "cpu-quick.json").read_text())
+    names = [row["name"] for row in result["rows"]]
+    assert names == ["dense", "+moe"]
+    moe = result["rows"][1]
+    assert moe["vs_below"]["final_val_loss_ratio"]["n"] == 1 and 0 < moe["matmul_share"]
+    assert moe["val_loss_equal_tokens"]["mean"] == moe["seeds"][0]["summary"]["final_val_loss"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| +moe |" in report and (tmp_path / "out" / "ladder-quick.png").is_file()
