@@ -68,15 +68,20 @@ def flops_for(loss: float, a: float, b: float) -> float:
 
 
 def multiplier(points: dict[str, list[dict]]) -> dict:
-    """The fits of both architectures and the compute multiplier at the largest dense model's loss."""
+    """The fits of both architectures and the compute multiplier at the largest dense model's loss.
+    No multiplier is given where a fit's loss does not fall with compute (exponent b <= 0): a sweep
+    whose larger models trained worse says nothing about compute efficiency; `why` says so."""
     fits = {arch: fit_power_law([p["flops"] for p in pts], [p["val_loss"] for p in pts]) for arch, pts in points.items()}
+    out = {"fits": {arch: {"a": a, "b": b} for arch, (a, b) in fits.items()}}
+    falling = [arch for arch, (_, b) in fits.items() if b <= 0]
+    if falling:
+        return out | {"multiplier": None, "why": f"the {' and '.join(falling)} losses do not fall with compute "
+                      f"(b = {', '.join(f'{fits[a][1]:.4f}' for a in falling)}): no power law to compare"}
     top = max(points["dense"], key=lambda p: p["flops"])
     needed = flops_for(top["val_loss"], *fits["deepseek"])
     measured = [p["flops"] for p in points["deepseek"]]
-    return {"fits": {arch: {"a": a, "b": b} for arch, (a, b) in fits.items()},
-            "dense_loss": top["val_loss"], "dense_flops": top["flops"], "deepseek_flops_needed": needed,
-            "multiplier": top["flops"] / needed,
-            "extrapolated": not min(measured) <= needed <= max(measured)}
+    return out | {"dense_loss": top["val_loss"], "dense_flops": top["flops"], "deepseek_flops_needed": needed,
+                  "multiplier": top["flops"] / needed, "extrapolated": not min(measured) <= needed <= max(measured)}
 
 
 def write_report(folder: Path) -> Path:
@@ -94,8 +99,13 @@ def write_report(folder: Path) -> Path:
                 lines.append(f"| {p['width']} | {arch} | {p['active']:,} | {p['flops']:.3g} | {p['val_loss']:.4f} |")
         fits = m["fits"]
         lines += ["", "Fits L = a C^-b: " + ", ".join(f"{arch} a = {f['a']:.3g}, b = {f['b']:.4f}" for arch, f in fits.items())
-                  + ".", "",
-                  f"**Compute multiplier at the largest dense model's loss ({m['dense_loss']:.4f}): "
+                  + ".", ""]
+        if r.get("note"):
+            lines += [f"Note: {r['note']}", ""]
+        if m["multiplier"] is None:
+            lines += [f"**No compute multiplier:** {m['why']}.", ""]
+            continue
+        lines += [f"**Compute multiplier at the largest dense model's loss ({m['dense_loss']:.4f}): "
                   f"{m['multiplier']:.2f}x** (DeepSeek-style needs {m['deepseek_flops_needed']:.3g} training FLOPs "
                   f"where dense used {m['dense_flops']:.3g})"
                   + ("; extrapolated beyond the measured range." if m["extrapolated"] else "."), ""]
@@ -144,7 +154,9 @@ def main() -> None:
               "tokens_per_step": cfg.tokens_per_step, "seed": args.seed, "points": points,
               "result": multiplier(points)}
     path = write_result(args.out, result, size)
-    print(f"compute multiplier {result['result']['multiplier']:.2f}x; wrote {path} and {write_report(args.out)}")
+    m = result["result"]["multiplier"]
+    print((f"compute multiplier {m:.2f}x" if m is not None else f"no compute multiplier: {result['result']['why']}")
+          + f"; wrote {path} and {write_report(args.out)}")
 
 
 if __name__ == "__main__":

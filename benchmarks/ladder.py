@@ -203,7 +203,8 @@ def fmt(s: dict | None, digits: int = 4) -> str:
 def write_report(folder: Path) -> Path:
     lines = ["# The ablation ladder", "", "Written by `benchmarks/ladder.py` from the JSON files beside it: each rung "
              "adds one technique to the one before, at the baseline's active parameters and forward FLOPs per token. "
-             "Val losses are means over seeds (min-max in brackets), interpolated at the baseline's last point.", ""]
+             "Val losses are means over seeds (min-max in brackets), interpolated at the baseline's last point "
+             "(\"-\": the rung's run ends before that point).", ""]
     for path in sorted(folder.glob("*.json")):
         r = json.loads(path.read_text())
         unit = "GPU-hour" if r["device_type"] == "cuda" else "CPU-hour"
@@ -212,6 +213,7 @@ def write_report(folder: Path) -> Path:
                   f"{r['tokens_per_step']:,} tokens per rung and seed, seeds {r['seeds']}; learning rates chosen "
                   f"per rung from the recipe's x {r['lr_sweep']} over {r['sweep_steps']} steps (progressive "
                   f"validation on the train split); this device's plain-GEMM rate {r['matmul_gflops']:.0f} GFLOP/s.",
+                  *(["", f"Note: {r['commit_note']}"] if r.get("commit_note") else []),
                   "", f"| rung | lr | val, equal tokens | val, equal FLOPs | val, equal time | tokens per {unit} | "
                   "share of GEMM rate | peak mem (GiB) | val vs rung below | tokens/s vs rung below |",
                   "|---|---|---|---|---|---|---|---|---|---|"]

@@ -182,3 +182,14 @@ def test_the_ladder_runs_end_to_end_at_the_smallest_size(byte_data, tmp_path):
     assert moe["val_loss_equal_tokens"]["mean"] == moe["seeds"][0]["summary"]["final_val_loss"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| +moe |" in report and (tmp_path / "out" / "ladder-quick.png").is_file()
+
+
+def test_no_multiplier_from_a_sweep_whose_losses_rise_with_compute():
+    """A size sweep in which the larger dense model trained worse has no power law: no multiplier."""
+    import compute_multiplier as cm
+
+    dense = [{"flops": 1e12, "val_loss": 1.84}, {"flops": 2e12, "val_loss": 1.72}, {"flops": 4e12, "val_loss": 1.88}]
+    deepseek = [{"flops": c["flops"], "val_loss": c["val_loss"] * 0.95} for c in dense[:2]] + [
+        {"flops": 4e12, "val_loss": 1.6}]
+    result = cm.multiplier({"dense": dense, "deepseek": deepseek})
+    assert result["multiplier"] is None and "dense losses do not fall" in result["why"]
