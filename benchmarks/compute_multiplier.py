@@ -8,7 +8,9 @@ At each width the dense model is dense_tiny's shape at that width, and the DeepS
 deepseek_tiny's (MLA, 16 routed experts + 1 shared, top-3, one MTP module) scaled to the same
 width and the same active feed-forward width (4 experts' worth = the dense SwiGLU), so both have
 about the same active parameters and forward FLOPs per token. Every model trains for the same
-number of steps and tokens (the trainer, each in a process of its own) on the same data.
+number of steps and tokens (the trainer, each in a process of its own) on the same data, with
+the learning rate each model chose from the recipe's times each of --lr-sweep over a quarter of
+the steps, by progressive validation on the train split (the ladder's rule: benchmarks/ladder.py).
 
 For each architecture, the final val losses against training FLOPs (effllm.flops: 3 x the forward,
 MTP included) are fitted with a power law L = a * C^(-b) (least squares in log-log). The multiplier
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 from common import RUNS_ROOT, base_parser, environment, parse_args, size_and_device, write_markdown, write_result
-from ladder import run_child
+from ladder import progressive_loss, run_child
 
 from effllm.flops import train_flops_per_token
 from effllm.model import ModelConfig, Transformer
@@ -92,11 +94,13 @@ def write_report(folder: Path) -> Path:
         m = r["result"]
         lines += [f"## {r['device']}, {r['size']} ({r['date']})", "",
                   f"torch {r['torch']}, commit `{r['commit']}`; {r['steps']} steps of {r['tokens_per_step']:,} tokens "
-                  f"per model, seed {r['seed']}.", "",
-                  "| width | model | active params | training FLOPs | final val loss |", "|---|---|---|---|---|"]
+                  f"per model, seed {r['seed']}" + (f"; each model's lr from the recipe's x {r['lr_sweep']}"
+                                                    if r.get("lr_sweep") else "; the recipe's lr") + ".", "",
+                  "| width | model | active params | lr | training FLOPs | final val loss |", "|---|---|---|---|---|---|"]
         for arch, pts in r["points"].items():
             for p in pts:
-                lines.append(f"| {p['width']} | {arch} | {p['active']:,} | {p['flops']:.3g} | {p['val_loss']:.4f} |")
+                lines.append(f"| {p['width']} | {arch} | {p['active']:,} | {p.get('lr', 3e-3):.2g} | {p['flops']:.3g} | "
+                             f"{p['val_loss']:.4f} |")
         fits = m["fits"]
         lines += ["", "Fits L = a C^-b: " + ", ".join(f"{arch} a = {f['a']:.3g}, b = {f['b']:.4f}" for arch, f in fits.items())
                   + ".", ""]
@@ -119,6 +123,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--eval-tokens", type=int, default=32768, help="validation tokens of the final evaluation")
     parser.add_argument("--widths", default=None, help="comma-separated widths (default: the size's three)")
+    parser.add_argument("--lr-sweep", default="0.5,1,2", help="multipliers of the recipe's lr to try (default 0.5,1,2)")
     args = parse_args(parser)
     size, device = size_and_device(args.quick)
     if not (Path(args.data_dir) / "manifest.json").is_file():
@@ -139,6 +144,15 @@ def main() -> None:
                           out_dir=str(work / f"{arch}-{width}"))
             if device.type == "cuda":
                 cfg = replace(cfg, batch_size=16, seq_len=1024, model=replace(model, max_seq_len=1024))
+            sweep_steps, sweep = max(20, steps // 4), {}
+            for m in (float(v) for v in args.lr_sweep.split(",")):
+                trial = replace(cfg, max_steps=sweep_steps, eval_interval=sweep_steps, log_interval=1,
+                                optim=replace(cfg.optim, lr=cfg.optim.lr * m, schedule_steps=sweep_steps,
+                                              warmup_steps=max(1, sweep_steps // 10)),
+                                out_dir=str(work / f"{arch}-{width}-sweep-{m}"))
+                sweep[m] = progressive_loss(run_child(trial, Path(trial.out_dir))["train_losses"])
+            lr = cfg.optim.lr * min(sweep, key=sweep.get)
+            cfg = replace(cfg, optim=replace(cfg.optim, lr=lr))
             res = run_child(cfg, Path(cfg.out_dir))
             with torch.device("meta"):
                 counts = Transformer(model).param_counts()
@@ -146,12 +160,14 @@ def main() -> None:
             point = {"width": width, "active": counts["active"], "total": counts["total"],
                      "flops": tokens * train_flops_per_token(model, cfg.seq_len), "tokens": tokens,
                      "val_loss": res["summary"]["final_val_loss"], "train_s": res["summary"]["train_s"],
+                     "lr": lr, "lr_sweep": sweep,
                      "config": asdict(model)}
             points[arch].append(point)
             print(f"{arch} width {width}: {counts['active'] / 1e6:.2f}M active, {point['flops']:.3g} FLOPs, "
                   f"val {point['val_loss']:.4f}", flush=True)
     result = {"bench": "compute_multiplier", "size": size, **environment(device, args.commit), "steps": steps,
               "tokens_per_step": cfg.tokens_per_step, "seed": args.seed, "points": points,
+              "lr_sweep": [float(v) for v in args.lr_sweep.split(",")],
               "result": multiplier(points)}
     path = write_result(args.out, result, size)
     m = result["result"]["multiplier"]
