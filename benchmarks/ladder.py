@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -97,7 +98,10 @@ def matmul_rate(device: torch.device, m: int, k: int, n: int, dtype: torch.dtype
 
 
 def run_child(cfg: TrainConfig, out: Path) -> dict:
-    """Train `cfg` in a fresh process (its own peak memory); returns the summary and the curve."""
+    """Train `cfg` in a fresh process (its own peak memory) in `out`, a scratch folder of this
+    benchmark's (emptied first: an earlier run's checkpoints would otherwise be refused); returns
+    the summary and the curve."""
+    shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{out.name}.json").write_text(json.dumps(asdict(cfg)))
     child = subprocess.run([sys.executable, __file__, "--child", str(out.parent / f"{out.name}.json")],
