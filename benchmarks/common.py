@@ -39,6 +39,22 @@ def time_fn(fn, device: torch.device, warmup: int, repeats: int) -> dict:
             "warmup": warmup}
 
 
+def gemm_case(device: torch.device, m: int, k: int, n: int, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
+    """A plain GEMM x (m, k) · Wᵀ (k, n), forward and backward (dgrad and wgrad), timed as `time_fn`:
+    the rate this device reaches on matrix products in this run, `flops_per_s` in the row."""
+    x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
+    w = torch.randn(n, k, device=device, dtype=dtype, requires_grad=True)
+    dy = torch.randn(m, n, device=device, dtype=dtype)
+
+    def step():
+        x.grad = w.grad = None
+        torch.nn.functional.linear(x, w).backward(dy)
+
+    row = time_fn(step, device, warmup, repeats)
+    row["flops_per_s"] = 3 * 2 * m * k * n / row["median_s"]
+    return row
+
+
 def git_commit() -> str:
     here = Path(__file__).parent
     try:

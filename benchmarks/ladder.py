@@ -44,7 +44,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from common import RUNS_ROOT, base_parser, environment, parse_args, size_and_device, write_markdown, write_result
+from common import (
+    RUNS_ROOT,
+    base_parser,
+    environment,
+    gemm_case,
+    parse_args,
+    size_and_device,
+    write_markdown,
+    write_result,
+)
 
 from effllm.config import TrainConfig
 from effllm.flops import train_flops_per_token
@@ -79,22 +88,6 @@ def rungs(size: str) -> list[tuple[str, TrainConfig, str]]:
         wide = dense_600m.config()
     out = [(name, cfg, ladder[i - 1][0] if i else "") for i, (name, cfg) in enumerate(ladder)]
     return out + [("dense, equal total", wide, "dense")]
-
-
-def matmul_rate(device: torch.device, m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 10) -> float:
-    """FLOP/s of a plain GEMM (m, k) x (k, n), forward and backward, median over repeats: the rate
-    this device reaches on matrix products of the models' size, in this run."""
-    from common import time_fn
-
-    x = torch.randn(m, k, device=device, dtype=dtype, requires_grad=True)
-    w = torch.randn(n, k, device=device, dtype=dtype, requires_grad=True)
-    dy = torch.randn(m, n, device=device, dtype=dtype)
-
-    def step():
-        x.grad = w.grad = None
-        torch.nn.functional.linear(x, w).backward(dy)
-
-    return 3 * 2 * m * k * n / time_fn(step, device, 3, repeats)["median_s"]
 
 
 def run_child(cfg: TrainConfig, out: Path) -> dict:
@@ -298,7 +291,8 @@ def main() -> None:
                   f"{res['summary']['tokens_seen'] / res['summary']['train_s']:,.0f} tokens/s", flush=True)
     base = TrainConfig.from_dict(rows[0]["config"])
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rate = matmul_rate(device, base.batch_size * base.seq_len, base.model.dim, base.model.hidden_dim, dtype)
+    rate = gemm_case(device, base.batch_size * base.seq_len, base.model.dim, base.model.hidden_dim, dtype, 3,
+                     10)["flops_per_s"]  # the plain-GEMM rate of this device, at the baseline's sizes
     summarize(rows, rate)
     result = {"bench": "ladder", "size": size, **environment(device, args.commit), "steps": rows[0]["config"]["max_steps"],
               "tokens_per_step": base.tokens_per_step, "seeds": seeds, "lr_sweep": sweep,

@@ -33,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from common import base_parser, environment, finish, parse_args, size_and_device, time_fn, write_markdown
+from common import base_parser, environment, finish, gemm_case, parse_args, size_and_device, time_fn, write_markdown
 
 from effllm.fp8 import convert_to_fp8
 from effllm.kernels import fp8_grouped_gemm
@@ -99,21 +99,6 @@ def layer_flops(tokens: int, dim: int, cfg: MoEConfig) -> float:
     shared), the router's D x E, times 3 for the backward (dgrad and wgrad)."""
     active = (cfg.top_k + cfg.n_shared_experts) * 3 * dim * cfg.expert_dim + dim * cfg.n_routed_experts
     return 3 * 2 * tokens * active
-
-
-def matmul_case(x: torch.Tensor, hidden: int, device, warmup: int, repeats: int) -> dict:
-    """One GEMM x (T, D) · W (D, 3 hidden), forward and backward: the device's plain matmul rate in this run."""
-    w = torch.randn(3 * hidden, x.shape[1], device=x.device, dtype=x.dtype, requires_grad=True)
-    dy = torch.randn(x.shape[0], 3 * hidden, device=x.device, dtype=x.dtype)
-
-    def step():
-        w.grad = x.grad = None
-        torch.nn.functional.linear(x, w).backward(dy)
-
-    row = time_fn(step, device, warmup, repeats)
-    row["peak_mem_bytes"] = None
-    row["tokens_per_s"] = x.shape[0] / row["median_s"]
-    return row
 
 
 def run_case(module: torch.nn.Module, x: torch.Tensor, device, warmup: int, repeats: int) -> dict:
@@ -238,7 +223,8 @@ def main() -> None:
                               loop_repeats if implementation == "eager" else repeats)
         print(f"{name:20s} {1e3 * rows[name]['median_s']:9.2f} ms (output vs effllm: {peer_rel_err[name]:.1e})",
               flush=True)
-    rows["matmul"] = matmul_case(x.detach().requires_grad_(), dense_hidden, device, args.warmup, repeats)
+    rows["matmul"] = gemm_case(device, spec["tokens"], dim, 3 * dense_hidden, dtype, args.warmup, repeats)
+    rows["matmul"].update(peak_mem_bytes=None, tokens_per_s=spec["tokens"] / rows["matmul"]["median_s"])
     flops = layer_flops(spec["tokens"], dim, cfg)
     rate = flops / rows["matmul"]["median_s"]  # the plain GEMM does the same FLOPs as the layer's experts
     for name, row in rows.items():

@@ -142,7 +142,7 @@ def main() -> None:
         run.model.eval()
         reference = run.model(probe)[0].float()
         run.model.train()
-    cases, rel_err, keep = {"effllm": effllm_step}, {}, []
+    cases, rel_err = {"effllm": effllm_step}, {}
     for implementation in IMPLEMENTATIONS:  # copies of the untrained weights, before any step moves them
         name = f"peer[{implementation}]"
         peer = peer_of(run.model, implementation).eval()
@@ -151,7 +151,6 @@ def main() -> None:
         rel_err[name] = ((got - reference).norm() / reference.norm()).item()
         print(f"{name:20s} logits vs effllm: {rel_err[name]:.1e}", flush=True)
         optimizer = build_optimizer(peer.train(), cfg.optim)
-        keep.append((peer, optimizer))
 
         def peer_step(peer=peer, optimizer=optimizer) -> None:
             b = batches[next(counter) % len(batches)]

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from effllm.errors import ConfigError
-from effllm.fp8_experts import FP8RoutedExperts
-from effllm.kernels.backends import FP8_BACKENDS, fp8_backend
+from effllm.fp8_experts import FP8RoutedExperts, check_fp8_backend
+from effllm.kernels.backends import fp8_backend
 from effllm.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
 from effllm.kernels.fp8_quant import (
     TILE,
@@ -87,8 +87,7 @@ class FP8Linear(nn.Module):
         if in_features % TILE or out_features % TILE:
             raise ConfigError(f"FP8Linear needs in and out features that are multiples of {TILE}, got "
                               f"{in_features} -> {out_features}: keep this layer an nn.Linear")
-        if backend not in ("auto", *FP8_BACKENDS):
-            raise ConfigError(f"unknown FP8 backend {backend!r}; choose auto, triton or torch")
+        check_fp8_backend(backend)
         self.in_features, self.out_features = in_features, out_features
         self.backend, self.pow2_scales = backend, pow2_scales
         self.weight = weight if weight is not None else nn.Parameter(torch.empty(out_features, in_features))
@@ -125,8 +124,7 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = 
     Embeddings, norms and routers are not nn.Linear, so they are never converted. Returns
     {"converted": [names], "skipped": {name: why}}.
     """
-    if backend not in ("auto", *FP8_BACKENDS):
-        raise ConfigError(f"unknown FP8 backend {backend!r}; choose auto, triton or torch")
+    check_fp8_backend(backend)
     converted, skipped = [], {}
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):

@@ -164,6 +164,13 @@ def fp8_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: 
                                               w1, w3, w2)
 
 
+def check_fp8_backend(backend: str) -> None:
+    """Refuse an FP8 backend name that kernels.backends.fp8_backend would not take, when a layer
+    is built rather than at its first forward."""
+    if backend not in ("auto", *FP8_BACKENDS):
+        raise ConfigError(f"unknown FP8 backend {backend!r}; choose auto, triton or torch")
+
+
 class FP8RoutedExperts(RoutedExperts):
     """Routed experts whose three grouped GEMMs run in FP8, forward and backward (`fp8_swiglu_experts`).
 
@@ -176,8 +183,7 @@ class FP8RoutedExperts(RoutedExperts):
         if hidden % TILE or dim % TILE:
             raise ConfigError(f"FP8 experts need widths that are multiples of {TILE}, got {dim} -> {hidden}: keep "
                               "these experts in higher precision")
-        if backend not in ("auto", *FP8_BACKENDS):
-            raise ConfigError(f"unknown FP8 backend {backend!r}; choose auto, triton or torch")
+        check_fp8_backend(backend)
         super().__init__(dim, hidden, n, weights=weights)
         self.backend, self.pow2_scales = backend, pow2_scales
 

@@ -57,9 +57,9 @@ class ExpertParallel:
     the host: one sync per layer, as in any all-to-all dispatch.
     """
 
-    def __init__(self, experts: nn.Module, group, first_expert: int, n_experts: int):
+    def __init__(self, experts: nn.Module, group, first_expert: int):
         self.experts, self.group = experts, group
-        self.first_expert, self.n_experts = first_expert, n_experts
+        self.first_expert = first_expert
         self._route: tuple | None = None  # the way back of the forward in flight (dispatch -> combine)
         self._hooks = (experts.register_forward_pre_hook(self.dispatch, with_kwargs=True),
                        experts.register_forward_hook(self.combine, with_kwargs=True))
@@ -125,7 +125,7 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> d
                               "evenly: pick an expert-parallel size that divides the number of experts")
         local = E // size
         layer.experts.keep_experts(rank * local, local)
-        done[name] = ExpertParallel(layer.experts, group, rank * local, E)
+        done[name] = ExpertParallel(layer.experts, group, rank * local)
     return done
 
 
