@@ -72,8 +72,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "ladder"
 DATA = Path(__file__).resolve().parent.parent / "data" / "stdlib"
 
 
-def rungs(size: str) -> list[tuple[str, TrainConfig, str]]:
-    """(name, config, the rung it is compared with): the ladder, then the dense model of equal total."""
+def rungs(size: str, why: bool = False) -> list[tuple[str, TrainConfig, str]]:
+    """(name, config, the rung it is compared with): the ladder, then the dense model of equal total,
+    then (`why`) the diagnostic rungs."""
     if size == "quick":
         ds = deepseek_tiny.config()
         ladder = [("dense", dense_tiny.config()), ("+moe", moe_tiny.config()),
@@ -87,7 +88,23 @@ def rungs(size: str) -> list[tuple[str, TrainConfig, str]]:
                   ("+fp8", replace(ds, fp8=True))]
         wide = dense_600m.config()
     out = [(name, cfg, ladder[i - 1][0] if i else "") for i, (name, cfg) in enumerate(ladder)]
-    return out + [("dense, equal total", wide, "dense")]
+    out.append(("dense, equal total", wide, "dense"))
+    if why:
+        out += diagnostics(dict(ladder))
+    return out
+
+
+def diagnostics(ladder: dict[str, TrainConfig]) -> list[tuple[str, TrainConfig, str]]:
+    """The rungs that ask why +MLA and +MTP cost loss, each one setting changed on a ladder rung:
+    - "+mla/latent-4x": the kv latent at 4x the no-RoPE key head width, DeepSeek-V2/V3's ratio
+      (512 for 128-wide heads; deepseek_600m's 256 for 64), against the rung below +MLA;
+    - "+mtp/weight-0.1": the MTP loss weight DeepSeek-V3 uses for its last 4.8T tokens (0.3 before),
+      against +MLA."""
+    mla_cfg, mtp_cfg = ladder["+mla"], ladder["+mtp"]
+    mla = mla_cfg.model.mla
+    wide = replace(mla_cfg, model=replace(mla_cfg.model, mla=replace(mla, kv_lora_rank=4 * mla.qk_nope_head_dim)))
+    light = replace(mtp_cfg, model=replace(mtp_cfg.model, mtp_lambda=0.1))
+    return [("+mla/latent-4x", wide, "+moe"), ("+mtp/weight-0.1", light, "+mla")]
 
 
 def run_child(cfg: TrainConfig, out: Path) -> dict:
@@ -247,7 +264,11 @@ def main() -> None:
     parser.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep run (default steps / 4)")
     parser.add_argument("--evals", type=int, default=10, help="validation points per run (default 10)")
     parser.add_argument("--eval-tokens", type=int, default=32768, help="validation tokens per evaluation")
-    parser.add_argument("--only", default=None, help="comma-separated rung names (the baseline is always kept)")
+    parser.add_argument("--only", default=None, help="comma-separated rung names (the baseline is always kept; a "
+                        "diagnostic rung needs the rung it is compared with)")
+    parser.add_argument("--why", action="store_true",
+                        help="add the diagnostic rungs +mla/latent-4x and +mtp/weight-0.1 (see diagnostics()); the "
+                             "record is <device>-<size>-why.json")
     args = parse_args(parser)
     size, device = size_and_device(args.quick)
     if not (Path(args.data_dir) / "manifest.json").is_file():
@@ -258,9 +279,18 @@ def main() -> None:
     # Training runs are scratch: beside the results of a run, and never inside the committed record.
     work = RUNS_ROOT / "ladder-scratch" if args.update_record else args.out / "runs"
     rows = []
-    for name, cfg, below in rungs(size):
-        if args.only and name != "dense" and name not in args.only.split(","):
-            continue
+    chosen = rungs(size, args.why)
+    if args.only:
+        unknown = set(args.only.split(",")) - {name for name, _, _ in chosen}
+        if unknown:
+            parser.error(f"--only names no rung {sorted(unknown)}: the rungs are {[n for n, _, _ in chosen]}"
+                         + ("" if args.why else " (diagnostic rungs need --why)"))
+        keep = {"dense", *args.only.split(",")}
+        missing = {below for name, _, below in chosen if name in keep and below} - keep
+        if missing:
+            parser.error(f"--only leaves out {sorted(missing)}, which the rungs it keeps are compared with: add it")
+        chosen = [r for r in chosen if r[0] in keep]
+    for name, cfg, below in chosen:
         steps = args.steps or cfg.max_steps
         sweep_steps = args.sweep_steps or max(20, steps // 4)
         cfg = replace(cfg, data_dir=args.data_dir, device=str(device), max_steps=steps, ckpt_interval=0,
@@ -298,8 +328,9 @@ def main() -> None:
               "tokens_per_step": base.tokens_per_step, "seeds": seeds, "lr_sweep": sweep,
               "sweep_steps": args.sweep_steps or max(20, rows[0]["config"]["max_steps"] // 4),
               "matmul_gflops": rate / 1e9, "data_dir": args.data_dir, "rows": rows}
-    result["plot"] = plot(result, args.out, size)
-    path = write_result(args.out, result, size)
+    name = f"{size}-why" if args.why else size
+    result["plot"] = plot(result, args.out, name)
+    path = write_result(args.out, result, name)
     print(f"wrote {path} and {write_report(args.out)}")
 
 
