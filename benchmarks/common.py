@@ -39,6 +39,31 @@ def time_fn(fn, device: torch.device, warmup: int, repeats: int) -> dict:
             "warmup": warmup}
 
 
+def time_interleaved(cases: dict, device, warmup: int, repeats: int, tokens: int) -> dict:
+    """Warm each case up alone (its peak memory is read there), then time `repeats` steps of every
+    case interleaved, in alternating order, so that drift of the machine hits every case alike."""
+    rows, times = {}, {name: [] for name in cases}
+    for name, step in cases.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(warmup):
+            step()
+        sync(device)
+        rows[name] = {"peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+    for r in range(repeats):
+        for name, step in (list(cases.items()) if r % 2 == 0 else list(cases.items())[::-1]):
+            sync(device)
+            t = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=10)
+        rows[name].update(median_s=statistics.median(ts), p10_s=q[0], p90_s=q[-1], repeats=repeats, warmup=warmup,
+                          tokens_per_s=tokens / statistics.median(ts))
+    return rows
+
+
 def gemm_case(device: torch.device, m: int, k: int, n: int, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
     """A plain GEMM x (m, k) · Wᵀ (k, n), forward and backward (dgrad and wgrad), timed as `time_fn`:
     the rate this device reaches on matrix products in this run, `flops_per_s` in the row."""

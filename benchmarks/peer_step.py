@@ -20,14 +20,12 @@ Results: benchmarks/results/peer_step/<device>-<size>.json, and report.md rebuil
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import base_parser, environment, finish, parse_args, size_and_device, sync, write_markdown
+from common import base_parser, environment, finish, parse_args, size_and_device, time_interleaved, write_markdown
 
 from effllm.config import TrainConfig
 from effllm.hf import hf_config, hf_state_dict
@@ -41,13 +39,14 @@ IMPLEMENTATIONS = ("grouped_mm", "eager")
 SIZES = {"quick": deepseek_tiny.config(), "gpu": deepseek_600m.config()}
 
 
-def peer_of(model, implementation: str):
-    """transformers' DeepseekV3ForCausalLM holding `model`'s weights (effllm.hf's export mapping)."""
+def peer_of(model, implementation: str, attention: str = "sdpa"):
+    """transformers' DeepseekV3ForCausalLM holding `model`'s weights (effllm.hf's export mapping), its
+    experts run by `implementation` and its attention by `attention`."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     fields = {k: v for k, v in hf_config(model.cfg).items() if k not in ("architectures", "model_type", "dtype",
                                                                           "torch_dtype")}
-    conf = DeepseekV3Config(**fields, experts_implementation=implementation, attn_implementation="sdpa")
+    conf = DeepseekV3Config(**fields, experts_implementation=implementation, attn_implementation=attention)
     peer = DeepseekV3ForCausalLM(conf).to(next(model.parameters()).device)
     state = hf_state_dict(model)  # experts one tensor each (the checkpoint layout): fused as the model holds them
     for key in [k for k in state if k.endswith(".mlp.experts.0.gate_proj.weight")]:
@@ -61,31 +60,6 @@ def peer_of(model, implementation: str):
     if unexpected or [k for k in missing if not k.endswith("rotary_emb.inv_freq")]:
         raise RuntimeError(f"the peer's weights do not match the export: missing {missing}, unexpected {unexpected}")
     return peer  # fp32 master weights, as effllm's; both run under the same autocast
-
-
-def time_interleaved(cases: dict, device, warmup: int, repeats: int, tokens: int) -> dict:
-    """Warm each case up alone (its peak memory is read there), then time `repeats` steps of every
-    case interleaved, in alternating order, so that drift of the machine hits every case alike."""
-    rows, times = {}, {name: [] for name in cases}
-    for name, step in cases.items():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(warmup):
-            step()
-        sync(device)
-        rows[name] = {"peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
-    for r in range(repeats):
-        for name, step in (list(cases.items()) if r % 2 == 0 else list(cases.items())[::-1]):
-            sync(device)
-            t = time.perf_counter()
-            step()
-            sync(device)
-            times[name].append(time.perf_counter() - t)
-    for name, ts in times.items():
-        q = statistics.quantiles(ts, n=10)
-        rows[name].update(median_s=statistics.median(ts), p10_s=q[0], p90_s=q[-1], repeats=repeats, warmup=warmup,
-                          tokens_per_s=tokens / statistics.median(ts))
-    return rows
 
 
 def write_report(folder: Path) -> Path:

@@ -93,6 +93,27 @@ def test_the_step_peer_holds_effllms_weights():
         assert rel(peer(x).logits, model(x)[0]) < 1e-5
 
 
+@pytest.mark.parametrize("q_lora_rank", [0, 24])
+def test_the_mla_peer_computes_effllms_attention(q_lora_rank):
+    """benchmarks/mla_layer.py times transformers' DeepseekV3Attention (sdpa and eager) beside
+    effllm's MLA on the weights it copies over: output and input gradient agree at an odd length,
+    and with the query latent too (deepseek_600m has none; DeepSeek-V3 does)."""
+    pytest.importorskip("transformers")
+    import mla_layer
+
+    from effllm.mla import MLAConfig
+    from effllm.model import ModelConfig
+
+    mla = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, max_seq_len=64, attention="mla",
+                      mla=MLAConfig(n_heads=4, q_lora_rank=q_lora_rank, kv_lora_rank=32, qk_nope_head_dim=16,
+                                    qk_rope_head_dim=8, v_head_dim=12))
+    dense = ModelConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, max_seq_len=64)
+    cases, errors = mla_layer.cases_for(mla, dense, 3, 29, torch.device("cpu"), torch.float32)
+    assert set(cases) == {"effllm", "peer[sdpa]", "peer[eager]", "mha"}
+    for name, (out_err, grad_err) in errors.items():
+        assert out_err < 1e-5 and grad_err < 1e-5, name
+
+
 def test_the_power_law_fit_recovers_a_known_exponent_and_the_multiplier():
     """benchmarks/compute_multiplier.py: on synthetic points of L = a C^-b the fit gives a and b
     back, and a DeepSeek-style curve that reaches every loss with 2.5x fewer FLOPs gives a
