@@ -7,13 +7,16 @@ TrainConfig and lets any field be overridden: `effllm train dense_tiny --optim.l
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import importlib
 import importlib.util
 import json
 import os
 import pkgutil
 import sys
-from dataclasses import dataclass, replace
+import typing
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -57,6 +60,15 @@ class GenerateConfig:
     seed: int = 0  # seeds the sampler
     device: str = "auto"  # auto = cuda if available, else cpu
 
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature={self.temperature} cannot work — use 0 (greedy) or a positive temperature, "
+                              "e.g. 0.8")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k={self.top_k} cannot work — use a positive k, e.g. 50, or None for all tokens")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} cannot work — ask for at least 1 token")
+
 
 def recipe_names() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(effllm.recipes.__path__) if not m.name.startswith("_"))
@@ -81,19 +93,71 @@ def load_recipe(name: str):
     return module.config()
 
 
+def flags(cls, prefix: str = "") -> list[str]:
+    """The command-line flags tyro makes of a config dataclass: --field, --nested.field."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        name = prefix + f.name.replace("_", "-")
+        out += flags(hints[f.name], name + ".") if is_dataclass(hints[f.name]) else [f"--{name}"]
+    return out
+
+
+def _one_line_rejection(cls, prog: str):
+    """A tyro parse-error hook that raises every rejection of the command line as one ConfigError
+    line (what, then how to fix it); an event it does not know goes on to tyro's own message."""
+    def hook(event) -> None:
+        try:
+            kind = type(event).__name__
+            argument = getattr(event, "argument", None)
+            flag = argument.display_name() if argument is not None else ""
+            if kind == "InstantiationFailure":
+                message = event.message
+            elif kind == "InvalidChoice":
+                message = f"{event.value!r} is not one of {', '.join(map(str, event.choices))}"
+            elif kind == "UnrecognizedArgs":
+                unknown = [t for t in event.tokens if t.startswith("-")] or list(event.tokens)
+                close = [m for t in unknown for m in difflib.get_close_matches(t.split("=")[0], flags(cls), n=1)]
+                message = (f"unrecognized argument{'s' if len(unknown) > 1 else ''} {' '.join(unknown)}"
+                           + (f" — did you mean {', '.join(close)}?" if close else ""))
+            elif kind == "MissingArgs":
+                message = "missing " + ", ".join(a.arg.display_name() for a in event.missing_arguments)
+            else:
+                return
+        except AttributeError:  # a tyro whose events look otherwise: its own message
+            return
+        if flag and flag not in message:
+            message = f"{flag}: {message}"
+        raise ConfigError(message if "—" in message else f"{message} — see `{prog} --help`")
+    return hook
+
+
+def parse(cls, args: list[str], prog: str, description: str, default=None):
+    """tyro's parse of `cls` from `args`, every rejection of the command line (a bad value, an
+    unknown flag, a config check) raised as a one-line ConfigError, which `main` prints as
+    `effllm: error: ...`. tyro's parse-error hook is private to tyro (pinned in constraints.txt);
+    a tyro without it prints its own boxed message and exits 2."""
+    try:
+        hooks = importlib.import_module("tyro._errors").on_parse_error
+    except (ImportError, AttributeError):
+        hooks = None
+    with hooks(_one_line_rejection(cls, prog)) if hooks else contextlib.nullcontext():
+        return tyro.cli(cls, default=default, args=args, prog=prog, description=description)
+
+
 def run_recipe(default, args: list[str], prog: str) -> dict:
     """Parse overrides of the TrainConfig `default` from `args` and train."""
     description = "Train a model. Every field below can be overridden on the command line."
-    cfg = tyro.cli(TrainConfig, default=default, args=args, prog=prog, description=description)
+    cfg = parse(TrainConfig, args, prog, description, default=default)
     if cfg.resume:  # continue the run as it was configured: the command line changes only what it names
         saved = replace(saved_config(cfg.out_dir), resume=True)
-        cfg = tyro.cli(TrainConfig, default=saved, args=args, prog=prog, description=description)
+        cfg = parse(TrainConfig, args, prog, description, default=saved)
     return train(cfg)  # closes the process group it opened under torchrun; one its caller opened stays
 
 
 def cmd_prepare(args: list[str]) -> None:
-    cfg = tyro.cli(PrepareConfig, args=args, prog="effllm prepare",
-                   description="Tokenize text into train/val shards with a manifest of sources and licences.")
+    cfg = parse(PrepareConfig, args, "effllm prepare",
+                "Tokenize text into train/val shards with a manifest of sources and licences.")
     out = prepare(cfg)
     totals = json.loads((out / "manifest.json").read_text())["totals"]
     print(f"prepared {out}: {totals['files']} files, {totals['train_tokens']:,} train and "
@@ -111,8 +175,7 @@ def cmd_train(args: list[str]) -> None:
 
 
 def cmd_generate(args: list[str]) -> None:
-    cfg = tyro.cli(GenerateConfig, args=args, prog="effllm generate",
-                   description="Sample text from a trained checkpoint.")
+    cfg = parse(GenerateConfig, args, "effllm generate", "Sample text from a trained checkpoint.")
     print(generate_text(cfg))
 
 
@@ -125,21 +188,25 @@ def generate_text(cfg: GenerateConfig) -> str:
     budget = model.cfg.max_seq_len - len(ids)
     if budget <= 0:
         raise ConfigError(f"the prompt is {len(ids)} tokens, the model's limit is {model.cfg.max_seq_len}: shorten it")
+    if cfg.max_new_tokens > budget:
+        raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} does not fit: the model's context is "
+                          f"{model.cfg.max_seq_len} tokens and the prompt takes {len(ids)} — pass --max-new-tokens "
+                          f"{budget} or less, or shorten the prompt")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     prompt = torch.tensor([ids], device=device)
-    out = model.generate(prompt, min(cfg.max_new_tokens, budget), cfg.temperature, cfg.top_k, generator=gen)
+    out = model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator=gen)
     return tokenizer.decode(out[0].tolist())
 
 
 def cmd_card(args: list[str]) -> None:
-    cfg = tyro.cli(CardConfig, args=args, prog="effllm card",
-                   description="Write MODEL_CARD.md: architecture, parameters, tokens, compute, data by licence.")
+    cfg = parse(CardConfig, args, "effllm card",
+                "Write MODEL_CARD.md: architecture, parameters, tokens, compute, data by licence.")
     print(f"wrote {write_card(cfg)}")
 
 
 def cmd_export_hf(args: list[str]) -> None:
-    cfg = tyro.cli(ExportConfig, args=args, prog="effllm export-hf",
-                   description="Write a checkpoint as a transformers model (Llama or DeepseekV3 layout) with a model card.")
+    cfg = parse(ExportConfig, args, "effllm export-hf",
+                "Write a checkpoint as a transformers model (Llama or DeepseekV3 layout) with a model card.")
     out = export_hf(cfg)
     arch = json.loads((out / "config.json").read_text())["architectures"][0]
     print(f"exported {cfg.checkpoint} to {out} ({arch}); load it with "

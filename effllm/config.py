@@ -33,6 +33,25 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # clip the global grad norm to this; 0 = no clipping
 
+    def __post_init__(self) -> None:
+        checks = [  # (holds, what, how to fix)
+            (math.isfinite(self.lr) and self.lr > 0, f"optim.lr={self.lr}", "a positive learning rate, e.g. 3e-4"),
+            (0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio}",
+             "a share of the peak lr in [0, 1] (0.1 ends at lr/10)"),
+            (0 <= self.beta1 < 1, f"optim.beta1={self.beta1}", "a decay in [0, 1), e.g. 0.9"),
+            (0 <= self.beta2 < 1, f"optim.beta2={self.beta2}", "a decay in [0, 1), e.g. 0.95"),
+            (self.eps > 0, f"optim.eps={self.eps}", "a small positive epsilon, e.g. 1e-8"),
+            (self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay}", "0 (off) or a positive decay, e.g. 0.1"),
+            (self.grad_clip >= 0, f"optim.grad_clip={self.grad_clip}", "0 (no clipping) or a positive norm, e.g. 1.0"),
+            (self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps}", "0 or more steps"),
+            (0 < self.decay_fraction <= 1, f"optim.decay_fraction={self.decay_fraction}", "a share in (0, 1]"),
+            (self.schedule_steps is None or self.schedule_steps > 0, f"optim.schedule_steps={self.schedule_steps}",
+             "a positive number of steps, or None for max_steps"),
+        ]
+        for holds, what, fix in checks:
+            if not holds:
+                raise ConfigError(f"{what} cannot work — use {fix}")
+
 
 @dataclass
 class TrainConfig:
@@ -76,12 +95,21 @@ class TrainConfig:
         if self.goldfish_k < 0 or self.goldfish_k == 1 or self.goldfish_h < 1:
             raise ConfigError(f"goldfish_k must be 0 (off) or >= 2 and goldfish_h >= 1, got {self.goldfish_k}, "
                               f"{self.goldfish_h}: goldfish_k=1 would drop every token")
-        if self.optim.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}")
-        if not 0 < self.optim.decay_fraction <= 1:
-            raise ConfigError(f"optim.decay_fraction must lie in (0, 1], got {self.optim.decay_fraction}")
-        if self.optim.schedule_steps is not None and self.optim.schedule_steps <= 0:
-            raise ConfigError(f"optim.schedule_steps must be positive (or None = max_steps), got {self.optim.schedule_steps}")
+        if self.ckpt_interval < 0:
+            raise ConfigError(f"ckpt_interval={self.ckpt_interval} cannot work — use a positive number of steps, or 0 "
+                              "for a checkpoint at the end only")
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(f"dist_timeout_s={self.dist_timeout_s} cannot work — use a positive number of seconds")
+
+    def warnings(self) -> list[str]:
+        """Settings that work but are likely mistakes: the trainer prints each before it starts."""
+        out = []
+        horizon = schedule_steps(self)
+        if self.optim.warmup_steps >= horizon:
+            out.append(f"optim.warmup_steps={self.optim.warmup_steps} spans the whole {horizon}-step schedule: the run "
+                       f"never leaves warmup and never reaches its peak lr {self.optim.lr:g} — lower "
+                       "--optim.warmup-steps (e.g. to a tenth of --max-steps)")
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from effllm.data import MANIFEST_FORMAT
-from effllm.errors import DataError
+from effllm.errors import ConfigError, DataError
 from effllm.filters import DocumentFilter
 from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved, sha256_file
 from effllm.sources import (
@@ -203,9 +203,11 @@ def _manifest(cfg: PrepareConfig, corpus: _Corpus, filters: DocumentFilter, toke
 def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     """Tokenize the sources of `cfg` into `cfg.out`; returns the output directory."""
     if not 0 < cfg.val_fraction < 1:
-        raise DataError(f"val_fraction must lie in (0, 1), got {cfg.val_fraction}")
+        raise ConfigError(f"val_fraction={cfg.val_fraction} cannot work — use a share in (0, 1), e.g. 0.01 (1% of "
+                          "the documents for validation)")
     if cfg.tokenizer == "bpe" and not 256 < cfg.vocab_size < 2**31:
-        raise DataError(f"BPE vocab_size must exceed the 256 byte symbols, got {cfg.vocab_size}")
+        raise ConfigError(f"vocab_size={cfg.vocab_size} cannot work for a BPE — use more than the 256 byte symbols, "
+                          "e.g. 4096")
     out = resolved(cfg.out)
     given = [split_source_spec(spec, cfg.license)[0] for spec in cfg.sources] or [stdlib_root()]
     refuse_overlap(out, given)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from effllm.errors import ConfigError
 from effllm.kernels.grouped_gemm import BACKENDS, KERNEL_DTYPES, check_kernel_dtype, torch_fits
 from effllm.kernels.launch import interpreting
 
@@ -26,10 +27,14 @@ FP8_BACKENDS = ("triton", "torch")
 
 def fp8_backend(device: torch.device, requested: str = "auto") -> str:
     """"triton" on CUDA GPUs with FP8 tensor cores (sm_89+), else "torch"; or what was asked for."""
+    if requested == "triton" and device.type != "cuda" and not interpreting():
+        raise ConfigError(f"FP8 backend 'triton' runs Triton GPU kernels, and this tensor is on {device.type}: use "
+                          "backend='torch' (the PyTorch reference) or 'auto' off a CUDA GPU (TRITON_INTERPRET=1 runs "
+                          "the kernels on a CPU, for tests)")
     if requested in FP8_BACKENDS:
         return requested
     if requested != "auto":
-        raise ValueError(f"unknown FP8 backend {requested!r}; choose auto, triton or torch")
+        raise ConfigError(f"unknown FP8 backend {requested!r}; choose auto, triton or torch")
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
         return "triton"
     return "torch"
@@ -53,7 +58,8 @@ def grouped_gemm_backend(device: torch.device, dtype: torch.dtype, requested: st
         if requested == "torch" and not hasattr(torch, "_grouped_mm"):
             raise ValueError(f"torch {torch.__version__} has no torch._grouped_mm: choose 'triton' or 'loop'")
         if requested == "triton" and device.type != "cuda" and not interpreting():
-            raise ValueError("the Triton grouped GEMM needs a CUDA GPU (or TRITON_INTERPRET=1 for tests)")
+            raise ConfigError(f"the Triton grouped GEMM needs a CUDA GPU, and this tensor is on {device.type}: use "
+                              "'auto', 'torch' or 'loop' (TRITON_INTERPRET=1 runs the kernels on a CPU, for tests)")
         return requested
     if dtype not in KERNEL_DTYPES:
         return "loop"

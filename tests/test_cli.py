@@ -48,6 +48,57 @@ def test_unknown_recipe_is_a_clear_error():
         load_recipe("nope")
 
 
+BAD_INPUT = [  # (command line, what the one error line must name)
+    (["train", "dense_tiny", "--optim.lr", "-1"], "optim.lr=-1.0"),
+    (["train", "dense_tiny", "--optim.lr", "0"], "optim.lr=0.0"),
+    (["train", "dense_tiny", "--optim.beta2", "1.5"], "optim.beta2=1.5"),
+    (["train", "dense_tiny", "--optim.min-lr-ratio", "2"], "optim.min_lr_ratio=2.0"),
+    (["train", "dense_tiny", "--optim.weight-decay", "-1"], "optim.weight_decay=-1.0"),
+    (["train", "dense_tiny", "--optim.grad-clip", "-1"], "optim.grad_clip=-1.0"),
+    (["train", "dense_tiny", "--ckpt-interval", "-5"], "ckpt_interval=-5"),
+    (["train", "dense_tiny", "--batch-size", "0"], "batch_size must be positive"),
+    (["train", "dense_tiny", "--seq-len", "4096"], "exceeds model.max_seq_len"),
+    (["train", "dense_tiny", "--model.n-heads", "5"], "not divisible by model.n_heads=5"),
+    (["train", "dense_tiny", "--optim.beta2", "x"], "--optim.beta2: could not convert"),
+    (["train", "dense_tiny", "--optim.lrr", "3"], "did you mean --optim.lr?"),
+    (["train", "dense_tiny", "--precision", "fp16"], "'fp16' is not one of auto, fp32, bf16"),
+    (["generate", "--checkpoint", "run", "--temperature", "-1"], "temperature=-1.0"),
+    (["generate", "--checkpoint", "run", "--top-k", "0"], "top_k=0"),
+    (["generate", "--checkpoint", "run", "--max-new-tokens", "0"], "max_new_tokens=0"),
+    (["generate"], "missing --checkpoint"),
+    (["prepare", "--val-fraction", "2"], "val_fraction"),
+]
+
+
+@pytest.mark.parametrize("argv,names", BAD_INPUT, ids=[" ".join(a[1:]) or a[0] for a, _ in BAD_INPUT])
+def test_bad_input_fails_first_as_one_line_naming_the_problem_and_the_fix(argv, names, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Every bad value stops the command before any work, with exit code 2 and one line
+    `effllm: error: <what> — <how to fix>`: no traceback, no tyro box."""
+    monkeypatch.chdir(tmp_path)  # nothing may be written: the folder must stay empty
+    from effllm.cli import main
+
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    line = err.strip()
+    assert "\n" not in line and line.startswith("effllm: error: ") and names in line, err
+    assert " — " in line and "Traceback" not in err and "╭" not in err + out, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_asking_for_more_tokens_than_the_context_holds_is_refused(byte_data, tmp_path):
+    """generate used to cut --max-new-tokens silently at the model's context."""
+    from helpers import tiny_train_config
+
+    from effllm.cli import GenerateConfig, generate_text
+    from effllm.train import train
+
+    train(tiny_train_config(byte_data, tmp_path / "run", max_steps=1, eval_interval=1, ckpt_interval=1))
+    with pytest.raises(ConfigError, match=r"context is 64 tokens and the prompt takes 4 — pass --max-new-tokens 60"):
+        generate_text(GenerateConfig(checkpoint=str(tmp_path / "run"), prompt="def ", max_new_tokens=61))
+    assert generate_text(GenerateConfig(checkpoint=str(tmp_path / "run"), prompt="def ", max_new_tokens=60))
+
+
 def test_heads_that_do_not_divide_dim_fail_before_any_work(tmp_path):
     result = effllm("train", "dense_tiny", "--model.n-heads", "5", "--out-dir", str(tmp_path / "run"))
     assert result.returncode != 0

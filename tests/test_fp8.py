@@ -112,3 +112,13 @@ def test_fp8_on_a_model_with_nothing_to_convert_fails_before_training(byte_data,
     with pytest.raises(ConfigError, match="multiples of 128"):
         train(tiny_train_config(byte_data, tmp_path / "run", fp8=True))  # dim 64
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_triton_backend_off_a_gpu_is_refused_with_the_fix(monkeypatch):
+    """FP8Linear(backend="triton") on a CPU tensor, outside the interpreter the tests run in, used
+    to end in Triton's "0 active drivers"; it names the backend that works instead."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    layer = FP8Linear(256, 128, backend="triton")
+    with pytest.raises(ConfigError, match="backend='torch'"):
+        layer(torch.randn(3, 256))
+    assert FP8Linear(256, 128, backend="torch")(torch.randn(3, 256)).shape == (3, 128)
