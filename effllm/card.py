@@ -79,8 +79,10 @@ def card_text(state: dict, counts: dict, manifest: dict, title: str = "# Model c
              + ".",
              f"- Compute: {state['elapsed_s']:,.1f} s of wall-clock training = {hours:.3g} device-hours"
              + (f" x {state['data']['world_size']} devices" if state.get("data", {}).get("world_size", 1) > 1 else "")
-             + f" (device setting: {cfg.get('device')}, precision: {cfg.get('precision')}"
-             + (", FP8 linears" if cfg.get("fp8") else "") + ").",
+             + (f", of which {state['train_s']:,.1f} s in training steps (the rest evaluations and checkpoints)"
+                if "train_s" in state else "")
+             + (f" (on {state['device_name']}" if state.get("device_name") else f" (device setting: {cfg.get('device')}")
+             + f", precision: {cfg.get('precision')}" + (", FP8 linears" if cfg.get("fp8") else "") + ").",
              "- Objective: next-token cross-entropy"
              + (f" + {m['mtp_lambda']} x multi-token prediction" if m.get("mtp_depth") else "")
              + (f"; Goldfish loss drops 1/{cfg['goldfish_k']} of target positions (context hash over "

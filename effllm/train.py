@@ -143,7 +143,7 @@ def _open_run_dir(cfg: TrainConfig, data: TokenDataset, env: DistEnv, start_step
 
 
 def _save(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, step: int, tokens_seen: int, elapsed: float,
-          eval_s: float, val_loss: float | None) -> Path | None:
+          eval_s: float, ckpt_s: float, val_loss: float | None, device_name: str) -> Path | None:
     """A checkpoint at `step`, in the single-device layout: every rank takes part in gathering the
     state, rank 0 writes it (with the manifest copy and a BPE tokenizer beside the weights)."""
     out = Path(cfg.out_dir)
@@ -160,8 +160,9 @@ def _save(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, step: in
     path = ckpt_io.save_checkpoint(
         out / "checkpoints", step, run.model, run.optimizer, keep=cfg.keep_checkpoints, extra_files=extra_files,
         model_state=model_state, optimizer_state=optimizer_state,
-        state={"tokens_seen": tokens_seen, "elapsed_s": elapsed, "eval_s": eval_s, "val_loss": val_loss,
-               "config": asdict(cfg),
+        state={"tokens_seen": tokens_seen, "elapsed_s": elapsed, "eval_s": eval_s, "ckpt_s": ckpt_s,
+               "train_s": elapsed - eval_s - ckpt_s, "val_loss": val_loss, "config": asdict(cfg),
+               "device_name": device_name, "world_size": env.world_size,
                # Where the data stream stands: batches are a pure function of these numbers.
                "data": {"next_step": step, "seed": cfg.seed, "micro_steps": cfg.grad_accum * env.world_size,
                         "world_size": env.world_size,
@@ -179,7 +180,7 @@ def _train(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.dev
     ckpt_root = Path(cfg.out_dir) / "checkpoints"
     cfg, resume_from, state, changes = _resumed(cfg, data, ckpt_root)
     run = build_run(cfg, env, device, resume_from, model_hook)
-    start = {"step": 0, "elapsed_s": 0.0, "tokens_seen": 0, "eval_s": 0.0, "val_loss": None} | (state or {})
+    start = {"step": 0, "elapsed_s": 0.0, "tokens_seen": 0, "eval_s": 0.0, "ckpt_s": 0.0, "val_loss": None} | (state or {})
     metrics_path = _open_run_dir(cfg, data, env, start["step"])
 
     flops_per_token = train_flops_per_token(cfg.model, cfg.seq_len)
@@ -205,20 +206,27 @@ def _train(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.dev
     if cfg.max_steps > schedule_steps(cfg):
         say(f"lr schedule: it spans {schedule_steps(cfg)} steps; steps {schedule_steps(cfg) + 1}-{cfg.max_steps} run at "
             f"its final lr {lr_at(schedule_steps(cfg) - 1, cfg):.3g} (a new span: --optim.schedule-steps, where allowed)")
+    for warning in cfg.warnings():
+        say(f"effllm: warning: {warning}")
     if run.fp8_report is not None:
         say(f"fp8: {len(run.fp8_report['converted'])} linears and expert groups converted; kept in higher precision: "
             + "; ".join(f"{k} ({v})" for k, v in run.fp8_report["skipped"].items()))
 
     run_start = time.perf_counter()
-    end = _loop(run, cfg, data, env, device, start, run_start, metrics_path, bar, say, unigram)
+    # Without a terminal (make, nohup, CI, SLURM) tqdm draws nothing: rank 0 prints a plain line per log interval.
+    lines = env.is_main and bool(bar.disable)
+    end = _loop(run, cfg, data, env, device, start, run_start, metrics_path, bar, say, unigram, lines, dev_name)
     bar.close()
 
     elapsed = start["elapsed_s"] + time.perf_counter() - run_start
-    tok_s = (end.tokens_seen - start["tokens_seen"]) / max(1e-9, time.perf_counter() - run_start)
+    train_s = elapsed - end.eval_s - end.ckpt_s
+    # This session's training alone: evaluations and checkpoints are not training time.
+    tok_s = (end.tokens_seen - start["tokens_seen"]) / max(1e-9, train_s - (start["elapsed_s"] - start["eval_s"]
+                                                                            - start["ckpt_s"]))
     summary = {
         "steps": cfg.max_steps, "tokens_seen": end.tokens_seen, "final_train_loss": end.last_loss,
         "final_val_loss": end.val_loss, "unigram_val_loss": unigram, "elapsed_s": elapsed,
-        "train_s": elapsed - end.eval_s, "tokens_per_s": tok_s, "params": counts,
+        "train_s": train_s, "eval_s": end.eval_s, "ckpt_s": end.ckpt_s, "tokens_per_s": tok_s, "params": counts,
         "train_flops_per_token": flops_per_token, "mfu": mfu(tok_s / env.world_size, flops_per_token, peak),
         "device": dev_name, "world_size": env.world_size, "precision": str(run.amp or torch.float32),
         "peak_mem_bytes": peak_memory_bytes(device),
@@ -238,17 +246,26 @@ class _LoopEnd(NamedTuple):
     val_loss: float | None
     last_loss: float
     eval_s: float  # seconds spent evaluating, resumed runs included
+    ckpt_s: float  # seconds spent writing checkpoints, resumed runs included
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
 def _loop(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.device, start: dict,
-          run_start: float, metrics_path: Path, bar, say, unigram: float) -> _LoopEnd:
-    """Steps start["step"] .. max_steps - 1: the step, the NaN check, evaluation, metrics lines and
-    checkpoints."""
+          run_start: float, metrics_path: Path, bar, say, unigram: float, lines: bool, dev_name: str) -> _LoopEnd:
+    """Steps start["step"] .. max_steps - 1: the step, the NaN check, evaluation, metrics lines (and,
+    with `lines`, a plain progress line each) and checkpoints. Timings: `elapsed_s` is wall-clock,
+    `train_s` leaves out evaluations and checkpoints, and tokens/s is over training time only."""
     ckpt_root = Path(cfg.out_dir) / "checkpoints"
     tokens_per_step = cfg.tokens_per_step * env.world_size  # the global batch
     moe_layers = run.model.moe_layers()
     tokens_seen, val_loss, last_loss, eval_s = start["tokens_seen"], start["val_loss"], float("nan"), start["eval_s"]
-    window_start, window_tokens = run_start, 0
+    ckpt_s = start["ckpt_s"]
+    window_start, window_tokens, window_steps, window_pause = run_start, 0, 0, 0.0  # pause: eval and ckpt time
     run.model.train()
     step = start["step"]
     try:
@@ -269,21 +286,25 @@ def _loop(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: 
             done = step + 1
             tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
-            elapsed = start["elapsed_s"] + time.perf_counter() - run_start
+            window_steps += 1
             evaluated = done % cfg.eval_interval == 0 or done == cfg.max_steps
 
             if evaluated:
                 eval_start = time.perf_counter()
                 val_loss = evaluate(run.step_fn, data, cfg, device, run.amp)
-                eval_s += time.perf_counter() - eval_start
+                spent = time.perf_counter() - eval_start
+                eval_s += spent
+                window_pause += spent
                 say(f"step {done}: val loss {val_loss:.4f} (train {last_loss:.4f}, unigram {unigram:.3f})")
+            elapsed = start["elapsed_s"] + time.perf_counter() - run_start
             if done % cfg.log_interval == 0 or done == cfg.max_steps:
                 now = time.perf_counter()
-                tok_s = window_tokens / (now - window_start)
+                window_train = max(1e-9, now - window_start - window_pause)
+                tok_s = window_tokens / window_train
                 record = {"step": done, "loss": last_loss, "lr": lr,
                           "grad_norm": None if grad_norm is None else grad_norm.item(),
                           "tokens_per_s": tok_s, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
-                          "train_s": elapsed - eval_s,  # wall-clock minus evaluation: the cost of training alone
+                          "train_s": elapsed - eval_s - ckpt_s,  # wall-clock minus evaluations and checkpoints
                           "peak_mem_bytes": peak_memory_bytes(device)}
                 if cfg.model.mtp_depth:
                     record["mtp_loss"] = sums["mtp"].item() / cfg.grad_accum
@@ -297,9 +318,17 @@ def _loop(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: 
                     with open(metrics_path, "a") as fh:
                         fh.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                window_start, window_tokens = now, 0
+                if lines:
+                    eta = (cfg.max_steps - done) * window_train / window_steps
+                    say(f"step {done}/{cfg.max_steps} | loss {last_loss:.4f} | lr {lr:.3g} | {tok_s:,.0f} tokens/s | "
+                        f"ETA {_duration(eta)}")
+                window_start, window_tokens, window_steps, window_pause = now, 0, 0, 0.0
             if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == cfg.max_steps:
-                _save(run, cfg, data, env, done, tokens_seen, elapsed, eval_s, val_loss)
+                ckpt_start = time.perf_counter()
+                _save(run, cfg, data, env, done, tokens_seen, elapsed, eval_s, ckpt_s, val_loss, dev_name)
+                spent = time.perf_counter() - ckpt_start
+                ckpt_s += spent
+                window_pause += spent
             bar.update(1)
     except KeyboardInterrupt:
         bar.close()
@@ -309,4 +338,4 @@ def _loop(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: 
             + (f"the last checkpoint, {kept} (step {int(kept.name.removeprefix('step_'))}), is complete: continue "
                "with --resume" if kept else "no checkpoint was written yet, so there is nothing to resume: start "
                "again")) from None
-    return _LoopEnd(tokens_seen, val_loss, last_loss, eval_s)
+    return _LoopEnd(tokens_seen, val_loss, last_loss, eval_s, ckpt_s)

@@ -398,3 +398,52 @@ def test_moe_and_mla_recipes_repeat_and_resume_bit_for_bit_at_two_threads(recipe
     monkeypatch.undo()
     train(replace(cfg, out_dir=str(tmp_path / "c"), resume=True))
     assert losses(tmp_path / "c") == losses(tmp_path / "a")
+
+
+def test_timings_leave_out_evaluations_and_checkpoints(byte_data, tmp_path, monkeypatch, capsys):
+    """train_s and tokens/s count training steps only: each evaluation and checkpoint is made 0.3 s
+    slower, and neither the metrics' train_s at the evaluation steps nor any window's tokens/s nor
+    the summary's pays for it. Without a terminal, each log interval prints a plain line."""
+    import time
+
+    pause = 0.3
+    real_evaluate, real_save = train_mod.evaluate, train_mod._save
+
+    def slow(fn):
+        def wrapped(*args, **kwargs):
+            time.sleep(pause)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(train_mod, "evaluate", slow(real_evaluate))
+    monkeypatch.setattr(train_mod, "_save", slow(real_save))
+    cfg = tiny_train_config(byte_data, tmp_path / "run", max_steps=8, eval_interval=2, ckpt_interval=2, log_interval=2)
+    summary = train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["eval_s"] >= 4 * pause and summary["ckpt_s"] >= 4 * pause
+    assert summary["train_s"] == pytest.approx(summary["elapsed_s"] - summary["eval_s"] - summary["ckpt_s"])
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens_seen"] / summary["train_s"], rel=1e-6)
+    steps_s = [b["train_s"] - a["train_s"] for a, b in zip(records, records[1:])]
+    assert max(steps_s) < pause, steps_s  # two tiny steps, no evaluation or checkpoint in them
+    assert min(r["tokens_per_s"] for r in records) > 2 * cfg.tokens_per_step / pause
+    state = ckpt_io.read_state(ckpt_io.latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    assert state["device_name"] == summary["device"] and state["train_s"] < state["elapsed_s"] - 3 * pause
+    assert f"(on {summary['device']}, precision" in (tmp_path / "run" / "MODEL_CARD.md").read_text()
+    out = capsys.readouterr().out
+    assert "step 2/8 | loss " in out and " tokens/s | ETA " in out and "step 8/8 | loss" in out
+
+
+def test_a_warmup_longer_than_the_run_is_said(byte_data, tmp_path, capsys):
+    cfg = tiny_train_config(byte_data, tmp_path / "run", max_steps=3, optim=OptimConfig(lr=3e-3, warmup_steps=5))
+    assert cfg.warnings() and "never leaves warmup" in cfg.warnings()[0]
+    train(cfg)
+    assert "effllm: warning: optim.warmup_steps=5 spans the whole 3-step schedule" in capsys.readouterr().out
+    assert tiny_train_config(byte_data, tmp_path / "b", max_steps=3).warnings() == []
+
+
+@pytest.mark.parametrize("field,value", [("lr", 0.0), ("lr", float("nan")), ("beta1", 1.0), ("beta2", -0.1),
+                                         ("min_lr_ratio", 1.5), ("eps", 0.0), ("weight_decay", -0.1),
+                                         ("grad_clip", -1.0), ("warmup_steps", -1)])
+def test_optimizer_settings_that_cannot_work_are_refused_on_construction(field, value):
+    with pytest.raises(ConfigError, match=f"optim.{field}=.* cannot work — use "):
+        OptimConfig(**{field: value})
