@@ -59,7 +59,8 @@ def model_lines(m: dict, counts: dict) -> list[str]:
             f"attention, {ffn} feed-forwards" + (f", {m['mtp_depth']} multi-token-prediction module(s)"
                                                   if m.get("mtp_depth") else "") + ".",
             f"- Parameters: {counts['total']:,} in total, {counts['active']:,} active per token"
-            + (f" ({counts['mtp']:,} in MTP modules, used in training only)" if counts.get("mtp") else "") + ".",
+            + (f" (+{counts['mtp']:,} in MTP modules, trained alongside and not part of the exported model)"
+               if counts.get("mtp") else "") + ".",
             f"- Vocabulary {m['vocab_size']}, context {m['max_seq_len']} tokens.", ""]
 
 

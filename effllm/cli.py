@@ -29,6 +29,7 @@ from effllm.config import TrainConfig, saved_config
 from effllm.devices import resolve_device
 from effllm.errors import ConfigError, EffllmError, TrainingInterrupted
 from effllm.hf import ExportConfig, export_hf
+from effllm.model import Transformer, describe_params
 from effllm.parallelize import exit_rank
 from effllm.prepare import PrepareConfig, prepare
 from effllm.tokenizer import load_tokenizer
@@ -42,7 +43,7 @@ commands:
   generate   sample from a checkpoint:  effllm generate --checkpoint DIR --prompt "..."
   card       write MODEL_CARD.md for a checkpoint:  effllm card --checkpoint DIR
   export-hf  write a checkpoint in the Hugging Face transformers layout:  effllm export-hf --checkpoint DIR --out DIR
-  recipes    list the recipes
+  recipes    list the recipes: parameters and what each is for
 
 `effllm <command> --help` lists every option.
 """
@@ -72,6 +73,19 @@ class GenerateConfig:
 
 def recipe_names() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(effllm.recipes.__path__) if not m.name.startswith("_"))
+
+
+def recipe_table() -> str:
+    """`effllm recipes`: each recipe, its parameters (counted on the meta device: nothing is
+    allocated) and the first line of its docstring."""
+    rows = []
+    for name in recipe_names():
+        doc = (importlib.import_module(f"effllm.recipes.{name}").__doc__ or "").strip().splitlines()
+        with torch.device("meta"):
+            counts = Transformer(load_recipe(name).model).param_counts()
+        rows.append((name, describe_params(counts), doc[0].removeprefix(f"{name}:").strip() if doc else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(2)]
+    return "\n".join(f"{n:<{widths[0]}}  {c:<{widths[1]}}  {d}" for n, c, d in rows)
 
 
 def load_recipe(name: str):
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "export-hf": cmd_export_hf,
                 "card": cmd_card,
-                "recipes": lambda a: print("\n".join(recipe_names()))}
+                "recipes": lambda a: print(recipe_table())}
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2

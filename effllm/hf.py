@@ -253,7 +253,7 @@ def model_card(cfg: ModelConfig, counts: dict, state: dict | None, manifest: dic
     notes = ["", "## Using it", "", "```python", "from transformers import AutoModelForCausalLM",
              "model = AutoModelForCausalLM.from_pretrained(PATH)", "```", "",
              "## Export notes", "",
-             f"- The export holds {counts['total'] - counts['mtp']:,} parameters"
+             f"- The export holds {counts['total']:,} parameters"
              + (f": the {counts['mtp']:,} of the multi-token-prediction modules are not exported." if counts["mtp"]
                 else "."),
              "- RoPE rotates the two halves of each rotary slice, as in Llama"

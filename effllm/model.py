@@ -348,19 +348,28 @@ class Transformer(nn.Module):
         return out
 
     def param_counts(self) -> dict[str, int]:
-        """Total and active parameters (shared tensors counted once), and the MTP modules' share.
+        """Parameters, counted one way everywhere (the banner, summary.json, the card, the README):
 
-        Active = what one token touches in plain inference: total minus the unchosen experts (layers
-        report them through `inactive_param_count()`) and minus the MTP modules.
+        - total: the model that plain inference runs and the export holds, MTP modules left out;
+        - active: what one token touches in it (total minus the unchosen experts, which layers
+          report through `inactive_param_count()`);
+        - mtp: the multi-token-prediction modules, trained alongside (and used for drafting);
+        - embedding: the token embedding (shared with the head when tied).
+        Shared tensors are counted once. All that trains: total + mtp.
         """
-        total = sum(p.numel() for p in self.parameters())
+        every = sum(p.numel() for p in self.parameters())
         mtp = sum(p.numel() for p in self.mtp.parameters())
         inactive = sum(m.inactive_param_count() for m in self.modules() if hasattr(m, "inactive_param_count"))
         mtp_inactive = sum(m.inactive_param_count() for m in self.mtp.modules() if hasattr(m, "inactive_param_count"))
-        embedding = self.tok_emb.weight.numel()
-        # MTP modules serve training (and drafting), not plain inference: never counted as active.
-        active = total - inactive - (mtp - mtp_inactive)
-        return {"total": total, "active": active, "embedding": embedding, "mtp": mtp}
+        total = every - mtp
+        return {"total": total, "active": total - (inactive - mtp_inactive), "embedding": self.tok_emb.weight.numel(),
+                "mtp": mtp}
+
+
+def describe_params(counts: dict[str, int]) -> str:
+    """`param_counts()` in words: "4.64M total, 1.77M active (+1.46M MTP, trained alongside)"."""
+    return (f"{counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active"
+            + (f" (+{counts['mtp'] / 1e6:.2f}M MTP, trained alongside)" if counts.get("mtp") else ""))
 
 
 def sample_next(

@@ -40,7 +40,7 @@ from effllm.devices import peak_memory_bytes
 from effllm.errors import CheckpointError, ConfigError, OutputError, TrainingDiverged, TrainingInterrupted
 from effllm.flops import device_name, mfu, peak_bf16_flops, train_flops_per_token
 from effllm.fsutil import resolved
-from effllm.model import Transformer
+from effllm.model import Transformer, describe_params
 from effllm.moe import load_stats
 from effllm.parallelize import DistEnv, dist_env, gather_full_state, init_distributed
 from effllm.run import Run, build_run, evaluate, optimizer_update, step_losses
@@ -194,7 +194,7 @@ def _train(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.dev
     bar = tqdm(total=cfg.max_steps, initial=start["step"], desc="train", unit="step", disable=not show or None,
                dynamic_ncols=True)
     say = (bar.write if show else print) if env.is_main else (lambda *a, **k: None)  # only rank 0 prints
-    say(f"effllm: {counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active), "
+    say(f"effllm: {describe_params(counts)} parameters, "
         f"{flops_per_token / 1e6:.1f} MFLOPs/token, {dev_name}, {run.amp or torch.float32}, "
         f"{cfg.tokens_per_step * env.world_size} tokens/step"
         + (f" over {env.world_size} ranks ({cfg.data_parallel})" if env.enabled else "")

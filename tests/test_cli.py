@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -36,7 +37,10 @@ def test_help_lists_commands_and_every_train_field():
             assert f"--{name.replace('_', '-')}" in helptext.stdout, name
     for flag in ("--model.n-heads", "--model.n-kv-heads", "--optim.lr", "--optim.schedule"):
         assert flag in helptext.stdout
-    assert "dense_tiny" in effllm("recipes").stdout
+    listing = effllm("recipes").stdout
+    assert re.search(r"^deepseek_tiny +4\.64M total, 1\.77M active \(\+1\.46M MTP, trained alongside\) +the DeepSeek-V3 "
+                     "recipe in miniature", listing, re.M), listing
+    assert len(listing.splitlines()) == len(recipe_names())
 
 
 def test_unknown_recipe_is_a_clear_error():
@@ -163,7 +167,7 @@ def test_the_command_flushes_its_output_and_keeps_its_exit_code_under_torchrun(w
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"WORLD_SIZE": world_size}
     ok = subprocess.run([sys.executable, "-m", "effllm", "recipes"], capture_output=True, text=True, env=env,
                         timeout=120)
-    assert ok.returncode == 0 and ok.stdout.split() == recipe_names()
+    assert ok.returncode == 0 and [line.split()[0] for line in ok.stdout.splitlines()] == recipe_names()
     bad = subprocess.run([sys.executable, "-m", "effllm", "no-such-command"], capture_output=True, text=True,
                          env=env, timeout=120)
     assert bad.returncode == 2 and "unknown command 'no-such-command'" in bad.stderr

@@ -95,6 +95,8 @@ def test_counts_and_flops_keep_mtp_out_of_inference():
     counts = model.param_counts()
     assert counts["mtp"] == sum(p.numel() for p in model.mtp.parameters()) > 0
     assert counts["active"] == plain.param_counts()["active"]
+    assert counts["total"] == plain.param_counts()["total"]  # the inference model: what the export holds
+    assert sum(p.numel() for p in model.parameters()) == counts["total"] + counts["mtp"]
     assert forward_flops_per_token(cfg, 32) == forward_flops_per_token(plain.cfg, 32)
     assert train_flops_per_token(cfg, 32) == 3 * (forward_flops_per_token(cfg, 32) + mtp_flops_per_token(cfg, 32))
     # depth k runs on the 32 - k positions with a token k ahead: projection, one block, the head
