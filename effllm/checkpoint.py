@@ -68,6 +68,7 @@ def save_checkpoint(
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"),
                   metadata=metadata)
     torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
+    shutil.copymode(tmp / "optimizer.pt", tmp / "model.safetensors")  # safetensors writes 0600; the rest follow the umask
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()

@@ -228,8 +228,11 @@ def byte_tokenizer_json() -> dict:
 def _tokenizer_files(spec: dict, ckpt: Path | None) -> dict[str, str]:
     """tokenizer.json and tokenizer_config.json for the tokenizer `spec` describes ({} if none)."""
     if spec.get("kind") == "byte":
-        tokenizer = json.dumps(byte_tokenizer_json(), ensure_ascii=False)
-        eot = None  # id 0 is byte NUL, which effllm removes from text and uses as end-of-text
+        table = byte_tokenizer_json()
+        tokenizer = json.dumps(table, ensure_ascii=False)
+        # id 0 is byte NUL, which effllm removes from text and uses as end-of-text: config.json's
+        # bos/eos_token_id 0, so the tokenizer's eos and bos are the character that stands for it
+        eot = next(char for char, i in table["model"]["vocab"].items() if i == 0)
     elif spec.get("kind") == "bpe" and ckpt is not None and (ckpt / "tokenizer.json").is_file():
         tokenizer, eot = (ckpt / "tokenizer.json").read_text(), EOT_TEXT
     else:
@@ -292,6 +295,7 @@ def save_hf(model: Transformer, out: str | Path, dtype: torch.dtype = torch.floa
             tensors.pop("lm_head.weight")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "exported_by": "effllm"})
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, eot, dtype_name), indent=1) + "\n")
+        shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors writes 0600
         if eot is not None:
             (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot}) + "\n")
         for name, text in _tokenizer_files(tokenizer_spec or {}, ckpt).items():

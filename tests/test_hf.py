@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from effllm import ConfigError
+from effllm import checkpoint as ckpt_io
 from effllm.cli import main
 from effllm.hf import byte_tokenizer_json, check_exportable, hf_state_dict, save_hf
 from effllm.mla import MLAConfig
@@ -140,6 +141,12 @@ def test_cli_exports_a_trained_checkpoint_with_its_card(byte_data, tmp_path, cap
     tok = PreTrainedTokenizerFast.from_pretrained(out)
     ids = tok("import os\n", return_tensors="pt")["input_ids"]
     assert ids[0].tolist() == list(b"import os\n")
+    assert tok.eos_token_id == config["eos_token_id"] == 0 and tok.bos_token_id == config["bos_token_id"] == 0
+    assert tok.pad_token_id is config["pad_token_id"] is None
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # model.safetensors as readable as the rest
+    ckpt = ckpt_io.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert len({f.stat().st_mode & 0o777 for f in ckpt.iterdir()}) == 1
     with torch.no_grad():
         assert torch.isfinite(hf(ids).logits).all()
     # an existing export is never overwritten by accident
