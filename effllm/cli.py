@@ -30,6 +30,7 @@ from effllm.devices import resolve_device
 from effllm.errors import ConfigError, EffllmError, TrainingInterrupted
 from effllm.hf import ExportConfig, export_hf
 from effllm.model import Transformer, describe_params
+from effllm.mtp import speculative_generate
 from effllm.parallelize import exit_rank
 from effllm.prepare import PrepareConfig, prepare
 from effllm.tokenizer import load_tokenizer
@@ -60,8 +61,12 @@ class GenerateConfig:
     top_k: int | None = 50  # sample among the k most likely tokens; None = all
     seed: int = 0  # seeds the sampler
     device: str = "auto"  # auto = cuda if available, else cpu
+    speculative: bool = False  # greedy decoding drafted by the model's first MTP module (same output, fewer passes)
 
     def __post_init__(self) -> None:
+        if self.speculative and self.temperature != 0:
+            raise ConfigError(f"--speculative reproduces greedy decoding, and temperature={self.temperature} "
+                              "samples — pass --temperature 0 with --speculative")
         if not self.temperature >= 0:
             raise ConfigError(f"temperature={self.temperature} cannot work — use 0 (greedy) or a positive temperature, "
                               "e.g. 0.8")
@@ -190,26 +195,43 @@ def cmd_train(args: list[str]) -> None:
 
 def cmd_generate(args: list[str]) -> None:
     cfg = parse(GenerateConfig, args, "effllm generate", "Sample text from a trained checkpoint.")
-    print(generate_text(cfg))
+    text, stats = sample(cfg)
+    print(text)
+    if stats:
+        print(f"speculative: {stats['accepted']} of {stats['drafted']} MTP drafts accepted "
+              f"({100 * stats['acceptance']:.0f}%)", file=sys.stderr)
 
 
 def generate_text(cfg: GenerateConfig) -> str:
     """Load the checkpoint `cfg.checkpoint` and continue `cfg.prompt`."""
+    return sample(cfg)[0]
+
+
+def sample(cfg: GenerateConfig) -> tuple[str, dict | None]:
+    """(the prompt and its continuation, the speculative drafts' acceptance or None)."""
     device = resolve_device(cfg.device)
     model, state, ckpt = ckpt_io.load_model(cfg.checkpoint, device)
+    if cfg.speculative and not model.cfg.mtp_depth:
+        raise ConfigError(f"{cfg.checkpoint} has no MTP module to draft with — drop --speculative, or train with "
+                          "--model.mtp-depth 1 (deepseek_tiny has one)")
     tokenizer = load_tokenizer(ckpt, state["tokenizer"])
     ids = tokenizer.encode(cfg.prompt) or [tokenizer.eot_id]
-    budget = model.cfg.max_seq_len - len(ids)
+    room = model.cfg.max_seq_len - (1 if cfg.speculative else 0)  # speculative decoding verifies one draft past the end
+    budget = room - len(ids)
     if budget <= 0:
         raise ConfigError(f"the prompt is {len(ids)} tokens, the model's limit is {model.cfg.max_seq_len}: shorten it")
     if cfg.max_new_tokens > budget:
         raise ConfigError(f"max_new_tokens={cfg.max_new_tokens} does not fit: the model's context is "
-                          f"{model.cfg.max_seq_len} tokens and the prompt takes {len(ids)} — pass --max-new-tokens "
-                          f"{budget} or less, or shorten the prompt")
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+                          f"{model.cfg.max_seq_len} tokens and the prompt takes {len(ids)}"
+                          + (" (+1 for the draft)" if cfg.speculative else "")
+                          + f" — pass --max-new-tokens {budget} or less, or shorten the prompt")
     prompt = torch.tensor([ids], device=device)
+    if cfg.speculative:
+        out, stats = speculative_generate(model, prompt, cfg.max_new_tokens)
+        return tokenizer.decode(out[0].tolist()), stats
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     out = model.generate(prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, generator=gen)
-    return tokenizer.decode(out[0].tolist())
+    return tokenizer.decode(out[0].tolist()), None
 
 
 def cmd_card(args: list[str]) -> None:

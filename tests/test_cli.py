@@ -70,6 +70,7 @@ BAD_INPUT = [  # (command line, what the one error line must name)
     (["generate", "--checkpoint", "run", "--top-k", "0"], "top_k=0"),
     (["generate", "--checkpoint", "run", "--max-new-tokens", "0"], "max_new_tokens=0"),
     (["generate"], "missing --checkpoint"),
+    (["generate", "--checkpoint", "run", "--speculative"], "pass --temperature 0 with --speculative"),
     (["prepare", "--val-fraction", "2"], "val_fraction"),
 ]
 
@@ -101,6 +102,28 @@ def test_asking_for_more_tokens_than_the_context_holds_is_refused(byte_data, tmp
     with pytest.raises(ConfigError, match=r"context is 64 tokens and the prompt takes 4 — pass --max-new-tokens 60"):
         generate_text(GenerateConfig(checkpoint=str(tmp_path / "run"), prompt="def ", max_new_tokens=61))
     assert generate_text(GenerateConfig(checkpoint=str(tmp_path / "run"), prompt="def ", max_new_tokens=60))
+
+
+def test_generate_speculative_drafts_with_the_mtp_module_and_gives_the_greedy_text(byte_data, tmp_path, capsys):
+    from dataclasses import replace
+
+    from helpers import tiny_train_config
+
+    from effllm.cli import GenerateConfig, generate_text, main
+    from effllm.train import train
+
+    cfg = tiny_train_config(byte_data, tmp_path / "mtp", max_steps=2, eval_interval=2, ckpt_interval=2)
+    train(replace(cfg, model=replace(cfg.model, mtp_depth=1)))
+    greedy = generate_text(GenerateConfig(checkpoint=str(tmp_path / "mtp"), prompt="def ", max_new_tokens=20,
+                                          temperature=0))
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "mtp"), "--prompt", "def ", "--max-new-tokens", "20",
+                 "--temperature", "0", "--speculative"]) == 0
+    out, err = capsys.readouterr()
+    assert out == greedy + "\n" and re.search(r"speculative: \d+ of \d+ MTP drafts accepted", err)
+    train(replace(cfg, out_dir=str(tmp_path / "plain")))
+    with pytest.raises(ConfigError, match="no MTP module to draft with"):
+        generate_text(GenerateConfig(checkpoint=str(tmp_path / "plain"), temperature=0, speculative=True))
 
 
 def test_heads_that_do_not_divide_dim_fail_before_any_work(tmp_path):
