@@ -75,14 +75,16 @@ class FP8LinearFunction(torch.autograd.Function):
 
 
 class FP8Linear(nn.Module):
-    """A bias-free linear whose three GEMMs run in FP8 (E4M3, 1x128 / 128x128 scales).
+    """A linear whose three GEMMs run in FP8 (E4M3, 1x128 / 128x128 scales).
 
-    The weight is an ordinary fp32 (or bf16) Parameter, so optimizers and checkpoints see what an
-    nn.Linear would have. Under autocast the output takes the autocast dtype; otherwise x's.
+    The weight (and the bias, if any) are ordinary fp32 (or bf16) Parameters, so optimizers and
+    checkpoints see what an nn.Linear would have. The bias is added to the GEMM's output in that
+    output's precision, as DeepSeek-V3 keeps everything outside the GEMMs. Under autocast the
+    output takes the autocast dtype; otherwise x's.
     """
 
     def __init__(self, in_features: int, out_features: int, backend: str = "auto", pow2_scales: bool = False,
-                 weight: nn.Parameter | None = None):
+                 weight: nn.Parameter | None = None, bias: bool | nn.Parameter = False):
         super().__init__()
         if in_features % TILE or out_features % TILE:
             raise ConfigError(f"FP8Linear needs in and out features that are multiples of {TILE}, got "
@@ -93,13 +95,18 @@ class FP8Linear(nn.Module):
         self.weight = weight if weight is not None else nn.Parameter(torch.empty(out_features, in_features))
         if weight is None:
             nn.init.normal_(self.weight, std=0.02)
+        if isinstance(bias, nn.Parameter):
+            self.bias = bias
+        elif bias:
+            self.bias = nn.Parameter(torch.zeros(out_features))
+        else:
+            self.register_parameter("bias", None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: str = "auto", pow2_scales: bool = False) -> "FP8Linear":
-        """An FP8Linear sharing `linear`'s weight Parameter (optimizer state stays valid)."""
-        if linear.bias is not None:
-            raise ConfigError("FP8Linear has no bias: keep linears with a bias as nn.Linear")
-        return cls(linear.in_features, linear.out_features, backend, pow2_scales, weight=linear.weight)
+        """An FP8Linear sharing `linear`'s weight and bias Parameters (optimizer state stays valid)."""
+        return cls(linear.in_features, linear.out_features, backend, pow2_scales, weight=linear.weight,
+                   bias=linear.bias if linear.bias is not None else False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
@@ -108,10 +115,13 @@ class FP8Linear(nn.Module):
         with torch.autocast(device, enabled=False):
             y = FP8LinearFunction.apply(x.reshape(-1, self.in_features), self.weight, out_dtype, backend,
                                         self.pow2_scales)
+            if self.bias is not None:
+                y = y + self.bias.to(out_dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"backend={self.backend}")
 
 
 def convert_to_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = False,
@@ -120,7 +130,8 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = 
 
     Routed experts whose widths are multiples of 128 become FP8RoutedExperts (the same Parameters),
     whose grouped GEMMs run in FP8 forward and backward. Kept in higher precision: linears named in
-    `keep` (the output head), linears with a bias or with dims that are not multiples of 128.
+    `keep` (the output head) and linears with dims that are not multiples of 128. Biases are kept
+    as they are and added in the output's precision.
     Embeddings, norms and routers are not nn.Linear, so they are never converted. Returns
     {"converted": [names], "skipped": {name: why}}.
     """
@@ -143,8 +154,6 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = 
                 continue
             if child_name in keep:
                 skipped[name] = "output head: kept in higher precision (DeepSeek-V3 §3.3)"
-            elif child.bias is not None:
-                skipped[name] = "has a bias"
             elif child.in_features % TILE or child.out_features % TILE:
                 skipped[name] = f"{child.in_features} -> {child.out_features} is not a multiple of {TILE}"
             else:

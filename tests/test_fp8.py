@@ -17,18 +17,24 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fp8_linear_forward_and_gradients_near_full_precision(backend):
+def test_fp8_linear_forward_and_gradients_near_full_precision(backend, bias):
     torch.manual_seed(0)
-    dense = torch.nn.Linear(256, 128, bias=False).to(DEVICE)
+    dense = torch.nn.Linear(256, 128, bias=bias).to(DEVICE)
+    if bias:
+        torch.nn.init.normal_(dense.bias)  # a bias far from zero: its share of the output is tested
     fp8 = FP8Linear.from_linear(dense, backend=backend)
-    assert fp8.weight is dense.weight
+    assert fp8.weight is dense.weight and fp8.bias is dense.bias
+    params = [dense.weight] + ([dense.bias] if bias else [])
     x = torch.randn(3, 13, 256, device=DEVICE, requires_grad=True)
     dy = torch.randn(3, 13, 128, device=DEVICE)
     y = fp8(x)
     y.backward(dy)
-    gx, gw = x.grad.clone(), dense.weight.grad.clone()
-    x.grad, dense.weight.grad = None, None
+    got = [x.grad.clone()] + [p.grad.clone() for p in params]
+    x.grad = None
+    for p in params:
+        p.grad = None
     ref = dense(x)
     ref.backward(dy)
     # E4M3 rounds to 3 mantissa bits: for values spread over a binade the RMS relative error per
@@ -36,7 +42,9 @@ def test_fp8_linear_forward_and_gradients_near_full_precision(backend):
     # quantized operands (measured: 0.036). The GEMM itself is exact to 1e-6 (test_fp8_gemm.py).
     tol = 5e-2
     assert y.dtype == torch.float32 and rel(y, ref) < tol
-    assert rel(gx, x.grad) < tol and rel(gw, dense.weight.grad) < tol
+    assert rel(got[0], x.grad) < tol and rel(got[1], dense.weight.grad) < tol
+    if bias:  # no FP8 in the bias or its gradient (the sum of dy): fp32 exact to summation order
+        assert rel(got[2], dense.bias.grad) < REL_TOL[torch.float32]
 
 
 def test_triton_and_torch_paths_compute_the_same_function():
@@ -82,6 +90,8 @@ def test_convert_to_fp8_reports_what_it_converted_and_kept():
     assert report["converted"] == [] and "not a multiple of 128" in report["skipped"]["blocks.0.attn.wq"]
     with pytest.raises(ConfigError, match="multiples of 128"):
         FP8Linear(100, 128)
+    biased = torch.nn.Sequential(torch.nn.Linear(128, 256, bias=True))  # research code's linears often have one
+    assert convert_to_fp8(biased)["converted"] == ["0"] and biased[0].bias is not None
 
 
 @pytest.mark.slow
