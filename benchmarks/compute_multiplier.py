@@ -48,7 +48,7 @@ def models_at(width: int) -> dict[str, ModelConfig]:
     dense = replace(dense_tiny.config().model, dim=width, n_heads=width // HEAD, n_kv_heads=None)
     ds = deepseek_tiny.config().model
     scale = width / ds.dim
-    mla = replace(ds.mla, n_heads=width // HEAD, kv_lora_rank=max(16, round(64 * scale / 16) * 16))
+    mla = replace(ds.mla, kv_lora_rank=max(16, round(64 * scale / 16) * 16))
     moe = replace(ds.moe, expert_dim=dense.hidden_dim // 4)
     return {"dense": dense, "deepseek": replace(ds, dim=width, n_heads=width // HEAD, mla=mla, moe=moe)}
 

@@ -144,7 +144,7 @@ def main() -> None:
     result = {"bench": "mla_layer", "size": size, **environment(device, args.commit),
               "transformers": transformers.__version__,
               "config": {"recipe": "deepseek_tiny" if args.quick else "deepseek_600m", "dim": mla_model.dim,
-                         "mla": asdict(mla_model.mla), "mha_n_heads": dense_model.n_heads, "batch": batch, "seq": seq,
+                         "mla": asdict(mla_model.mla_layer), "mha_n_heads": dense_model.n_heads, "batch": batch, "seq": seq,
                          "dtype": str(dtype)},
               "rows": rows, "rel_err": errors, "ratios": ratios}
     finish(args.out, result, size, write_report)

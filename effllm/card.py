@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 
 from effllm import checkpoint as ckpt_io
+from effllm.docfields import documented
 from effllm.errors import CheckpointError, OutputError
 from effllm.fsutil import resolved, sha256_file, write_text_atomic
 from effllm.model import ModelConfig, Transformer
 
 
+@documented
 @dataclass
 class CardConfig:
     """Options of `effllm card`."""

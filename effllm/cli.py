@@ -27,6 +27,7 @@ from effllm import checkpoint as ckpt_io
 from effllm.card import CardConfig, write_card
 from effllm.config import TrainConfig, saved_config
 from effllm.devices import resolve_device
+from effllm.docfields import documented
 from effllm.errors import ConfigError, EffllmError, TrainingInterrupted
 from effllm.hf import ExportConfig, export_hf
 from effllm.model import Transformer, describe_params
@@ -50,6 +51,7 @@ commands:
 """
 
 
+@documented
 @dataclass
 class GenerateConfig:
     """Options of `effllm generate`."""

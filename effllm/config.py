@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Literal
 
 from effllm import checkpoint as ckpt_io
+from effllm.docfields import documented
 from effllm.errors import CheckpointError, ConfigError
 from effllm.model import ModelConfig
 
 
+@documented
 @dataclass
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
@@ -53,6 +55,7 @@ class OptimConfig:
                 raise ConfigError(f"{what} cannot work — use {fix}")
 
 
+@documented
 @dataclass
 class TrainConfig:
     """Everything one training run needs; recipes are instances of it."""

@@ -25,7 +25,7 @@ def attention_flops(cfg: ModelConfig, seq_len: int) -> float:
         mixing = 2 * 2 * H * hs * (seq_len + 1) / 2  # q·k and p·v over the causal context
         return projections + mixing
     if cfg.attention == "mla":
-        m, D = cfg.mla, cfg.dim
+        m, D = cfg.mla_layer, cfg.dim
         H, N, R, V, C, Q = m.n_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank, m.q_lora_rank
         q = 2 * D * Q + 2 * Q * H * (N + R) if Q else 2 * D * H * (N + R)
         kv = 2 * D * (C + R) + 2 * C * H * (N + V)  # down-projection (+ rope key), then up-projection

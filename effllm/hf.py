@@ -35,6 +35,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from effllm import checkpoint as ckpt_io
 from effllm.card import card_text, find_manifest, model_lines
+from effllm.docfields import documented
 from effllm.errors import ConfigError
 from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved
 from effllm.model import ModelConfig, Transformer
@@ -44,6 +45,7 @@ from effllm.tokenizer import EOT_TEXT
 HF_LATENT_NORM_EPS = 1e-6  # transformers builds DeepseekV3's q_a / kv_a layernorms with this epsilon
 
 
+@documented
 @dataclass
 class ExportConfig:
     """Options of `effllm export-hf`."""

@@ -31,15 +31,17 @@ from effllm.attention import (
     yarn_inv_freq,
     yarn_mscale,
 )
+from effllm.docfields import documented
 from effllm.errors import ConfigError
 from effllm.layers import RMSNorm
 
 
+@documented
 @dataclass
 class MLAConfig:
     """Shape, RoPE / YaRN and decode path of an `MLA` layer. Checked on construction."""
 
-    n_heads: int = 4  # H attention heads
+    n_heads: int | None = None  # H attention heads; None = the model's n_heads (a standalone MLA needs it set)
     q_lora_rank: int = 0  # Q: width of the query latent; 0 = queries straight from the input
     kv_lora_rank: int = 64  # C: width of the compressed kv latent (what the cache stores)
     qk_nope_head_dim: int = 32  # N: per-head query/key width without position
@@ -55,7 +57,9 @@ class MLAConfig:
     decode: Literal["absorbed", "naive"] = "absorbed"  # decode path when a cache is given
 
     def __post_init__(self) -> None:
-        for name in ("n_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "original_max_position"):
+        if self.n_heads is not None and self.n_heads <= 0:
+            raise ConfigError(f"mla.n_heads must be positive (or None for the model's), got {self.n_heads}")
+        for name in ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "original_max_position"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"mla.{name} must be positive, got {getattr(self, name)}")
         if self.q_lora_rank < 0 or self.qk_nope_head_dim < 0:
@@ -121,16 +125,24 @@ class LatentCache:
 
 
 class MLA(nn.Module):
-    """Multi-head latent attention: `MLA(dim, MLAConfig(...))`, causal, (B, T, D) -> (B, T, D).
+    """Multi-head latent attention: `MLA(dim, MLAConfig(n_heads=...), max_seq_len)`, causal,
+    (B, T, D) -> (B, T, D): `mla(x)` runs it at positions 0..T-1.
 
-    `forward(x, rope, cache, pos)` takes the (cos, sin) tables of `cfg.rotary(max_len)` for positions
-    pos..pos+T-1; with a `LatentCache` it decodes chunks of up to ABSORBED_MAX_TOKENS tokens by
-    `cfg.decode` (absorbed or naive) and prefills longer chunks through the expanded path.
+    The layer owns its RoPE tables (`self.rotary`, built once for `max_seq_len` positions, default
+    the config's original_max_position, and sliced per call). `forward(x, rope, cache, pos)` also
+    takes the (cos, sin) tables for positions pos..pos+T-1 from a caller that shares one set among
+    its layers (the Transformer). With a `LatentCache` it decodes chunks of up to
+    ABSORBED_MAX_TOKENS tokens by `cfg.decode` (absorbed or naive) and prefills longer chunks
+    through the expanded path.
     """
 
-    def __init__(self, dim: int, cfg: MLAConfig | None = None):
+    def __init__(self, dim: int, cfg: MLAConfig | None = None, max_seq_len: int | None = None):
         super().__init__()
         self.cfg = cfg = cfg or MLAConfig()
+        if cfg.n_heads is None:
+            raise ConfigError("an MLA layer on its own needs its heads: MLAConfig(n_heads=...) (inside a model, "
+                              "ModelConfig.n_heads sets them)")
+        self.rotary = cfg.rotary(max_seq_len or cfg.original_max_position)
         H = cfg.n_heads
         if cfg.q_lora_rank:
             self.wq_a = nn.Linear(dim, cfg.q_lora_rank, bias=False)
@@ -150,9 +162,14 @@ class MLA(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> LatentCache:
         return LatentCache(batch, max_len)
 
-    def forward(self, x: torch.Tensor, rope, cache: LatentCache | None = None, pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope=None, cache: LatentCache | None = None, pos: int = 0) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
+        if rope is None:
+            if pos + T > self.rotary.cos.shape[0]:
+                raise ValueError(f"positions up to {pos + T - 1} asked of an MLA built for {self.rotary.cos.shape[0]}: "
+                                 "build it with a larger max_seq_len")
+            rope = self.rotary(pos, T)
         H, N, R, V = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         q = self.wq_b(self.q_norm(self.wq_a(x))) if cfg.q_lora_rank else self.wq(x)
         q = q.view(B, T, H, N + R).transpose(1, 2)  # (B, H, T, N+R)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from effllm.attention import Attention, RotaryEmbedding
+from effllm.docfields import documented
 from effllm.errors import ConfigError
 from effllm.layers import RMSNorm, SwiGLU
 from effllm.mla import MLA, MLAConfig
@@ -24,6 +25,7 @@ from effllm.moe import MoE, MoEConfig
 from effllm.mtp import MTPModule, speculative_generate
 
 
+@documented
 @dataclass
 class ModelConfig:
     """Shape and layer choice of a `Transformer`. Checked on construction."""
@@ -57,9 +59,13 @@ class ModelConfig:
         if not 0 <= self.first_k_dense <= self.n_layers:
             raise ConfigError(f"model.first_k_dense={self.first_k_dense} must lie in [0, n_layers={self.n_layers}]")
         if self.attention == "mla":
-            if self.mla.n_heads != self.n_heads:
-                raise ConfigError(f"model.n_heads={self.n_heads} but model.mla.n_heads={self.mla.n_heads}: "
-                                  "set both to the same number of heads")
+            # One setting: MLA's heads are the model's. An mla.n_heads given as well must agree, and
+            # is then dropped, so a config says it once (older configs stored both).
+            if self.mla.n_heads not in (None, self.n_heads):
+                raise ConfigError(f"model.n_heads={self.n_heads} but model.mla.n_heads={self.mla.n_heads}: MLA takes "
+                                  "the model's heads — leave mla.n_heads out (None)")
+            if self.mla.n_heads is not None:
+                self.mla = replace(self.mla, n_heads=None)
             return  # MLA's head sizes are its own (mla.*_head_dim); dim need not divide by heads
         if self.dim % self.n_heads:
             raise ConfigError(
@@ -127,6 +133,11 @@ class ModelConfig:
             return self.mla.rotary(self.max_seq_len)
         return RotaryEmbedding(self.head_dim, self.max_seq_len, self.rope_theta)
 
+    @property
+    def mla_layer(self) -> MLAConfig:
+        """The MLAConfig each MLA layer is built with: `mla` with the model's heads."""
+        return replace(self.mla, n_heads=self.n_heads)
+
     def is_moe_layer(self, layer: int) -> bool:
         return self.ffn == "moe" and layer >= self.first_k_dense
 
@@ -136,7 +147,7 @@ def build_attention(cfg: ModelConfig, layer: int) -> nn.Module:
     if cfg.attention == "mha":
         return Attention(cfg.dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim)
     if cfg.attention == "mla":
-        return MLA(cfg.dim, cfg.mla)
+        return MLA(cfg.dim, cfg.mla_layer, cfg.max_seq_len)
     raise ConfigError(f"unknown attention kind {cfg.attention!r}; choose one of: 'mha', 'mla'")
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effllm.docfields import documented
 from effllm.errors import ConfigError
 from effllm.kernels.backends import combine_backend, grouped_gemm_backend
 from effllm.kernels.fp8_grouped import sum_by_source
@@ -41,6 +42,7 @@ from effllm.kernels.moe_combine import combine
 from effllm.layers import SwiGLU
 
 
+@documented
 @dataclass
 class MoEConfig:
     """Shape and routing of a `MoE` layer. Checked on construction."""

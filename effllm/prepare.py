@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from effllm.data import MANIFEST_FORMAT
+from effllm.docfields import documented
 from effllm.errors import ConfigError, DataError
 from effllm.filters import DocumentFilter
 from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved, sha256_file
@@ -51,6 +52,7 @@ SPLIT_RULE = "a document is in val when the first 8 bytes of sha256(document id)
 PREPARED_FILES = ("train.bin", "val.bin", "manifest.json", "tokenizer.json")  # all that `prepare` writes
 
 
+@documented
 @dataclass
 class PrepareConfig:
     """Options of `effllm prepare`."""

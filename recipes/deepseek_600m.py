@@ -20,7 +20,7 @@ from effllm.moe import MoEConfig
 
 
 def config() -> TrainConfig:
-    mla = MLAConfig(n_heads=16, q_lora_rank=0, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+    mla = MLAConfig(q_lora_rank=0, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
                     v_head_dim=64)
     moe = MoEConfig(n_routed_experts=64, n_shared_experts=2, top_k=6, expert_dim=256, score_func="sigmoid",
                     route_scale=2.5, bias_update_rate=1e-3, seq_aux_loss_weight=1e-4)

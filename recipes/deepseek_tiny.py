@@ -17,7 +17,7 @@ from effllm.recipes import moe_tiny
 
 def config() -> TrainConfig:
     base = moe_tiny.config()
-    mla = MLAConfig(n_heads=base.model.n_heads, q_lora_rank=0, kv_lora_rank=64, qk_nope_head_dim=32,
+    mla = MLAConfig(q_lora_rank=0, kv_lora_rank=64, qk_nope_head_dim=32,
                     qk_rope_head_dim=16, v_head_dim=32)
     model = replace(base.model, attention="mla", mla=mla, mtp_depth=1, mtp_lambda=0.3)
     return replace(base, model=model, out_dir="runs/deepseek_tiny")

@@ -21,7 +21,7 @@ from effllm.recipes import deepseek_tiny
 
 def config() -> TrainConfig:
     base = deepseek_tiny.config()
-    mla = MLAConfig(n_heads=4, q_lora_rank=0, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32,
+    mla = MLAConfig(q_lora_rank=0, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=32,
                     v_head_dim=32)
     model = replace(base.model, dim=256, n_heads=4, mla=mla, ffn_hidden_dim=512)
     return replace(base, model=model, fp8=True, out_dir="runs/deepseek_tiny_fp8")

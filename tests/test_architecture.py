@@ -24,7 +24,7 @@ FOLDERS = {"effllm": ROOT / "effllm", "effllm.kernels": ROOT / "kernels", "effll
 # Lowest first. A module may import modules of lower layers only; a recipe may also import other
 # recipes (it extends them). docs/ARCHITECTURE.md draws the same map.
 LAYERS = [
-    ["effllm.errors", "effllm.kernels", "effllm.kernels.launch"],
+    ["effllm.errors", "effllm.docfields", "effllm.kernels", "effllm.kernels.launch"],
     ["effllm.fsutil", "effllm.devices", "effllm.kernels.fp8_quant", "effllm.kernels.grouped_gemm",
      "effllm.kernels.moe_combine"],
     ["effllm.kernels.fp8_gemm", "effllm.kernels.backends"],

@@ -194,3 +194,27 @@ def test_the_command_flushes_its_output_and_keeps_its_exit_code_under_torchrun(w
     bad = subprocess.run([sys.executable, "-m", "effllm", "no-such-command"], capture_output=True, text=True,
                          env=env, timeout=120)
     assert bad.returncode == 2 and "unknown command 'no-such-command'" in bad.stderr
+
+
+def test_help_on_every_config_shows_what_each_field_means():
+    """help(MoEConfig) and the other configs list every field with its default and the comment
+    `--help` shows (effllm.docfields.documented), not one line."""
+    import dataclasses
+
+    from effllm.card import CardConfig
+    from effllm.cli import GenerateConfig
+    from effllm.config import OptimConfig
+    from effllm.docfields import field_comments
+    from effllm.hf import ExportConfig
+    from effllm.mla import MLAConfig
+    from effllm.model import ModelConfig
+    from effllm.moe import MoEConfig
+    from effllm.prepare import PrepareConfig
+
+    for cls in (TrainConfig, OptimConfig, ModelConfig, MoEConfig, MLAConfig, PrepareConfig, GenerateConfig,
+                CardConfig, ExportConfig):
+        comments = field_comments(cls)
+        for f in dataclasses.fields(cls):
+            assert comments.get(f.name), f"{cls.__name__}.{f.name} has no comment to show in --help and help()"
+            assert f"\n    {f.name} " in cls.__doc__ and comments[f.name] in cls.__doc__, (cls.__name__, f.name)
+    assert "top_k = 2: K routed experts per token" in MoEConfig.__doc__

@@ -87,7 +87,7 @@ def test_naive_and_absorbed_caches_generate_the_same_text_as_no_cache():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cache_holds_only_latent_and_rope_key(dtype):
     model = mla_model("q-latent-yarn")
-    cfg = model.cfg.mla
+    cfg = model.cfg.mla_layer
     caches = model.new_caches(2)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         model(torch.randint(0, 97, (2, 10)), caches=caches)
@@ -141,6 +141,11 @@ def test_standalone_layer_and_flops():
     x = torch.randn(2, 9, 32)
     y = layer(x, cfg.rotary(16)(0, 9))
     assert y.shape == x.shape
+    assert torch.equal(layer(x), y)  # the layer's own RoPE tables: mla(x) works without a caller's
+    yarn_layer = MLA(32, MLAS["q-latent-yarn"], 40)  # YaRN tables, 40 positions
+    assert torch.equal(yarn_layer(x), yarn_layer(x, MLAS["q-latent-yarn"].rotary(40)(0, 9)))
+    with pytest.raises(ValueError, match="larger max_seq_len"):
+        yarn_layer(torch.randn(1, 41, 32))
     model = ModelConfig(vocab_size=97, dim=48, n_layers=1, n_heads=4, attention="mla", mla=cfg)
     H, N, R, V, C, D, T = 4, 8, 4, 12, 16, 48, 20
     attn = 2 * D * H * (N + R) + 2 * D * (C + R) + 2 * C * H * (N + V) + 2 * H * V * D + 2 * H * (N + R + V) * (T + 1) / 2
@@ -154,7 +159,8 @@ def test_standalone_layer_and_flops():
     [
         (lambda: MLAConfig(qk_rope_head_dim=7), "qk_rope_head_dim=7 is odd"),
         (lambda: ModelConfig(dim=48, n_heads=4, attention="mla", mla=MLAConfig(n_heads=6)),
-         "model.n_heads=4 but model.mla.n_heads=6"),
+         "model.n_heads=4 but model.mla.n_heads=6: MLA takes the model's heads"),
+        (lambda: MLA(48, MLAConfig()), "needs its heads"),
         (lambda: MLAConfig(kv_lora_rank=0), "kv_lora_rank must be positive"),
         (lambda: MLAConfig(rope_factor=0.5), "rope_factor=0.5"),
     ],
@@ -216,3 +222,16 @@ def test_narrow_values_take_the_fused_kernel_and_compute_the_same():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_model_sets_mlas_heads_once():
+    """ModelConfig.n_heads is MLA's head count: changing it alone changes the layers (it used to
+    need mla.n_heads changed to match); an mla.n_heads that agrees is dropped, so configs say it once."""
+    mla = replace(MLAS["q-direct"], n_heads=None)
+    cfg = ModelConfig(vocab_size=97, dim=48, n_layers=1, n_heads=4, attention="mla", mla=mla, max_seq_len=16)
+    wider = replace(cfg, n_heads=6)
+    assert Transformer(wider).blocks[0].attn.cfg.n_heads == 6
+    assert Transformer(wider).blocks[0].attn.wo.in_features == 6 * mla.v_head_dim
+    stated = ModelConfig(vocab_size=97, dim=48, n_layers=1, n_heads=4, attention="mla",
+                         mla=replace(mla, n_heads=4), max_seq_len=16)
+    assert stated == cfg and stated.mla.n_heads is None and stated.mla_layer.n_heads == 4
