@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         commands[argv[0]](argv[1:])
     except TrainingInterrupted as e:
         print(f"effllm: {e}", file=sys.stderr)
-        return 130
+        return e.exit_code
     except EffllmError as e:
         print(f"effllm: error: {e}", file=sys.stderr)
         return 2

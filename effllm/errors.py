@@ -29,4 +29,9 @@ class TrainingDiverged(EffllmError):
 
 
 class TrainingInterrupted(EffllmError):
-    """Training was stopped (Ctrl-C); says which checkpoint, if any, a resume continues from."""
+    """Training was stopped (Ctrl-C, SIGTERM); says which checkpoint, if any, a resume continues
+    from. `exit_code`: what the command exits with (128 + the signal, as a shell reports it)."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -241,6 +243,42 @@ def _train(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.dev
     return summary
 
 
+class StopRequest:
+    """SIGTERM (a cluster's preemption, `kill`) and a first Ctrl-C ask the loop to stop after the
+    step in progress, with a checkpoint; a second Ctrl-C stops at once (KeyboardInterrupt). The
+    handlers are installed for the loop only, in the main thread only, and the previous ones put
+    back. Under torchrun every rank stops at the same step: the request is all-reduced each step."""
+
+    def __init__(self, say):
+        self.signal: int | None = None
+        self.say, self._previous = say, {}
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+        self.say(f"effllm: {signal.Signals(signum).name} received: stopping after this step with a checkpoint"
+                 + (" (Ctrl-C again to stop at once, without one)" if signum == signal.SIGINT else ""))
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def requested(self, env: DistEnv, device: torch.device) -> int | None:
+        """The signal that asked to stop, on any rank (None: go on)."""
+        if not env.enabled:
+            return self.signal
+        flag = torch.tensor([self.signal or 0], device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+
 class _LoopEnd(NamedTuple):
     tokens_seen: int
     val_loss: float | None
@@ -268,68 +306,81 @@ def _loop(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: 
     window_start, window_tokens, window_steps, window_pause = run_start, 0, 0, 0.0  # pause: eval and ckpt time
     run.model.train()
     step = start["step"]
+    stop = StopRequest(say)
     try:
-        for step in range(start["step"], cfg.max_steps):
-            lr = lr_at(step, cfg)
-            sums = step_losses(run, cfg, data, env, device, step)
-            last_loss = sums["loss"].item() / cfg.grad_accum
-            if not math.isfinite(last_loss):
-                bar.close()
-                kept = ckpt_io.latest_checkpoint(ckpt_root)
-                raise TrainingDiverged(
-                    f"loss is {last_loss} at step {step + 1}; training stopped before the optimizer step. "
-                    + (f"The last good checkpoint {kept} is kept: " if kept else "No checkpoint was written yet: ")
-                    + "lower --optim.lr, raise --optim.warmup-steps or check the data, then "
-                    + ("--resume." if kept else "start again.")
-                )
-            grad_norm, step_loads = optimizer_update(run.model, run.optimizer, cfg.optim.grad_clip, moe_layers)
-            done = step + 1
-            tokens_seen += tokens_per_step
-            window_tokens += tokens_per_step
-            window_steps += 1
-            evaluated = done % cfg.eval_interval == 0 or done == cfg.max_steps
+        with stop:
+            for step in range(start["step"], cfg.max_steps):
+                lr = lr_at(step, cfg)
+                sums = step_losses(run, cfg, data, env, device, step)
+                last_loss = sums["loss"].item() / cfg.grad_accum
+                if not math.isfinite(last_loss):
+                    bar.close()
+                    kept = ckpt_io.latest_checkpoint(ckpt_root)
+                    raise TrainingDiverged(
+                        f"loss is {last_loss} at step {step + 1}; training stopped before the optimizer step. "
+                        + (f"The last good checkpoint {kept} is kept: " if kept else "No checkpoint was written yet: ")
+                        + "lower --optim.lr, raise --optim.warmup-steps or check the data, then "
+                        + ("--resume." if kept else "start again.")
+                    )
+                grad_norm, step_loads = optimizer_update(run.model, run.optimizer, cfg.optim.grad_clip, moe_layers)
+                done = step + 1
+                tokens_seen += tokens_per_step
+                window_tokens += tokens_per_step
+                window_steps += 1
+                evaluated = done % cfg.eval_interval == 0 or done == cfg.max_steps
 
-            if evaluated:
-                eval_start = time.perf_counter()
-                val_loss = evaluate(run.step_fn, data, cfg, device, run.amp)
-                spent = time.perf_counter() - eval_start
-                eval_s += spent
-                window_pause += spent
-                say(f"step {done}: val loss {val_loss:.4f} (train {last_loss:.4f}, unigram {unigram:.3f})")
-            elapsed = start["elapsed_s"] + time.perf_counter() - run_start
-            if done % cfg.log_interval == 0 or done == cfg.max_steps:
-                now = time.perf_counter()
-                window_train = max(1e-9, now - window_start - window_pause)
-                tok_s = window_tokens / window_train
-                record = {"step": done, "loss": last_loss, "lr": lr,
-                          "grad_norm": None if grad_norm is None else grad_norm.item(),
-                          "tokens_per_s": tok_s, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
-                          "train_s": elapsed - eval_s - ckpt_s,  # wall-clock minus evaluations and checkpoints
-                          "peak_mem_bytes": peak_memory_bytes(device)}
-                if cfg.model.mtp_depth:
-                    record["mtp_loss"] = sums["mtp"].item() / cfg.grad_accum
-                if step_loads:
-                    record["moe_aux_loss"] = sums["aux"].item() / cfg.grad_accum
-                    # per layer: max/mean tokens per expert and the coefficient of variation
-                    record["moe_load"] = {name: load_stats(load) for name, load in step_loads.items()}
                 if evaluated:
-                    record["val_loss"] = val_loss
-                if env.is_main:
-                    with open(metrics_path, "a") as fh:
-                        fh.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                if lines:
-                    eta = (cfg.max_steps - done) * window_train / window_steps
-                    say(f"step {done}/{cfg.max_steps} | loss {last_loss:.4f} | lr {lr:.3g} | {tok_s:,.0f} tokens/s | "
-                        f"ETA {_duration(eta)}")
-                window_start, window_tokens, window_steps, window_pause = now, 0, 0, 0.0
-            if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == cfg.max_steps:
-                ckpt_start = time.perf_counter()
-                _save(run, cfg, data, env, done, tokens_seen, elapsed, eval_s, ckpt_s, val_loss, dev_name)
-                spent = time.perf_counter() - ckpt_start
-                ckpt_s += spent
-                window_pause += spent
-            bar.update(1)
+                    eval_start = time.perf_counter()
+                    val_loss = evaluate(run.step_fn, data, cfg, device, run.amp)
+                    spent = time.perf_counter() - eval_start
+                    eval_s += spent
+                    window_pause += spent
+                    say(f"step {done}: val loss {val_loss:.4f} (train {last_loss:.4f}, unigram {unigram:.3f})")
+                elapsed = start["elapsed_s"] + time.perf_counter() - run_start
+                if done % cfg.log_interval == 0 or done == cfg.max_steps:
+                    now = time.perf_counter()
+                    window_train = max(1e-9, now - window_start - window_pause)
+                    tok_s = window_tokens / window_train
+                    record = {"step": done, "loss": last_loss, "lr": lr,
+                              "grad_norm": None if grad_norm is None else grad_norm.item(),
+                              "tokens_per_s": tok_s, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
+                              "train_s": elapsed - eval_s - ckpt_s,  # wall-clock minus evaluations and checkpoints
+                              "peak_mem_bytes": peak_memory_bytes(device)}
+                    if cfg.model.mtp_depth:
+                        record["mtp_loss"] = sums["mtp"].item() / cfg.grad_accum
+                    if step_loads:
+                        record["moe_aux_loss"] = sums["aux"].item() / cfg.grad_accum
+                        # per layer: max/mean tokens per expert and the coefficient of variation
+                        record["moe_load"] = {name: load_stats(load) for name, load in step_loads.items()}
+                    if evaluated:
+                        record["val_loss"] = val_loss
+                    if env.is_main:
+                        with open(metrics_path, "a") as fh:
+                            fh.write(json.dumps(record) + "\n")
+                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                    if lines:
+                        eta = (cfg.max_steps - done) * window_train / window_steps
+                        say(f"step {done}/{cfg.max_steps} | loss {last_loss:.4f} | lr {lr:.3g} | {tok_s:,.0f} tokens/s | "
+                            f"ETA {_duration(eta)}")
+                    window_start, window_tokens, window_steps, window_pause = now, 0, 0, 0.0
+                if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == cfg.max_steps:
+                    ckpt_start = time.perf_counter()
+                    _save(run, cfg, data, env, done, tokens_seen, elapsed, eval_s, ckpt_s, val_loss, dev_name)
+                    spent = time.perf_counter() - ckpt_start
+                    ckpt_s += spent
+                    window_pause += spent
+                bar.update(1)
+                signum = stop.requested(env, device)
+                if signum and step + 1 < cfg.max_steps:
+                    done = step + 1
+                    if not (cfg.ckpt_interval and done % cfg.ckpt_interval == 0):  # not written at this step yet
+                        elapsed = start["elapsed_s"] + time.perf_counter() - run_start
+                        _save(run, cfg, data, env, done, tokens_seen, elapsed, eval_s, ckpt_s, val_loss, dev_name)
+                    bar.close()
+                    raise TrainingInterrupted(
+                        f"stopped by {signal.Signals(signum).name} after step {done}; the checkpoint "
+                        f"{ckpt_root / ckpt_io.step_dir_name(done)} is complete: continue with --resume",
+                        exit_code=128 + signum)
     except KeyboardInterrupt:
         bar.close()
         kept = ckpt_io.latest_checkpoint(ckpt_root)

@@ -447,3 +447,36 @@ def test_a_warmup_longer_than_the_run_is_said(byte_data, tmp_path, capsys):
 def test_optimizer_settings_that_cannot_work_are_refused_on_construction(field, value):
     with pytest.raises(ConfigError, match=f"optim.{field}=.* cannot work — use "):
         OptimConfig(**{field: value})
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_stop_signal_checkpoints_the_step_and_resume_continues_exactly(byte_data, tmp_path, monkeypatch, signame):
+    """Preemption (SIGTERM) or a first Ctrl-C during step 6 lets that step finish, writes its
+    checkpoint (the last interval's was at 4), exits 128 + the signal naming the checkpoint, and
+    puts the previous signal handlers back; --resume then repeats the uninterrupted run."""
+    import os
+    import signal
+
+    signum = getattr(signal, signame)
+    cfg = tiny_train_config(byte_data, tmp_path / "full", max_steps=10, ckpt_interval=4)
+    train(cfg)
+    reference = losses(tmp_path / "full")
+    real_batch = train_mod.TokenDataset.train_batch
+
+    def signalled_in_step_6(self, *args, **kwargs):
+        if args[3] == 5 and kwargs.get("micro", args[5] if len(args) > 5 else 0) == 0:
+            os.kill(os.getpid(), signum)
+        return real_batch(self, *args, **kwargs)
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(train_mod.TokenDataset, "train_batch", signalled_in_step_6)
+    cut = replace(cfg, out_dir=str(tmp_path / "cut"))
+    with pytest.raises(TrainingInterrupted, match=f"stopped by {signame} after step 6; the checkpoint .*step_00000006 "
+                                                  "is complete: continue with --resume") as stopped:
+        train(cut)
+    monkeypatch.undo()
+    assert stopped.value.exit_code == 128 + signum
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert ckpt_io.latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step_00000006"
+    train(replace(cut, resume=True))
+    assert losses(tmp_path / "cut") == reference
