@@ -18,6 +18,7 @@ import sys
 import typing
 from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
@@ -34,6 +35,7 @@ from effllm.model import Transformer, describe_params
 from effllm.mtp import speculative_generate
 from effllm.parallelize import exit_rank
 from effllm.prepare import PrepareConfig, prepare
+from effllm.run import evaluate_checkpoint
 from effllm.tokenizer import load_tokenizer
 from effllm.train import train
 
@@ -42,6 +44,7 @@ USAGE = """usage: effllm <command> [options]
 commands:
   prepare    tokenize the embedded corpus (Python's standard library) or your own text/jsonl
   train      train a recipe:  effllm train <recipe> [--field value ...]
+  eval       score a checkpoint:  effllm eval --checkpoint DIR [--data-dir D]  (loss, perplexity, bits/byte)
   generate   sample from a checkpoint:  effllm generate --checkpoint DIR --prompt "..."
   card       write MODEL_CARD.md for a checkpoint:  effllm card --checkpoint DIR
   export-hf  write a checkpoint in the Hugging Face transformers layout:  effllm export-hf --checkpoint DIR --out DIR
@@ -76,6 +79,37 @@ class GenerateConfig:
             raise ConfigError(f"top_k={self.top_k} cannot work — use a positive k, e.g. 50, or None for all tokens")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} cannot work — ask for at least 1 token")
+
+
+@documented
+@dataclass
+class EvalConfig:
+    """Options of `effllm eval`."""
+
+    checkpoint: str  # a run directory, its checkpoints/ folder, or one step_* folder
+    data_dir: str | None = None  # prepared data whose val split is scored; None = the data the run trained on
+    max_tokens: int | None = None  # tokens to score from the split's start; None = the whole val split
+    batch_size: int = 8  # windows per forward pass
+    device: str = "auto"  # auto = cuda if available, else cpu
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    json: bool = False  # print the result as one JSON object
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or (self.max_tokens is not None and self.max_tokens < 1):
+            raise ConfigError(f"batch_size={self.batch_size}, max_tokens={self.max_tokens} cannot work — use positive "
+                              "numbers (max_tokens None for the whole split)")
+
+
+def cmd_eval(args: list[str]) -> None:
+    cfg = parse(EvalConfig, args, "effllm eval",
+                "Score a checkpoint on a prepared val split: loss, perplexity and bits per byte.")
+    r = evaluate_checkpoint(cfg.checkpoint, cfg.data_dir, cfg.max_tokens, cfg.batch_size, cfg.device, cfg.precision)
+    if cfg.json:
+        print(json.dumps(r))
+        return
+    print(f"{r['checkpoint']} (step {r['step']}) on {r['data_dir']}: val loss {r['loss']:.4f} nats/token, "
+          f"perplexity {r['perplexity']:.3f}, {r['bits_per_byte']:.4f} bits per byte ({r['tokens']:,} tokens, "
+          f"{r['bytes']:,} bytes, windows of {r['seq_len']}, {r['precision']})")
 
 
 def recipe_names() -> list[str]:
@@ -253,7 +287,8 @@ def cmd_export_hf(args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "export-hf": cmd_export_hf,
+    commands = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
+                "export-hf": cmd_export_hf,
                 "card": cmd_card,
                 "recipes": lambda a: print(recipe_table())}
     if not argv or argv[0] in ("-h", "--help"):

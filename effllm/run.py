@@ -9,6 +9,7 @@ so they train the same thing the same way.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,8 @@ from torch import nn
 from effllm import checkpoint as ckpt_io
 from effllm.config import OptimConfig, TrainConfig, lr_at
 from effllm.data import TokenDataset
-from effllm.devices import autocast_dtype
-from effllm.errors import ConfigError
+from effllm.devices import autocast_dtype, resolve_device
+from effllm.errors import ConfigError, DataError
 from effllm.fp8 import convert_to_fp8
 from effllm.goldfish import apply_goldfish
 from effllm.kernels.fp8_quant import TILE
@@ -117,6 +118,43 @@ def evaluate(model, data: TokenDataset, cfg: TrainConfig, device, amp: torch.dty
         count += y.numel()
     model.train()
     return total / count
+
+
+def evaluate_checkpoint(path: str | Path, data_dir: str | Path | None = None, max_tokens: int | None = None,
+                        batch_size: int = 8, device: str = "auto", precision: str = "auto") -> dict:
+    """The checkpoint at `path` on the val split of `data_dir` (default: the data it trained on):
+    {"loss" (nats/token), "perplexity", "bits_per_byte", "tokens", "bytes", ...}, over consecutive
+    windows of the run's seq_len from the split's start, `max_tokens` of them (None: all). The
+    model runs in `precision` (FP8-trained weights included: they are ordinary weights)."""
+    device = resolve_device(device)
+    model, state, ckpt = ckpt_io.load_model(path, device)
+    run_cfg = state["config"]
+    data_dir = Path(data_dir or state.get("data_dir_resolved") or run_cfg["data_dir"])
+    data = TokenDataset(data_dir)
+    if data.manifest["tokenizer"] != state["tokenizer"]:
+        raise DataError(f"{data_dir} is tokenized with {data.manifest['tokenizer']}, the model with "
+                        f"{state['tokenizer']} — prepare that data with the model's tokenizer, or evaluate on data "
+                        "that has it")
+    seq_len = min(run_cfg["seq_len"], model.cfg.max_seq_len)
+    available = len(data.splits["val"]) - 1
+    if available < seq_len:
+        raise DataError(f"the val split of {data_dir} holds {available + 1} tokens, fewer than one window of "
+                        f"{seq_len} — prepare more data, or a larger --val-fraction")
+    amp = autocast_dtype(precision, device)
+    lengths = torch.from_numpy(data.tokenizer.token_bytes())
+    nats, tokens, text_bytes = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in data.val_batches(batch_size, seq_len, max_tokens or available):
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits, _ = model(x.to(device))
+            nats += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
+                                                      reduction="sum").item()
+            tokens += y.numel()
+            text_bytes += int(lengths[y].sum())
+    loss = nats / tokens
+    return {"checkpoint": str(ckpt), "step": state["step"], "data_dir": str(data_dir), "seq_len": seq_len,
+            "tokens": tokens, "bytes": text_bytes, "loss": loss, "perplexity": math.exp(loss),
+            "bits_per_byte": nats / math.log(2) / max(1, text_bytes), "precision": str(amp or torch.float32)}
 
 
 def forward_backward(step_fn, batch, grad_accum: int, mtp_lambda: float, device: torch.device,

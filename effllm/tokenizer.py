@@ -38,6 +38,12 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if 0 < i < 256).decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> np.ndarray:
+        """Text bytes each id stands for: 1, and 0 for the end-of-text mark (bits per byte counts text)."""
+        out = np.ones(256, dtype=np.int64)
+        out[self.eot_id] = 0
+        return out
+
     def save(self, directory: Path) -> None:
         """The byte tokenizer has no file: its spec in the manifest is all it needs."""
 
@@ -81,6 +87,15 @@ class BPETokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([i for i in ids if i != self.eot_id])
+
+    def token_bytes(self) -> np.ndarray:
+        """Text bytes each id stands for. Byte-level BPE spells every token in one character per
+        byte, so a token's length is its byte count; special tokens (end-of-text) stand for none."""
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        special = {t.content for t in self._tok.get_added_tokens_decoder().values()}
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            out[i] = 0 if token in special else len(token)
+        return out
 
     def save(self, directory: Path) -> None:
         self._tok.save(str(directory / "tokenizer.json"))

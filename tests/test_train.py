@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -200,7 +201,8 @@ def test_generate_from_a_checkpoint(byte_data, tmp_path):
     assert greedy[0] == greedy[1]
 
 
-def test_bpe_data_trains_and_generates_from_the_checkpoint_alone(tmp_path, small_prepare_config):
+def test_bpe_data_trains_and_generates_from_the_checkpoint_alone(tmp_path, small_prepare_config, byte_data):
+    small_byte = byte_data
     from effllm.prepare import prepare
 
     data = prepare(replace(small_prepare_config, out=str(tmp_path / "bpe"), tokenizer="bpe", vocab_size=600),
@@ -212,6 +214,18 @@ def test_bpe_data_trains_and_generates_from_the_checkpoint_alone(tmp_path, small
     train(cfg)
     ckpt = ckpt_io.latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert (ckpt / "tokenizer.json").read_bytes() == (data / "tokenizer.json").read_bytes()
+    # effllm eval on BPE data: bits per byte over the bytes the scored tokens spell
+    from effllm.data import TokenDataset
+    from effllm.run import evaluate_checkpoint
+
+    r = evaluate_checkpoint(ckpt, max_tokens=320)
+    val = TokenDataset(data)
+    scored = [int(t) for t in val.splits["val"][1:r["tokens"] + 1]]
+    spelled = len(val.tokenizer.decode(scored).encode("utf-8"))
+    assert abs(r["bytes"] - spelled) <= 6 and r["bytes"] > 1.5 * r["tokens"]  # ends may cut a character
+    assert r["bits_per_byte"] == pytest.approx(r["loss"] * r["tokens"] / r["bytes"] / math.log(2))
+    with pytest.raises(DataError, match="tokenized with"):
+        evaluate_checkpoint(ckpt, data_dir=small_byte)
     import shutil
 
     shutil.rmtree(data)  # the checkpoint carries its tokenizer
@@ -480,3 +494,22 @@ def test_a_stop_signal_checkpoints_the_step_and_resume_continues_exactly(byte_da
     assert ckpt_io.latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step_00000006"
     train(replace(cut, resume=True))
     assert losses(tmp_path / "cut") == reference
+
+
+def test_effllm_eval_scores_a_checkpoint_as_the_run_did(byte_data, tmp_path, capsys):
+    """effllm eval on the run's own windows gives the run's last val loss; perplexity and bits per
+    byte follow from it (byte tokens: one byte each, the end-of-text mark none)."""
+    from effllm.cli import main
+    from effllm.data import TokenDataset
+    from effllm.run import evaluate_checkpoint
+
+    summary = train(tiny_train_config(byte_data, tmp_path / "run", max_steps=3, eval_interval=3, eval_tokens=256))
+    r = evaluate_checkpoint(tmp_path / "run", max_tokens=256, batch_size=4)
+    assert r["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-6) and r["tokens"] == 256
+    targets = TokenDataset(byte_data).splits["val"][1:257]
+    assert r["bytes"] == int((targets != 0).sum()) and r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+    assert r["bits_per_byte"] == pytest.approx(r["loss"] * 256 / r["bytes"] / math.log(2))
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    assert whole["tokens"] == (len(TokenDataset(byte_data).splits["val"]) - 1) // 32 * 32  # the whole split
