@@ -26,12 +26,12 @@ import tyro
 import effllm.recipes
 from effllm import checkpoint as ckpt_io
 from effllm.card import CardConfig, write_card
-from effllm.config import TrainConfig, saved_config
+from effllm.config import OptimConfig, TrainConfig, saved_config
 from effllm.devices import resolve_device
 from effllm.docfields import documented
 from effllm.errors import ConfigError, EffllmError, TrainingInterrupted
 from effllm.hf import ExportConfig, export_hf
-from effllm.model import Transformer, describe_params
+from effllm.model import ModelConfig, Transformer, describe_params
 from effllm.mtp import speculative_generate
 from effllm.parallelize import exit_rank
 from effllm.prepare import PrepareConfig, prepare
@@ -43,7 +43,7 @@ USAGE = """usage: effllm <command> [options]
 
 commands:
   prepare    tokenize the embedded corpus (Python's standard library) or your own text/jsonl
-  train      train a recipe:  effllm train <recipe> [--field value ...]
+  train      train a recipe:  effllm train <recipe | config.json | --from RUN_DIR> [--field value ...]
   eval       score a checkpoint:  effllm eval --checkpoint DIR [--data-dir D]  (loss, perplexity, bits/byte)
   generate   sample from a checkpoint:  effllm generate --checkpoint DIR --prompt "..."
   card       write MODEL_CARD.md for a checkpoint:  effllm card --checkpoint DIR
@@ -129,8 +129,68 @@ def recipe_table() -> str:
     return "\n".join(f"{n:<{widths[0]}}  {c:<{widths[1]}}  {d}" for n, c, d in rows)
 
 
+def _check_keys(d: dict, cls, where: str) -> None:
+    """Refuse a key of a config file that is no field of `cls` (nested dataclasses included)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    for key, value in d.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            raise ConfigError(f"{where}: {key!r} is no field of {cls.__name__}"
+                              + (f" — did you mean {close[0]!r}?" if close else f" — the fields are {', '.join(names)}"))
+        if is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: {key!r} must be a mapping of {hints[key].__name__} fields, got {value!r}")
+            _check_keys(value, hints[key], where)
+
+
+def config_from_file(path: str | Path) -> TrainConfig:
+    """A TrainConfig from a JSON or YAML file: any subset of its fields (nested as in config.json),
+    the rest at TrainConfig's defaults. An unknown field is refused with its closest match."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}) — fix the file") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path} is YAML, and PyYAML is not installed — pip install pyyaml, or write the "
+                              "config as JSON") from None
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML ({e}) — fix the file") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} holds {type(d).__name__}, not a mapping of TrainConfig fields")
+    _check_keys(d, TrainConfig, str(path))
+    d = dict(d)
+    model = d.pop("model", {})
+    optim = d.pop("optim", {})
+    return TrainConfig(model=ModelConfig.from_dict(model), optim=OptimConfig(**optim), **d)
+
+
+def from_run(run_dir: str | Path) -> TrainConfig:
+    """`effllm train --from RUN_DIR`: the configuration that run started with (its config.json), as
+    a new run: not resuming, and with the lr schedule spanning the new run's max_steps (the run's
+    recorded span is dropped) unless --optim.schedule-steps says otherwise."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--from {run_dir}: no config.json there — name a run directory that effllm train wrote")
+    cfg = TrainConfig.from_dict(json.loads(path.read_text()))
+    return replace(cfg, resume=False, optim=replace(cfg.optim, schedule_steps=None))
+
+
 def load_recipe(name: str):
-    """The TrainConfig of recipe `name` (a module of effllm.recipes, or a path to a .py file)."""
+    """The TrainConfig of recipe `name`: a module of effllm.recipes, a path to a .py file defining
+    config(), or a JSON or YAML config file (`config_from_file`)."""
+    if name.endswith((".json", ".yaml", ".yml")):
+        return config_from_file(name)
     if name.endswith(".py"):
         path = Path(name)
         if not path.is_file():
@@ -222,10 +282,21 @@ def cmd_prepare(args: list[str]) -> None:
 def cmd_train(args: list[str]) -> None:
     if not args or args[0].startswith("-"):
         if args and args[0] in ("-h", "--help"):
-            print("usage: effllm train <recipe> [--field value ...]\n\nrecipes: " + ", ".join(recipe_names())
+            print("usage: effllm train <recipe> [--field value ...]\n"
+                  "       effllm train config.json | config.yaml [--field value ...]\n"
+                  "       effllm train --from RUN_DIR [--field value ...]   (a new run with that run's config)\n\n"
+                  "recipes: " + ", ".join(recipe_names())
                   + "\n\n`effllm train <recipe> --help` lists every field and the recipe's values.")
             return
-        raise ConfigError("name a recipe: effllm train <recipe>; recipes: " + ", ".join(recipe_names()))
+        if args and (args[0] == "--from" or args[0].startswith("--from=")):
+            run_dir, rest = (args[1] if len(args) > 1 else "", args[2:]) if args[0] == "--from" else \
+                (args[0].split("=", 1)[1], args[1:])
+            if not run_dir:
+                raise ConfigError("--from needs a run directory: effllm train --from runs/<run> [--field value ...]")
+            run_recipe(from_run(run_dir), rest, prog=f"effllm train --from {run_dir}")
+            return
+        raise ConfigError("name a recipe: effllm train <recipe | config.json | config.yaml | --from RUN_DIR>; "
+                          "recipes: " + ", ".join(recipe_names()))
     run_recipe(load_recipe(args[0]), args[1:], prog=f"effllm train {args[0]}")
 
 

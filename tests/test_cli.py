@@ -218,3 +218,32 @@ def test_help_on_every_config_shows_what_each_field_means():
             assert comments.get(f.name), f"{cls.__name__}.{f.name} has no comment to show in --help and help()"
             assert f"\n    {f.name} " in cls.__doc__ and comments[f.name] in cls.__doc__, (cls.__name__, f.name)
     assert "top_k = 2: K routed experts per token" in MoEConfig.__doc__
+
+
+def test_train_from_a_config_file_or_from_a_run(byte_data, tmp_path, capsys):
+    """`effllm train config.yaml|json` takes any subset of TrainConfig's fields (an unknown one is
+    refused with its closest match); `effllm train --from RUN_DIR` starts a new run with that run's
+    configuration, the command line changing what it names."""
+    import yaml
+
+    from effllm.cli import config_from_file, main
+
+    spec = {"model": {"dim": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 32}, "optim": {"lr": 1e-3, "warmup_steps": 1},
+            "data_dir": str(byte_data), "out_dir": str(tmp_path / "a"), "batch_size": 2, "seq_len": 32, "max_steps": 2,
+            "eval_tokens": 64, "progress": False}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(spec))
+    (tmp_path / "c.json").write_text(json.dumps(spec))
+    cfg = config_from_file(tmp_path / "c.yaml")
+    assert cfg == config_from_file(tmp_path / "c.json")
+    assert cfg.model.dim == 32 and cfg.optim.lr == 1e-3 and cfg.optim.beta2 == TrainConfig().optim.beta2
+    assert main(["train", str(tmp_path / "c.yaml")]) == 0
+    assert main(["train", "--from", str(tmp_path / "a"), "--out-dir", str(tmp_path / "b"), "--max-steps", "3"]) == 0
+    a, b = (json.loads((tmp_path / r / "config.json").read_text()) for r in "ab")
+    assert b["model"] == a["model"] and b["optim"]["lr"] == 1e-3 and b["max_steps"] == 3
+    assert b["optim"]["schedule_steps"] == 3  # a new run: its own schedule, not the first run's 2 steps
+    capsys.readouterr()
+    (tmp_path / "typo.json").write_text(json.dumps({"optim": {"lrr": 1.0}}))
+    assert main(["train", str(tmp_path / "typo.json")]) == 2
+    assert "'lrr' is no field of OptimConfig — did you mean 'lr'?" in capsys.readouterr().err
+    assert main(["train", "--from", str(tmp_path / "nowhere")]) == 2
+    assert "no config.json there" in capsys.readouterr().err
