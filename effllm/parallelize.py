@@ -140,6 +140,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # ranks on this machine
 
     @property
     def enabled(self) -> bool:
@@ -151,10 +152,10 @@ class DistEnv:
 
 
 def dist_env() -> DistEnv:
-    """Read RANK, WORLD_SIZE and LOCAL_RANK as torchrun sets them."""
+    """Read RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun sets them."""
     try:
         return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                       int(os.environ.get("LOCAL_RANK", 0)))
+                       int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     except ValueError as e:
         raise ConfigError(f"malformed torchrun environment (RANK / WORLD_SIZE / LOCAL_RANK): {e}") from None
 

@@ -42,6 +42,8 @@ from effllm.devices import peak_memory_bytes
 from effllm.errors import CheckpointError, ConfigError, OutputError, TrainingDiverged, TrainingInterrupted
 from effllm.flops import device_name, mfu, peak_bf16_flops, train_flops_per_token
 from effllm.fsutil import resolved
+from effllm.memory import MemoryEstimate, check_fits
+from effllm.memory import estimate as estimate_memory
 from effllm.model import Transformer, describe_params
 from effllm.moe import load_stats
 from effllm.parallelize import DistEnv, dist_env, gather_full_state, init_distributed
@@ -89,9 +91,13 @@ def train(cfg: TrainConfig, model_hook: Callable[[Transformer], None] | None = N
     env = dist_env()  # rank 0 of 1 unless launched by torchrun
     check_parallel(cfg, env.world_size)
     owns_group = env.enabled and not torch.distributed.is_initialized()
+    memory = estimate_memory(cfg, env.world_size)
     device = init_distributed(env, cfg.device, cfg.dist_timeout_s)
     try:
-        return _train(cfg, data, env, device, model_hook)
+        if cfg.memory_check:  # ranks on one CPU share its memory
+            share = env.local_world_size if device.type == "cpu" else 1
+            check_fits(cfg, MemoryEstimate(memory.states * share, memory.activations * share, memory.per_token), device)
+        return _train(cfg, data, env, device, model_hook, memory)
     finally:
         # A process group this call opened is closed here. gloo's worker threads can outlive this
         # (the groups are also held on the C++ side), and one that releases a finished work item
@@ -178,7 +184,8 @@ def _save(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, step: in
     return path
 
 
-def _train(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.device, model_hook=None) -> dict:
+def _train(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.device, model_hook=None,
+           memory: MemoryEstimate | None = None) -> dict:
     ckpt_root = Path(cfg.out_dir) / "checkpoints"
     cfg, resume_from, state, changes = _resumed(cfg, data, ckpt_root)
     run = build_run(cfg, env, device, resume_from, model_hook)
@@ -208,6 +215,9 @@ def _train(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.dev
     if cfg.max_steps > schedule_steps(cfg):
         say(f"lr schedule: it spans {schedule_steps(cfg)} steps; steps {schedule_steps(cfg) + 1}-{cfg.max_steps} run at "
             f"its final lr {lr_at(schedule_steps(cfg) - 1, cfg):.3g} (a new span: --optim.schedule-steps, where allowed)")
+    if memory is not None:
+        say(f"memory: {memory.describe()} per rank, estimated at batch {cfg.batch_size} x {cfg.seq_len}"
+            + (" with activation checkpointing" if cfg.activation_checkpointing else ""))
     for warning in cfg.warnings():
         say(f"effllm: warning: {warning}")
     if run.fp8_report is not None:
@@ -232,6 +242,7 @@ def _train(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.dev
         "train_flops_per_token": flops_per_token, "mfu": mfu(tok_s / env.world_size, flops_per_token, peak),
         "device": dev_name, "world_size": env.world_size, "precision": str(run.amp or torch.float32),
         "peak_mem_bytes": peak_memory_bytes(device),
+        "memory_estimate_bytes": None if memory is None else memory.total,
     }
     if env.is_main:
         out = Path(cfg.out_dir)

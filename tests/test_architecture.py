@@ -33,7 +33,7 @@ LAYERS = [
     ["effllm.layers", "effllm.attention", "effllm.goldfish", "effllm.filters", "effllm.tokenizer", "effllm.sources"],
     ["effllm.moe", "effllm.mla", "effllm.mtp"],
     ["effllm.model", "effllm.fp8_experts"],
-    ["effllm.fp8", "effllm.parallelize", "effllm.data", "effllm.checkpoint", "effllm.flops"],
+    ["effllm.fp8", "effllm.parallelize", "effllm.data", "effllm.checkpoint", "effllm.flops", "effllm.memory"],
     ["effllm.config", "effllm.card", "effllm.prepare"],
     ["effllm.run", "effllm.hf", "effllm.recipes", "effllm.recipes.*"],
     ["effllm.train"],
