@@ -105,7 +105,7 @@ def card_text(state: dict, counts: dict, manifest: dict, title: str = "# Model c
                      f"| {r['train_tokens']:,} | {100 * r['token_share']:.1f}% |")
     lines += ["", "### Sources", ""]
     for i, s in enumerate(manifest["sources"]):
-        where = s.get("root") or s.get("path") or ""
+        where = Path(s.get("root") or s.get("path") or "").name  # the folder's name: no local path leaves the machine
         lines.append(f"{i}. {s.get('kind')}: `{where}`, licence {s.get('license') or 'unknown'}"
                      + (f" ({s['note']})" if s.get("note") else ""))
     lines += ["", "### Filters applied", ""]
@@ -116,7 +116,12 @@ def card_text(state: dict, counts: dict, manifest: dict, title: str = "# Model c
         allow = filters.get("allow_licenses")
         lines.append("- Licences allowed: " + (", ".join(allow) if allow else "all (no allow-list)") + ".")
         opt = filters.get("opt_out")
-        lines.append(f"- Opt-outs honoured: {opt['patterns']} patterns from `{opt['file']}` (sha256 `{opt['sha256']}`)."
+        unmatched = [p for p, n in (opt or {}).get("matched", {}).items() if not n]
+        lines.append(f"- Opt-outs honoured: {opt['patterns']} patterns from `{Path(opt['file']).name}` (sha256 "
+                     f"`{opt['sha256']}`)"
+                     + (f"; {sum(opt['matched'].values()):,} documents matched one" if "matched" in opt else "")
+                     + (f"; {len(unmatched)} matched no document: " + ", ".join(f"`{p}`" for p in unmatched[:10])
+                        if unmatched else "") + "."
                      if opt else "- Opt-outs honoured: no opt-out list was given.")
         lines.append(f"- Exact deduplication: {filters.get('exact_dedup')}.")
         near = filters.get("near_dedup")

@@ -274,7 +274,20 @@ def cmd_prepare(args: list[str]) -> None:
     cfg = parse(PrepareConfig, args, "effllm prepare",
                 "Tokenize text into train/val shards with a manifest of sources and licences.")
     out = prepare(cfg)
-    totals = json.loads((out / "manifest.json").read_text())["totals"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    totals = manifest["totals"]
+    for skipped in manifest.get("skipped") or []:
+        print(f"skipped {skipped['path']} (source {skipped['source']}): {skipped['reason']}", file=sys.stderr)
+    tok = manifest["tokenizer"]
+    if tok["kind"] == "bpe" and tok["vocab_size"] < cfg.vocab_size:
+        print(f"note: the BPE learned {tok['vocab_size']:,} tokens of the {cfg.vocab_size:,} asked: the train split "
+              "has no more merges to learn; the model's vocab_size can be as small", file=sys.stderr)
+    if manifest["split"].get("forced_val"):
+        print(f"note: --val-fraction {cfg.val_fraction} put no document in val; {manifest['split']['forced_val']} "
+              "went there instead (recorded in the manifest)", file=sys.stderr)
+    for pattern, n in ((manifest.get("filters") or {}).get("opt_out") or {}).get("matched", {}).items():
+        if not n:
+            print(f"note: opt-out pattern {pattern!r} matched no document", file=sys.stderr)
     print(f"prepared {out}: {totals['files']} files, {totals['train_tokens']:,} train and "
           f"{totals['val_tokens']:,} val tokens; unigram val loss {totals['unigram_val_loss']:.3f}")
 

@@ -25,12 +25,36 @@ import numpy as np
 
 from effllm.errors import DataError
 from effllm.fsutil import sha256_file
+from effllm.licenses import allowed as licence_allowed
+from effllm.licenses import licence_list
 
 UNKNOWN_LICENSE = "unknown"
 
 
+def _url_key(url: str) -> str | None:
+    """"host/path" of an http(s) URL, the host in lower case (ports kept); None for anything else.
+    http and https give the same key: an opt-out covers both."""
+    parts = urlparse(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        return None
+    return parts.netloc.lower() + (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+def _looks_like_host(segment: str) -> bool:
+    return "." in segment and not segment.startswith((".", "/", "~")) and "*" not in segment and "?" not in segment
+
+
 class OptOut:
-    """Opt-out patterns read from a file; `match(origin)` gives the pattern that matches, or None."""
+    """Opt-out patterns read from a file (one per line, `#` starts a comment); `match(origin)` gives
+    the first pattern that matches a document's origin, or None, and counts the matches per pattern
+    (`matched`, recorded in the manifest, so a pattern that matched nothing shows). The rules:
+
+    - a URL prefix, `https://example.com/private/`: origins under it, http or https alike, the host
+      in any case; without a scheme, `example.com/private/`, the same;
+    - a domain, `example.com` (no "/"): every URL on it and its subdomains;
+    - anything else is a glob over file paths (`*` crosses folders): `/data/private/*` against the
+      absolute path, and a relative one, `private/*.txt`, against any path that ends in it.
+    """
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -40,20 +64,33 @@ class OptOut:
         self.patterns = []
         for line in path.read_text().splitlines():
             line = line.split("#", 1)[0].strip()
-            if line:
+            if line and line not in self.patterns:
                 self.patterns.append(line)
+        self.matched = {p: 0 for p in self.patterns}
+
+    @staticmethod
+    def _matches(pattern: str, origin: str, url: str | None) -> bool:
+        if "://" in pattern:
+            key = _url_key(pattern)
+            return url is not None and key is not None and url.startswith(key) if key else origin.startswith(pattern)
+        first = pattern.split("/", 1)[0]
+        if _looks_like_host(first):
+            if url is None:
+                return fnmatch.fnmatchcase(origin, pattern) or fnmatch.fnmatchcase(origin, "*/" + pattern)
+            if "/" not in pattern:
+                host = url.split("/", 1)[0].split(":", 1)[0]
+                domain = pattern.lower()
+                return host == domain or host.endswith("." + domain)
+            return url.startswith(first.lower() + "/" + pattern.split("/", 1)[1])
+        if fnmatch.fnmatchcase(origin, pattern):
+            return True
+        return not pattern.startswith("/") and fnmatch.fnmatchcase(origin, "*/" + pattern)
 
     def match(self, origin: str) -> str | None:
-        host = urlparse(origin).hostname if "://" in origin else None
+        url = _url_key(origin)
         for p in self.patterns:
-            if "://" in p:
-                if origin.startswith(p):
-                    return p
-            elif "/" not in p and "*" not in p and "." in p and host is not None:
-                domain = p.lower().lstrip(".")
-                if host == domain or host.endswith("." + domain):
-                    return p
-            elif fnmatch.fnmatchcase(origin, p):
+            if self._matches(p, origin, url):
+                self.matched[p] += 1
                 return p
         return None
 
@@ -116,7 +153,7 @@ class DocumentFilter:
 
     def __init__(self, allow_licenses: tuple[str, ...] = (), opt_out: str | None = None,
                  near_dup_threshold: float = 0.0):
-        self.allowed = set(allow_licenses) or None
+        self.allowed = set(licence_list(allow_licenses)) or None  # commas or spaces; SPDX-checked
         self.opt_out = OptOut(opt_out) if opt_out else None
         self.near = NearDuplicates(near_dup_threshold) if near_dup_threshold else None
         self.seen: set[str] = set()
@@ -130,7 +167,7 @@ class DocumentFilter:
         return reason
 
     def _reason(self, license: str, text: str, origin: str) -> str | None:
-        if self.allowed is not None and license not in self.allowed:
+        if self.allowed is not None and not licence_allowed(license, self.allowed):
             return "license"
         if self.opt_out is not None and self.opt_out.match(origin):
             return "opt_out"
@@ -148,7 +185,7 @@ class DocumentFilter:
         return {
             "allow_licenses": sorted(self.allowed) if self.allowed else None,
             "opt_out": ({"file": str(opt_out.path.resolve()), "sha256": sha256_file(opt_out.path),
-                         "patterns": len(opt_out.patterns)} if opt_out else None),
+                         "patterns": len(opt_out.patterns), "matched": dict(opt_out.matched)} if opt_out else None),
             "exact_dedup": "sha256 of each document's text; the first occurrence in source order is kept",
             "near_dedup": ({"threshold": near_dup_threshold, "method": f"MinHash, {near.NUM_PERM} permutations "
                             f"over {near.SHINGLE}-word shingles, LSH with {near.BANDS} bands"} if near else None),

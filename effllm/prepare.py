@@ -36,6 +36,7 @@ from effllm.docfields import documented
 from effllm.errors import ConfigError, DataError
 from effllm.filters import DocumentFilter
 from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved, sha256_file
+from effllm.licenses import licence_list
 from effllm.sources import (
     DEFAULT_EXTENSIONS,
     Source,
@@ -60,7 +61,7 @@ class PrepareConfig:
     sources: tuple[str, ...] = ()  # text/jsonl files or folders, each optionally PATH=LICENSE; empty = the stdlib corpus
     out: str = "data/stdlib"  # output directory
     license: str | None = None  # licence (SPDX id, or "unknown") of the sources that name none of their own
-    allow_licenses: tuple[str, ...] = ()  # keep only sources with these licences ("unknown" only if listed); empty = all
+    allow_licenses: tuple[str, ...] = ()  # keep sources with these SPDX ids (commas or spaces, any case); empty = all
     opt_out: str | None = None  # a file of origin patterns (URL prefix, domain or path glob) whose documents are dropped
     origin_field: str | None = None  # jsonl: the record field holding the document's origin URL (for opt-outs)
     near_dup_threshold: float = 0.0  # drop documents this similar (MinHash Jaccard) to an earlier one; 0 = off
@@ -98,6 +99,10 @@ class _Corpus:
         self.dropped_ids: dict[int, set[str]] = {}  # kept file index -> ids of its dropped documents
         self.skipped: list[dict] = []
         self.n_docs = {"train": 0, "val": 0}
+        self.forced_val: str | None = None  # a small corpus's one val document, when the hash rule gave none
+
+    def split(self, doc_id: str) -> str:
+        return "val" if doc_id == self.forced_val else split_of(doc_id, self.cfg.val_fraction)
 
     def read(self, f: SourceFile) -> tuple[str, list[tuple[str, str, str]]]:
         raw = f.path.read_bytes()
@@ -110,13 +115,14 @@ class _Corpus:
             raise DataError(f"{f.path} changed while being prepared: run `effllm prepare` again")
         drop = self.dropped_ids.get(i, ())
         return [(doc_id, text) for doc_id, text, _ in file_docs
-                if doc_id not in drop and split in (None, split_of(doc_id, self.cfg.val_fraction))]
+                if doc_id not in drop and split in (None, self.split(doc_id))]
 
 
 def _read(cfg: PrepareConfig, sources: list[Source], filters: DocumentFilter, progress: bool) -> _Corpus:
     """Pass 1: hash every file, filter its documents and assign the kept ones to a split."""
     corpus = _Corpus(cfg, sources)
     files = [f for s in sources for f in s.files]
+    lowest: tuple[int, str] | None = None  # the kept document whose hash is closest to the val rule
     for f in tqdm(files, desc="reading", unit="file", disable=not progress or None):
         try:
             digest, file_docs = corpus.read(f)
@@ -132,17 +138,30 @@ def _read(cfg: PrepareConfig, sources: list[Source], filters: DocumentFilter, pr
                 entry["documents"] += 1
                 entry["kept_bytes"] += len(text.encode("utf-8"))
                 corpus.n_docs[split_of(doc_id, cfg.val_fraction)] += 1
+                h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
+                lowest = min(lowest, (h, doc_id)) if lowest else (h, doc_id)
                 continue
             corpus.dropped_ids.setdefault(len(corpus.files), set()).add(doc_id)
             entry.setdefault("dropped", {}).setdefault(reason, 0)
             entry["dropped"][reason] += 1
         corpus.files.append(f)
         corpus.entries.append(entry)
-    for split, n in corpus.n_docs.items():
-        if not n:
-            raise DataError(f"the {split} split is empty ({sum(corpus.n_docs.values())} documents kept, "
-                            f"{sum(d['documents'] for d in filters.dropped.values())} dropped by the filters): "
-                            "add documents, loosen the filters or change --val-fraction")
+    kept = sum(corpus.n_docs.values())
+    if kept < 2:
+        drops = {reason: d["documents"] for reason, d in filters.dropped.items() if d["documents"]}
+        by = ", ".join(f"{reason} {n}" for reason, n in drops.items()) or "none"
+        licences = sorted({s.license for s in sources})
+        raise DataError(f"{kept} document{'s' if kept != 1 else ''} kept of {kept + sum(drops.values())} read: a "
+                        f"train and a val split need at least 2 (dropped by filter: {by})"
+                        + (f"; the sources' licences are {', '.join(licences)} and --allow-licenses keeps "
+                           f"{', '.join(sorted(filters.allowed))}" if drops.get("license") and filters.allowed else "")
+                        + " — add documents or loosen the filters that dropped them")
+    if corpus.n_docs["val"] == 0:  # a small corpus: the document nearest the rule goes to val
+        corpus.forced_val = lowest[1]
+        corpus.n_docs = {"train": kept - 1, "val": 1}
+    elif corpus.n_docs["train"] == 0:
+        raise DataError(f"all {kept} documents fell in the val split (--val-fraction {cfg.val_fraction}) — lower "
+                        "--val-fraction")
     return corpus
 
 
@@ -157,7 +176,7 @@ def _tokenize(corpus: _Corpus, tokenizer, dtype, tmp: Path, progress: bool) -> n
             entry = corpus.entries[i]
             file_docs = corpus.documents(i)
             for (doc_id, _), ids in zip(file_docs, tokenizer.encode_array([t for _, t in file_docs])):
-                split = split_of(doc_id, corpus.cfg.val_fraction)
+                split = corpus.split(doc_id)
                 ids = np.concatenate((ids.astype(dtype), eot))
                 handles[split].write(ids.tobytes())
                 entry["tokens"][split] += len(ids)
@@ -191,7 +210,9 @@ def _manifest(cfg: PrepareConfig, corpus: _Corpus, filters: DocumentFilter, toke
         "tokenizer": tok_spec,
         "dtype": np.dtype(dtype).name,
         "split": {"rule": SPLIT_RULE, "val_fraction": cfg.val_fraction, "document_id": "path relative to "
-                  "its source root, plus ':line' for a jsonl record"},
+                  "its source root, plus ':line' for a jsonl record"}
+        | ({"forced_val": corpus.forced_val, "forced_rule": "the rule put no document in val, so the one with "
+            "the lowest hash went there"} if corpus.forced_val else {}),
         "totals": {"files": len(entries), "documents": sum(corpus.n_docs.values()),
                    "bytes": sum(e["bytes"] for e in entries), **totals,
                    "unigram_val_loss": round(unigram, 6)},
@@ -210,13 +231,15 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     if cfg.tokenizer == "bpe" and not 256 < cfg.vocab_size < 2**31:
         raise ConfigError(f"vocab_size={cfg.vocab_size} cannot work for a BPE — use more than the 256 byte symbols, "
                           "e.g. 4096")
+    licence_list(cfg.allow_licenses)  # a typo in a licence id fails here, before any work
     out = resolved(cfg.out)
     given = [split_source_spec(spec, cfg.license)[0] for spec in cfg.sources] or [stdlib_root()]
     refuse_overlap(out, given)
     if cfg.opt_out:
         refuse_overlap(out, [cfg.opt_out], what="opt-out file")
     claim_output_dir(out, writer="effllm prepare", owned=PREPARED_FILES, is_ours=is_prepared, overwrite=cfg.overwrite)
-    sources = user_sources(cfg.sources, cfg.license, cfg.extensions) if cfg.sources else [stdlib_source()]
+    extensions = tuple(e if e.startswith(".") else f".{e}" for e in cfg.extensions)  # --extensions txt or .txt
+    sources = user_sources(cfg.sources, cfg.license, extensions) if cfg.sources else [stdlib_source()]
     if not any(s.files for s in sources):
         raise DataError("no source files found")
     filters = DocumentFilter(cfg.allow_licenses, cfg.opt_out, cfg.near_dup_threshold)

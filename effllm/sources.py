@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from effllm.errors import DataError
+from effllm.licenses import canonical
 
 # Directories of the standard library that hold tests, or third-party packages with licences of
 # their own (site-packages sits inside the stdlib directory of many installs).
@@ -61,18 +62,19 @@ def stdlib_source() -> Source:
 
 def split_source_spec(spec: str, default: str | None) -> tuple[str, str]:
     """"PATH=LICENSE" -> (PATH, LICENSE); a bare PATH takes `default` (a path that itself contains
-    "=" and exists is read as a path)."""
+    "=" and exists is read as a path). The licence is checked and spelled as SPDX spells it
+    (effllm.licenses.canonical)."""
     if "=" in spec and not Path(spec).exists():
         path, licence = spec.rsplit("=", 1)
         if licence.strip():
-            return path, licence.strip()
+            return path, canonical(licence)
     if not default:
         raise DataError(
             f"source {spec} has no licence: every source needs one in the manifest. Name it with "
             f"{spec}=SPDX-ID, or pass --license for all sources (an SPDX id such as CC-BY-4.0, or the "
             "explicit word 'unknown')"
         )
-    return spec, default
+    return spec, canonical(default)
 
 
 def user_sources(specs: tuple[str, ...], license: str | None = None,

@@ -107,10 +107,10 @@ def test_bad_jsonl_names_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine"}\n{"text": oops}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2 is not valid JSON"):
-        prepare(PrepareConfig(sources=(str(path),), out=str(tmp_path / "o"), license="x"), progress=False)
+        prepare(PrepareConfig(sources=(str(path),), out=str(tmp_path / "o"), license="MIT"), progress=False)
     path.write_text('{"body": "no text field"}\n')
     with pytest.raises(DataError, match="--text-field"):
-        prepare(PrepareConfig(sources=(str(path),), out=str(tmp_path / "o"), license="x"), progress=False)
+        prepare(PrepareConfig(sources=(str(path),), out=str(tmp_path / "o"), license="MIT"), progress=False)
 
 
 def test_user_sources_need_a_licence_and_must_exist(tmp_path):
@@ -118,10 +118,10 @@ def test_user_sources_need_a_licence_and_must_exist(tmp_path):
     with pytest.raises(DataError, match="--license"):
         prepare(PrepareConfig(sources=(str(tmp_path / "a.txt"),), out=str(tmp_path / "o")), progress=False)
     with pytest.raises(DataError, match="does not exist"):
-        prepare(PrepareConfig(sources=(str(tmp_path / "nope"),), out=str(tmp_path / "o"), license="x"), progress=False)
+        prepare(PrepareConfig(sources=(str(tmp_path / "nope"),), out=str(tmp_path / "o"), license="MIT"), progress=False)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no files"):
-        prepare(PrepareConfig(sources=(str(tmp_path / "empty"),), out=str(tmp_path / "o"), license="x"), progress=False)
+        prepare(PrepareConfig(sources=(str(tmp_path / "empty"),), out=str(tmp_path / "o"), license="MIT"), progress=False)
 
 
 def test_prepare_refuses_to_overwrite_without_asking(byte_data, small_prepare_config):
@@ -309,3 +309,84 @@ def test_exact_and_near_duplicates_are_dropped_and_counted(tmp_path):
     # dropped documents are not in the shards: the token counts shrink by exactly their bytes + EOT
     assert exact["totals"]["train_tokens"] + exact["totals"]["val_tokens"] - (
         near["totals"]["train_tokens"] + near["totals"]["val_tokens"]) == near["dropped"]["near_duplicate"]["bytes"] + 1
+
+
+def test_licence_lists_take_commas_or_spaces_any_case_and_refuse_typos(tmp_path):
+    """`--allow-licenses MIT,CC-BY-4.0` (the README's own example) was read as one licence and
+    dropped every document."""
+    from effllm.errors import ConfigError
+    from effllm.licenses import allowed, canonical, licence_list
+
+    assert licence_list(("MIT,CC-BY-4.0",)) == licence_list(("MIT", "CC-BY-4.0")) == licence_list(("mit cc-by-4.0",)) \
+        == ("MIT", "CC-BY-4.0")
+    assert licence_list(("unknown, LicenseRef-Internal",)) == ("unknown", "LicenseRef-Internal")
+    assert canonical("apache-2.0 or mit") == "Apache-2.0 OR MIT"
+    assert canonical("GPL-2.0-only WITH Classpath-exception-2.0") == "GPL-2.0-only WITH Classpath-exception-2.0"
+    for typo, closest in (("CC-BY-4", "CC-BY-4.0"), ("Apache2.0", "Apache-2.0"), ("MTI", "MIT")):
+        with pytest.raises(ConfigError, match=f"did you mean '{closest}'"):
+            canonical(typo)
+    with pytest.raises(ConfigError, match="parentheses"):
+        canonical("(MIT OR Apache-2.0)")
+    assert allowed("MIT OR GPL-3.0-only", {"MIT"}) and not allowed("MIT AND GPL-3.0-only", {"MIT"})
+    assert allowed("GPL-2.0-only WITH Classpath-exception-2.0", {"GPL-2.0-only"})
+
+    mit, web, records = _filter_corpus(tmp_path)
+    base = PrepareConfig(sources=(f"{mit}=mit", f"{web}=cc-by-4.0"), out=str(tmp_path / "all"), val_fraction=0.25)
+    both = json.loads((prepare(replace(base, allow_licenses=("MIT,CC-BY-4.0",)), progress=False)
+                       / "manifest.json").read_text())
+    assert [s["license"] for s in both["sources"]] == ["MIT", "CC-BY-4.0"]  # spelled as SPDX spells them
+    assert both["dropped"]["license"]["documents"] == 0 and both["filters"]["allow_licenses"] == ["CC-BY-4.0", "MIT"]
+    with pytest.raises(ConfigError, match="did you mean 'CC-BY-4.0'"):  # before any work: nothing written
+        prepare(replace(base, out=str(tmp_path / "typo"), allow_licenses=("MIT,CC-BY-4",)), progress=False)
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_filter_that_empties_the_data_is_named_and_a_small_corpus_gets_a_val_document(tmp_path):
+    mit, web, records = _filter_corpus(tmp_path)
+    with pytest.raises(DataError, match=r"0 documents kept of \d+ read.*dropped by filter: license \d+.*"
+                                        r"the sources' licences are MIT and --allow-licenses keeps Apache-2.0"):
+        prepare(PrepareConfig(sources=(f"{mit}=MIT",), out=str(tmp_path / "none"), allow_licenses=("Apache-2.0",)),
+                progress=False)
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(3):
+        (small / f"d{i}.txt").write_text(_words(i))
+    out = prepare(PrepareConfig(sources=(f"{small}=MIT",), out=str(tmp_path / "s"), val_fraction=0.01,
+                                extensions=("txt",)), progress=False)  # no dot: read as .txt
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["totals"]["documents"] == 3 and manifest["totals"]["val_tokens"] > 0
+    forced = manifest["split"]["forced_val"]
+    assert forced in {"d0.txt", "d1.txt", "d2.txt"}
+    assert next(e for e in manifest["files"] if e["path"] == forced)["tokens"]["train"] == 0
+
+
+def test_opt_out_patterns_are_normalised_and_their_matches_recorded(tmp_path):
+    """A URL without its scheme, a host in upper case, http against https and a relative path
+    glob used to match nothing, silently."""
+    from effllm.filters import OptOut
+
+    rules = tmp_path / "opt_out.txt"
+    rules.write_text("SITE1.Example.org\nsite2.example.org/page6\nhttp://site3.example.org/page7\n"
+                     "mit/doc7.txt\nnowhere.example.com\n")
+    opt = OptOut(rules)
+    assert opt.match("https://www.site1.example.org/x") == "SITE1.Example.org"
+    assert opt.match("https://SITE2.example.org/page6") == "site2.example.org/page6"
+    assert opt.match("https://site2.example.org/page5") is None
+    assert opt.match("https://site3.example.org/page7?x=1") == "http://site3.example.org/page7"
+    assert opt.match(str(tmp_path / "mit" / "doc7.txt")) == "mit/doc7.txt"
+    assert opt.match(str(tmp_path / "mit" / "doc8.txt")) is None
+    mit, web, records = _filter_corpus(tmp_path)
+    cfg = PrepareConfig(sources=(f"{mit}=MIT", f"{web}=CC-BY-4.0"), out=str(tmp_path / "o"), origin_field="url",
+                        opt_out=str(rules), val_fraction=0.25)
+    matched = json.loads((prepare(cfg, progress=False) / "manifest.json").read_text())["filters"]["opt_out"]["matched"]
+    assert matched["nowhere.example.com"] == 0 and matched["mit/doc7.txt"] == 1
+    assert matched["SITE1.Example.org"] == sum(1 for r in records if "site1." in r["url"])
+    from dataclasses import asdict
+
+    from effllm.card import card_text
+    from effllm.model import ModelConfig
+
+    state = {"config": {"model": asdict(ModelConfig()), "device": "cpu", "precision": "fp32"}, "elapsed_s": 1.0,
+             "step": 1, "tokens_seen": 1}
+    card = card_text(state, {"total": 1, "active": 1, "mtp": 0}, json.loads((tmp_path / "o" / "manifest.json").read_text()))
+    assert "1 matched no document: `nowhere.example.com`" in card and str(tmp_path) not in card
