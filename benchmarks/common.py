@@ -64,6 +64,16 @@ def time_interleaved(cases: dict, device, warmup: int, repeats: int, tokens: int
     return rows
 
 
+def timing_table(rows: dict, label: str = "median", digits: int = 1) -> list[str]:
+    """Markdown lines of a `time_interleaved` result: median, p10-p90 (ms), tokens/s, peak memory."""
+    lines = [f"| case | {label} (ms) | p10-p90 (ms) | tokens/s | peak mem (GiB) |", "|---|---|---|---|---|"]
+    for name, row in rows.items():
+        mem = "-" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**30:.2f}"
+        lines.append(f"| {name} | {1e3 * row['median_s']:.{digits}f} | {1e3 * row['p10_s']:.{digits}f}-"
+                     f"{1e3 * row['p90_s']:.{digits}f} | {row['tokens_per_s']:,.0f} | {mem} |")
+    return lines
+
+
 def gemm_case(device: torch.device, m: int, k: int, n: int, dtype: torch.dtype, warmup: int, repeats: int) -> dict:
     """A plain GEMM x (m, k) · Wᵀ (k, n), forward and backward (dgrad and wgrad), timed as `time_fn`:
     the rate this device reaches on matrix products in this run, `flops_per_s` in the row."""

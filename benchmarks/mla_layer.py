@@ -26,7 +26,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from common import base_parser, environment, finish, parse_args, size_and_device, time_interleaved, write_markdown
+from common import (
+    base_parser,
+    environment,
+    finish,
+    parse_args,
+    size_and_device,
+    time_interleaved,
+    timing_table,
+    write_markdown,
+)
 from peer_step import peer_of
 
 from effllm.model import ModelConfig, Transformer
@@ -107,12 +116,7 @@ def write_report(folder: Path) -> Path:
                   f"`{r['commit']}`; {c['recipe']}'s MLA (dim {c['dim']}, {c['mla']['n_heads']} heads, latent "
                   f"{c['mla']['kv_lora_rank']}, nope/rope/v {c['mla']['qk_nope_head_dim']}/"
                   f"{c['mla']['qk_rope_head_dim']}/{c['mla']['v_head_dim']}); batch {c['batch']} x seq {c['seq']}, "
-                  f"{c['dtype']}.", "",
-                  "| case | median (ms) | p10-p90 (ms) | tokens/s | peak mem (GiB) |", "|---|---|---|---|---|"]
-        for name, row in r["rows"].items():
-            mem = "-" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**30:.2f}"
-            lines.append(f"| {name} | {1e3 * row['median_s']:.2f} | {1e3 * row['p10_s']:.2f}-{1e3 * row['p90_s']:.2f} "
-                         f"| {row['tokens_per_s']:,.0f} | {mem} |")
+                  f"{c['dtype']}.", "", *timing_table(r["rows"], digits=2)]
         lines += ["", "Same function: each peer's output and input gradient against effllm's, relative error "
                   + ", ".join(f"{k} {a:.1e} / {b:.1e}" for k, (a, b) in r["rel_err"].items()) + ".", "",
                   "Ratios (same run): " + ", ".join(f"{k} = {v:.2f}x" for k, v in r["ratios"].items()), ""]

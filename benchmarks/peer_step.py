@@ -25,7 +25,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import base_parser, environment, finish, parse_args, size_and_device, time_interleaved, write_markdown
+from common import (
+    base_parser,
+    environment,
+    finish,
+    parse_args,
+    size_and_device,
+    time_interleaved,
+    timing_table,
+    write_markdown,
+)
 
 from effllm.config import TrainConfig
 from effllm.hf import hf_config, hf_state_dict
@@ -73,11 +82,7 @@ def write_report(folder: Path) -> Path:
                   f"torch {r['torch']}, triton {r['triton']}, transformers {r['transformers']}, commit "
                   f"`{r['commit']}`; {c['recipe']}'s model without MTP, {c['params'] / 1e6:.2f}M parameters; batch "
                   f"{c['batch_size']} x seq {c['seq_len']}, {c['precision']}.", "",
-                  "| case | step median (ms) | p10-p90 (ms) | tokens/s | peak mem (GiB) |", "|---|---|---|---|---|"]
-        for name, row in r["rows"].items():
-            mem = "-" if row["peak_mem_bytes"] is None else f"{row['peak_mem_bytes'] / 2**30:.2f}"
-            lines.append(f"| {name} | {1e3 * row['median_s']:.1f} | {1e3 * row['p10_s']:.1f}-{1e3 * row['p90_s']:.1f} "
-                         f"| {row['tokens_per_s']:,.0f} | {mem} |")
+                  *timing_table(r["rows"], "step median")]
         lines += ["", "Same function: the peer's logits against effllm's, relative error "
                   + ", ".join(f"{k} {v:.1e}" for k, v in r["logits_rel_err"].items()) + ".", "",
                   "Ratios (same run): " + ", ".join(f"{k} = {v:.2f}x" for k, v in r["ratios"].items()), ""]

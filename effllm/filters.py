@@ -72,19 +72,16 @@ class OptOut:
     def _matches(pattern: str, origin: str, url: str | None) -> bool:
         if "://" in pattern:
             key = _url_key(pattern)
-            return url is not None and key is not None and url.startswith(key) if key else origin.startswith(pattern)
-        first = pattern.split("/", 1)[0]
-        if _looks_like_host(first):
-            if url is None:
-                return fnmatch.fnmatchcase(origin, pattern) or fnmatch.fnmatchcase(origin, "*/" + pattern)
+            return (url or "").startswith(key) if key else origin.startswith(pattern)
+        host, _, path = pattern.partition("/")
+        if url is not None and _looks_like_host(host):  # a domain, or a URL prefix without its scheme
             if "/" not in pattern:
-                host = url.split("/", 1)[0].split(":", 1)[0]
-                domain = pattern.lower()
-                return host == domain or host.endswith("." + domain)
-            return url.startswith(first.lower() + "/" + pattern.split("/", 1)[1])
-        if fnmatch.fnmatchcase(origin, pattern):
-            return True
-        return not pattern.startswith("/") and fnmatch.fnmatchcase(origin, "*/" + pattern)
+                url_host = url.split("/", 1)[0].split(":", 1)[0]
+                return url_host == host.lower() or url_host.endswith("." + host.lower())
+            return url.startswith(f"{host.lower()}/{path}")
+        # a path glob: absolute against the whole path, relative against any path ending in it
+        return fnmatch.fnmatchcase(origin, pattern) or (not pattern.startswith("/")
+                                                        and fnmatch.fnmatchcase(origin, "*/" + pattern))
 
     def match(self, origin: str) -> str | None:
         url = _url_key(origin)

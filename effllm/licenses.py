@@ -43,9 +43,9 @@ def licence_list(values: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """Comma- or space-separated licence ids, each checked (`canonical`), in the order given."""
     out = []
     for value in values:
-        for part in re.split(r"[,\s]+", value.strip()):
-            if part and canonical(part) not in out:
-                out.append(canonical(part))
+        for part in filter(None, re.split(r"[,\s]+", value.strip())):
+            if (licence := canonical(part)) not in out:
+                out.append(licence)
     return tuple(out)
 
 

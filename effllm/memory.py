@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from effllm.devices import autocast_dtype, resolve_device
 from effllm.errors import ConfigError
 from effllm.model import ModelConfig, Transformer
 
@@ -78,16 +79,17 @@ def activation_elements(cfg: ModelConfig) -> tuple[float, float, float]:
     return sum(blocks) + sum(mtp), max(blocks + mtp), head * (1 + cfg.mtp_depth)
 
 
-def estimate(cfg, world_size: int = 1, counts: dict | None = None) -> MemoryEstimate:
-    """The memory one rank of a run of TrainConfig `cfg` needs (see the module docstring); `counts`
-    are the model's param_counts() (computed on the meta device when not given)."""
+def estimate(cfg, device: torch.device | None = None, world_size: int = 1, counts: dict | None = None) -> MemoryEstimate:
+    """The memory one rank of a run of TrainConfig `cfg` on `device` (default: cfg.device's) needs
+    (see the module docstring); `counts` are the model's param_counts() (computed on the meta device
+    when not given)."""
+    device = resolve_device(cfg.device) if device is None else device
     if counts is None:
         with torch.device("meta"):  # shapes only: nothing is allocated
             counts = Transformer(cfg.model).param_counts()
     params = counts["total"] + counts["mtp"]
     states = params * ADAMW_BYTES_PER_PARAM / (world_size if world_size > 1 and cfg.data_parallel == "fsdp" else 1)
-    elem = 2 if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_available()
-                                           and cfg.device != "cpu") else 4
+    elem = 4 if autocast_dtype(cfg.precision, device) is None else 2  # bf16 autocast
     every, largest, head = activation_elements(cfg.model)
     kept = (cfg.model.n_layers + cfg.model.mtp_depth) * cfg.model.dim + largest if cfg.activation_checkpointing \
         else every
@@ -113,10 +115,12 @@ def available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_fits(cfg, est: MemoryEstimate, device: torch.device, available: int | None = None) -> None:
-    """Refuse, before allocation, a run whose estimate exceeds what `device` has free."""
+def check_fits(cfg, est: MemoryEstimate, device: torch.device, available: int | None = None,
+               ranks_sharing: int = 1) -> None:
+    """Refuse, before allocation, a run whose estimate exceeds what `device` has free, for
+    `ranks_sharing` ranks on that memory (torchrun's processes on one CPU)."""
     available = available_bytes(device) if available is None else available
-    if available is None or est.total <= available:
+    if available is None or est.total * ranks_sharing <= available:
         return
     gib = 2**30
     fixes = []
@@ -126,5 +130,7 @@ def check_fits(cfg, est: MemoryEstimate, device: torch.device, available: int | 
     if not cfg.activation_checkpointing:
         fixes.append("--activation-checkpointing")
     fixes += ["more devices under torchrun (FSDP shards the weights and optimizer)", "--no-memory-check to try anyway"]
-    raise ConfigError(f"this run needs {est.describe()} and {device.type} has {available / gib:.2f} GiB free — "
+    raise ConfigError(f"this run needs {est.describe()}" + (f" on each of {ranks_sharing} ranks" if ranks_sharing > 1
+                                                            else "")
+                      + f" and {device.type} has {available / gib:.2f} GiB free — "
                       + "; ".join(fixes))

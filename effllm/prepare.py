@@ -73,10 +73,14 @@ class PrepareConfig:
     overwrite: bool = False  # replace an existing prepared directory
 
 
+def doc_hash(doc_id: str) -> int:
+    """The split rule's number for a document: the first 8 bytes of sha256(id), big-endian."""
+    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
+
+
 def split_of(doc_id: str, val_fraction: float) -> str:
     """'val' for a stable val_fraction share of document ids, chosen by hash, else 'train'."""
-    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
-    return "val" if h < val_fraction * 2**64 else "train"
+    return "val" if doc_hash(doc_id) < val_fraction * 2**64 else "train"
 
 
 def is_prepared(directory: Path) -> bool:
@@ -138,8 +142,8 @@ def _read(cfg: PrepareConfig, sources: list[Source], filters: DocumentFilter, pr
                 entry["documents"] += 1
                 entry["kept_bytes"] += len(text.encode("utf-8"))
                 corpus.n_docs[split_of(doc_id, cfg.val_fraction)] += 1
-                h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
-                lowest = min(lowest, (h, doc_id)) if lowest else (h, doc_id)
+                key = (doc_hash(doc_id), doc_id)
+                lowest = min(lowest, key) if lowest else key
                 continue
             corpus.dropped_ids.setdefault(len(corpus.files), set()).add(doc_id)
             entry.setdefault("dropped", {}).setdefault(reason, 0)

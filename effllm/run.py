@@ -146,9 +146,8 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | Path | None = None, ma
     with torch.no_grad():
         for x, y in data.val_batches(batch_size, seq_len, max_tokens or available):
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits, _ = model(x.to(device))
-            nats += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
-                                                      reduction="sum").item()
+                _, loss = model(x.to(device), y.to(device))  # the mean cross-entropy, as `evaluate` takes it
+            nats += loss.item() * y.numel()
             tokens += y.numel()
             text_bytes += int(lengths[y].sum())
     loss = nats / tokens

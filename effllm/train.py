@@ -91,12 +91,11 @@ def train(cfg: TrainConfig, model_hook: Callable[[Transformer], None] | None = N
     env = dist_env()  # rank 0 of 1 unless launched by torchrun
     check_parallel(cfg, env.world_size)
     owns_group = env.enabled and not torch.distributed.is_initialized()
-    memory = estimate_memory(cfg, env.world_size)
     device = init_distributed(env, cfg.device, cfg.dist_timeout_s)
     try:
+        memory = estimate_memory(cfg, device, env.world_size)
         if cfg.memory_check:  # ranks on one CPU share its memory
-            share = env.local_world_size if device.type == "cpu" else 1
-            check_fits(cfg, MemoryEstimate(memory.states * share, memory.activations * share, memory.per_token), device)
+            check_fits(cfg, memory, device, ranks_sharing=env.local_world_size if device.type == "cpu" else 1)
         return _train(cfg, data, env, device, model_hook, memory)
     finally:
         # A process group this call opened is closed here. gloo's worker threads can outlive this
@@ -374,19 +373,15 @@ def _loop(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: 
                         say(f"step {done}/{cfg.max_steps} | loss {last_loss:.4f} | lr {lr:.3g} | {tok_s:,.0f} tokens/s | "
                             f"ETA {_duration(eta)}")
                     window_start, window_tokens, window_steps, window_pause = now, 0, 0, 0.0
-                if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == cfg.max_steps:
+                signum = stop.requested(env, device)  # a stop writes this step's checkpoint, then ends the run
+                if (cfg.ckpt_interval and done % cfg.ckpt_interval == 0) or done == cfg.max_steps or signum:
                     ckpt_start = time.perf_counter()
                     _save(run, cfg, data, env, done, tokens_seen, elapsed, eval_s, ckpt_s, val_loss, dev_name)
                     spent = time.perf_counter() - ckpt_start
                     ckpt_s += spent
                     window_pause += spent
                 bar.update(1)
-                signum = stop.requested(env, device)
-                if signum and step + 1 < cfg.max_steps:
-                    done = step + 1
-                    if not (cfg.ckpt_interval and done % cfg.ckpt_interval == 0):  # not written at this step yet
-                        elapsed = start["elapsed_s"] + time.perf_counter() - run_start
-                        _save(run, cfg, data, env, done, tokens_seen, elapsed, eval_s, ckpt_s, val_loss, dev_name)
+                if signum and done < cfg.max_steps:
                     bar.close()
                     raise TrainingInterrupted(
                         f"stopped by {signal.Signals(signum).name} after step {done}; the checkpoint "
