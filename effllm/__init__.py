@@ -17,7 +17,7 @@ from effllm.errors import (
 from effllm.fp8 import FP8Linear, convert_to_fp8
 from effllm.mla import MLA, MLAConfig
 from effllm.model import ModelConfig, Transformer
-from effllm.moe import MoE, MoEConfig
+from effllm.moe import MoE, MoEConfig, attach_balancing
 from effllm.train import train
 
 __version__ = "0.1.0"
@@ -26,6 +26,7 @@ __all__ = [
     "Transformer",
     "ModelConfig",
     "MoE",
+    "attach_balancing",
     "MLA",
     "FP8Linear",
     "convert_to_fp8",

@@ -178,7 +178,9 @@ def causal_sdpa(
             return F.scaled_dot_product_attention(q, k, v, scale=scale, **kwargs)
     if pos == 0 and S == T:
         width = v.shape[-1]
-        if width < q.shape[-1] and torch.backends.cuda.flash_sdp_enabled():  # (the flag covers the CPU kernel too)
+        # (the flag covers the CPU kernel too; torch.compile cannot read it, and its graphs pad: the flash
+        # kernel is what they lower to, and the padding changes no value)
+        if width < q.shape[-1] and (torch.compiler.is_compiling() or torch.backends.cuda.flash_sdp_enabled()):
             v = F.pad(v, (0, q.shape[-1] - width))
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **kwargs)[..., :width]
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)

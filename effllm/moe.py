@@ -26,6 +26,7 @@ parallelism around the experts (both keep the experts' forward signature and par
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -201,10 +202,17 @@ class MoE(nn.Module):
 
     `MoE(dim, MoEConfig(...))` maps (..., D) to (..., D) and drops in where a dense MLP was;
     `layer(x, return_aux=True)` also returns the sequence-wise balance loss (None when off or in
-    eval). After each forward, `last_load` holds tokens per expert. Call `update_bias()` after each
-    optimizer step; `load_stats` of what it returns gives max/mean load and the coefficient of
-    variation.
+    eval): add it to the loss. After each forward, `last_load` holds tokens per expert.
+
+    Balancing needs `update_bias()` after each optimizer step: `attach_balancing(model, optimizer)`
+    does it for every MoE layer of a model, once; `load_stats` of the load it returns gives max/mean
+    load and the coefficient of variation. A layer whose bias can move warns (once) when it has run
+    `UNBALANCED_FORWARDS` training forwards with no update: its load then only grows, and nothing
+    balances it. The count is kept in eager mode; inside torch.compile'd code it is not (a Python
+    counter there would be a guard that recompiles at every step).
     """
+
+    UNBALANCED_FORWARDS = 1000  # training forwards without update_bias() before the warning
 
     def __init__(self, dim: int, cfg: MoEConfig | None = None, init_std: float = 0.02):
         super().__init__()
@@ -217,6 +225,7 @@ class MoE(nn.Module):
         # Load summed over the forwards since the last update_bias(): the whole (accumulated) batch.
         self.register_buffer("step_load", torch.zeros(cfg.n_routed_experts), persistent=False)
         self._replaying = False  # inside replaying(): activation checkpointing recomputes this forward
+        self._forwards_since_update = 0  # training forwards since the last update_bias() (eager mode only)
         with torch.no_grad():
             for p in self.parameters():
                 nn.init.normal_(p, std=init_std)
@@ -248,8 +257,11 @@ class MoE(nn.Module):
 
         flat = indices.flatten()  # (M,) expert of each pair, pairs in token-major order
         order = flat.argsort(stable=True)  # pairs sorted by expert
-        counts = torch.bincount(flat, minlength=E)  # (E,) tokens per expert
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        # Each expert's end row among the sorted pairs, and its token count: shapes fixed by E (bincount's
+        # depends on the largest id, which torch.compile cannot trace), exact, without atomics.
+        ends = torch.searchsorted(flat[order], torch.arange(E, device=x.device), right=True)  # (E,)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))  # (E,) tokens per expert
+        offsets = ends.to(torch.int32)
         token_of = order // K  # (M,) source token of each sorted pair
         y = self.experts(tokens, offsets, src=token_of)  # (M, D), rows sorted by expert
         pos = torch.empty_like(order)
@@ -265,6 +277,8 @@ class MoE(nn.Module):
                 self.last_load.copy_(counts)
                 if self.training:
                     self.step_load += counts
+            if self.training and self.cfg.bias_update_rate > 0 and not torch.compiler.is_compiling():
+                self._count_unbalanced_forward()
         if not return_aux:
             return out
         aux = None
@@ -272,6 +286,15 @@ class MoE(nn.Module):
             seqs = shape[0] if x.dim() == 3 else 1
             aux = self.sequence_balance_loss(scores.view(seqs, -1, E), indices.view(seqs, -1, K))
         return out, aux
+
+    def _count_unbalanced_forward(self) -> None:
+        self._forwards_since_update += 1
+        if self._forwards_since_update == self.UNBALANCED_FORWARDS:
+            warnings.warn(
+                f"MoE layer: {self.UNBALANCED_FORWARDS} training forwards without update_bias(), so its expert bias "
+                "never moves and nothing balances the load (aux-loss-free balancing is off): call "
+                "effllm.moe.attach_balancing(model, optimizer) once, or layer.update_bias() after each optimizer "
+                "step; set bias_update_rate=0 if the bias is meant to stay frozen", RuntimeWarning, stacklevel=3)
 
     def sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 eq. 17-20 per sequence, averaged: alpha * sum_i f_i * P_i, with f_i the
@@ -296,7 +319,38 @@ class MoE(nn.Module):
         if self.cfg.bias_update_rate > 0:  # a step without tokens has sign(0 - 0) = 0: no change
             self.router.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
         self.step_load.zero_()
+        self._forwards_since_update = 0
         return load
+
+
+class Balancing:
+    """The balancing attached to an optimizer by `attach_balancing`: after each `optimizer.step()`
+    every MoE layer's bias moves (`MoE.update_bias`). `loads` holds each layer's load of the last
+    step, by module name (for `load_stats`); `remove()` detaches it."""
+
+    def __init__(self, layers: dict[str, MoE], optimizer: torch.optim.Optimizer):
+        self.layers = layers
+        self.loads: dict[str, torch.Tensor] = {}
+        self._handle = optimizer.register_step_post_hook(self._after_step)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.loads = {name: layer.update_bias() for name, layer in self.layers.items()}
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def attach_balancing(module: nn.Module, optimizer: torch.optim.Optimizer) -> Balancing:
+    """Aux-loss-free balancing in one call: after each `optimizer.step()`, every `MoE` layer in
+    `module` (itself included) updates its bias from the load of the forwards since the last step,
+    as DeepSeek-V3 does. For research code with its own loop; effllm's trainer calls
+    `update_bias()` itself. Attach once per optimizer: a second attachment would move each bias
+    twice a step."""
+    layers = {name: m for name, m in module.named_modules() if isinstance(m, MoE)}
+    if not layers:
+        raise ValueError(f"attach_balancing: {type(module).__name__} holds no MoE layer, so there is nothing to "
+                         "balance: pass the model (or layer) that contains the MoE layers")
+    return Balancing(layers, optimizer)
 
 
 def load_stats(load: torch.Tensor) -> dict[str, float]:

@@ -46,9 +46,9 @@ def grouped_gemm_backend(device: torch.device, dtype: torch.dtype, requested: st
 
     auto: the loop for dtypes the kernels do not take (fp64); on CUDA, torch._grouped_mm for bf16 on
     compute capability 9.0+ (its supported case), else the Triton kernels; on CPU, torch._grouped_mm
-    where this PyTorch has it (bf16 only while torch.compile traces, as its meta function demands),
-    else the loop. Feature sizes that torch._grouped_mm cannot stride (rows not a multiple of 16
-    bytes) rule it out.
+    where this PyTorch has it, else the loop. Feature sizes that torch._grouped_mm cannot stride
+    (rows not a multiple of 16 bytes) rule it out. torch.compile sees every backend as one custom
+    operator (kernels/grouped_gemm.py), so tracing asks nothing of torch._grouped_mm's meta function.
     """
     if requested != "auto":
         if requested not in BACKENDS:
@@ -68,8 +68,6 @@ def grouped_gemm_backend(device: torch.device, dtype: torch.dtype, requested: st
         if has_torch and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0):
             return "torch"
         return "triton"
-    if has_torch and torch.compiler.is_compiling() and dtype != torch.bfloat16:
-        return "loop"  # torch._grouped_mm's meta function (what compile traces) accepts only bf16
     return "torch" if has_torch else "loop"
 
 

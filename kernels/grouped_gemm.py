@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.utils.flop_counter import register_flop_formula
 
 from effllm.kernels.launch import interpreting
 
@@ -259,23 +260,61 @@ _IMPLS = {
 }
 
 
-class GroupedMM(torch.autograd.Function):
-    """y = x @ w[g].T per group, with the input and weight gradients from the same backend."""
+# The three products as custom operators (torch.library): torch.compile, fullgraph included, sees
+# each as one opaque call of known output shape, so the loop's host read of the offsets and the
+# Triton launches stay out of the traced graph, and one compiled graph serves any routing. The ops
+# live in the "effllm" namespace; defining them changes nothing of torch's own.
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
-        ctx.save_for_backward(x, w, offsets)
-        ctx.backend = backend
-        return _IMPLS[backend][0](x, w, offsets, True)
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, w, offsets = ctx.saved_tensors
-        mm, wgrad = _IMPLS[ctx.backend]
-        dy = dy.contiguous()
-        dx = mm(dy, w, offsets, False) if ctx.needs_input_grad[0] else None
-        dw = wgrad(dy, x, offsets) if ctx.needs_input_grad[1] else None
-        return dx, dw, None, None
+@torch.library.custom_op("effllm::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str,
+                   trans_w: bool) -> torch.Tensor:
+    return _IMPLS[backend][0](x, w, offsets, trans_w)
+
+
+@_grouped_mm_op.register_fake
+def _(x, w, offsets, backend, trans_w):
+    return x.new_empty((x.shape[0], w.shape[1] if trans_w else w.shape[2]))
+
+
+@torch.library.custom_op("effllm::grouped_wgrad", mutates_args=())
+def _grouped_wgrad_op(dy: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor, backend: str) -> torch.Tensor:
+    return _IMPLS[backend][1](dy, x, offsets)
+
+
+@_grouped_wgrad_op.register_fake
+def _(dy, x, offsets, backend):
+    return dy.new_empty((offsets.shape[0], dy.shape[1], x.shape[1]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w, offsets, backend, _ = inputs
+    ctx.save_for_backward(x, w, offsets)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy: torch.Tensor):
+    """y = x @ w[g].T per group: the input and weight gradients from the same backend."""
+    x, w, offsets = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = _grouped_mm_op(dy, w, offsets, ctx.backend, False) if ctx.needs_input_grad[0] else None
+    dw = _grouped_wgrad_op(dy, x, offsets, ctx.backend) if ctx.needs_input_grad[1] else None
+    return dx, dw, None, None, None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Their FLOPs, for torch.utils.flop_counter (which counts nothing inside a custom operator): every
+# row meets every feature of its own group's matrix, whichever backend runs it.
+@register_flop_formula(torch.ops.effllm.grouped_mm)
+def _grouped_mm_flops(x_shape, w_shape, offsets_shape, backend, trans_w, *, out_shape, **kwargs) -> int:
+    return 2 * x_shape[0] * x_shape[1] * out_shape[1]
+
+
+@register_flop_formula(torch.ops.effllm.grouped_wgrad)
+def _grouped_wgrad_flops(dy_shape, x_shape, offsets_shape, backend, *, out_shape, **kwargs) -> int:
+    return 2 * dy_shape[0] * dy_shape[1] * x_shape[1]
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend: str = "loop") -> torch.Tensor:
@@ -288,7 +327,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, backend:
     if backend == "torch" and not torch_fits(x.dtype, *w.shape[1:]):
         raise ValueError(f"torch._grouped_mm needs feature sizes whose rows are multiples of 16 bytes; got "
                          f"{tuple(w.shape[1:])} in {x.dtype}: use backend 'triton' or 'loop', or pad the sizes")
-    return GroupedMM.apply(x, w, offsets, backend)
+    return _grouped_mm_op(x, w, offsets, backend, True)
 
 
 def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

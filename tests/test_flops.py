@@ -1,10 +1,11 @@
 """effllm.flops against a count of the matrix products an actual forward pass runs
 (torch.utils.flop_counter), for dense MHA/GQA, MoE, MLA and MTP models.
 
-The counter sees what runs, so two things are arranged for it: attention runs on SDPA's math
-backend (the fused CPU kernel has no FLOP formula in the counter) and the experts on the per-expert
-loop (one counted mm per expert). It counts every query against every key, while effllm counts the
-causal half: the expected figure adds that difference back, layer by layer, and nothing else.
+The counter sees what runs, so attention runs on SDPA's math backend for it (the fused CPU kernel has
+no FLOP formula in the counter); the experts' grouped GEMMs are counted by the formula their custom
+operator registers (kernels/grouped_gemm.py), whichever backend runs them. It counts every query against every key,
+while effllm counts the causal half: the expected figure adds that difference back, layer by layer,
+and nothing else.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from effllm.model import ModelConfig, Transformer
 from effllm.moe import MoEConfig
 
 BASE = ModelConfig(vocab_size=96, dim=64, n_layers=3, n_heads=4, max_seq_len=64)
-MOE = MoEConfig(n_routed_experts=8, top_k=2, expert_dim=32, n_shared_experts=1, grouped_gemm="loop")
+MOE = MoEConfig(n_routed_experts=8, top_k=2, expert_dim=32, n_shared_experts=1)
 MLA = MLAConfig(n_heads=4, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
 CASES = {
     "dense_mha": BASE,

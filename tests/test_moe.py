@@ -4,12 +4,13 @@ a per-expert loop, balancing, the balance loss, model integration and bad config
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from effllm import ConfigError, ModelConfig, MoE, MoEConfig, Transformer
+from effllm import ConfigError, ModelConfig, MoE, MoEConfig, Transformer, attach_balancing
 from effllm.flops import forward_flops_per_token
 from effllm.moe import load_stats
 
@@ -235,6 +236,130 @@ def test_sequence_balance_loss_matches_the_formula_and_trains_the_router():
     assert layer.router.weight.grad.abs().sum() > 0
     layer.eval()
     assert layer(x, return_aux=True)[1] is None
+
+
+def test_attach_balancing_moves_every_layers_bias_after_each_optimizer_step():
+    """One call attaches the bias update to the optimizer: each step moves every MoE layer's bias
+    exactly as update_bias() by hand does, `loads` holds the step's load, and remove() detaches it."""
+    torch.manual_seed(0)
+    model = Transformer(moe_model_config(moe=MoEConfig(n_routed_experts=8, top_k=2, expert_dim=16,
+                                                       bias_update_rate=0.05)))
+    by_hand = Transformer(model.cfg)
+    by_hand.load_state_dict(model.state_dict())
+    x = torch.randint(0, 97, (2, 24))
+    opt, opt2 = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, by_hand))
+    balancing = attach_balancing(model, opt)
+    for _ in range(3):
+        for m, o in ((model, opt), (by_hand, opt2)):
+            m(x, x)[1].backward()
+            o.step()
+            o.zero_grad()
+        hand_loads = {name: layer.update_bias() for name, layer in by_hand.moe_layers().items()}
+        assert list(balancing.loads) == ["blocks.1.ffn", "blocks.2.ffn"]
+        for name, load in balancing.loads.items():
+            assert torch.equal(load, hand_loads[name]) and load.sum() == 2 * 24 * 2
+    for (name, layer), twin in zip(model.moe_layers().items(), by_hand.moe_layers().values()):
+        assert layer.router.expert_bias.abs().sum() > 0, name  # it moved
+        assert torch.equal(layer.router.expert_bias, twin.router.expert_bias)
+    balancing.remove()
+    before = [layer.router.expert_bias.clone() for layer in model.moe_layers().values()]
+    model(x, x)[1].backward()
+    opt.step()
+    assert all(torch.equal(b, layer.router.expert_bias) for b, layer in zip(before, model.moe_layers().values()))
+    with pytest.raises(ValueError, match="holds no MoE layer"):
+        attach_balancing(torch.nn.Linear(2, 2), opt)
+
+
+def test_a_training_layer_that_is_never_balanced_warns_once(monkeypatch):
+    """Forgetting update_bias() leaves the load to grow unbalanced: after UNBALANCED_FORWARDS
+    training forwards the layer says so, once; an update resets the count; a frozen bias
+    (bias_update_rate=0) and evaluation never warn."""
+    monkeypatch.setattr(MoE, "UNBALANCED_FORWARDS", 5)
+    x = torch.randn(6, 16)
+    layer = MoE(16, MoEConfig(n_routed_experts=4, top_k=2, expert_dim=8)).train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            layer(x)
+            layer.update_bias()
+        layer(x)  # 4 updates reset the count: this is forward 1 since the last
+        assert not caught
+        for _ in range(9):  # forwards 2..10 with no update: one warning, at the 5th
+            layer(x)
+        assert len(caught) == 1 and "attach_balancing" in str(caught[0].message)
+        layer.eval()
+        for _ in range(10):
+            layer(x)
+        frozen = MoE(16, MoEConfig(n_routed_experts=4, top_k=2, expert_dim=8, bias_update_rate=0.0)).train()
+        for _ in range(10):
+            frozen(x)
+        assert len(caught) == 1
+
+
+def test_moe_compiles_as_one_graph_equal_to_eager_for_any_routing():
+    """torch.compile(MoE, fullgraph=True): no data-dependent guard on the expert offsets and no
+    host read stops the trace (the grouped GEMM is a custom operator); the compiled output and
+    every gradient equal eager's, and new routing with the same shapes reuses the graph. aot_eager
+    traces forward and backward as inductor would, without its C++ build."""
+    torch.manual_seed(3)
+    layer = MoE(32, MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_dim=16,
+                              seq_aux_loss_weight=1e-2)).train()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+
+    def grads(fn, x):
+        layer.zero_grad()
+        x = x.clone().requires_grad_()
+        y, aux = fn(x, return_aux=True)
+        ((y * y).sum() + aux).backward()
+        return [y.detach(), aux.detach(), x.grad] + [p.grad.clone() for p in layer.parameters()]
+
+    x = torch.randn(2, 9, 32)
+    for got, want in zip(grads(compiled, x), grads(layer, x)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # fp32: the same ops, maybe reordered
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(3):  # different tokens route differently; same shapes: the same graph
+            x = (torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(seed)) * (seed + 1)).requires_grad_()
+            torch.testing.assert_close(compiled(x, return_aux=True)[0], layer(x, return_aux=True)[0],
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_a_deepseek_model_compiles_as_one_graph_and_trains_without_recompiling():
+    """deepseek_tiny's design (MLA + MoE after a dense layer + one MTP module) under
+    torch.compile(fullgraph=True): one graph for training steps, whatever the routing, and one
+    more for evaluation (no_grad), where a graph break per block used to recompile each block
+    kind and each sequence length until the recompile limit."""
+    from effllm.mla import MLAConfig
+
+    torch.manual_seed(5)
+    mla = MLAConfig(q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    model = Transformer(moe_model_config(attention="mla", mla=mla, mtp_depth=1, dim=32, n_heads=2,
+                                         moe=MoEConfig(n_routed_experts=4, top_k=2, expert_dim=16)))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    balancing = attach_balancing(model, opt)
+
+    def step(seed):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randint(0, 97, (2, 20), generator=g), torch.randint(0, 97, (2, 20), generator=g)
+        out = compiled(x, y, return_aux=True)
+        (out.loss + 0.3 * out.mtp_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        return out.loss.item()
+
+    first = step(0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        losses = [step(0) for _ in range(3)] + [step(seed) for seed in (1, 2)]
+    assert losses[2] < first  # the same batch, three steps on: it trains
+    # 2 x 20 tokens x top-2 per main block; the MTP block sees the 19 positions with a next-next target
+    assert {k: v.sum().item() for k, v in balancing.loads.items()} == {
+        "blocks.1.ffn": 80, "blocks.2.ffn": 80, "mtp.0.block.ffn": 76}
+    model.eval()
+    with torch.no_grad():
+        x = torch.randint(0, 97, (2, 20))
+        torch.testing.assert_close(compiled(x)[0], model(x)[0], rtol=1e-5, atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(torch.randint(0, 97, (2, 20)))
 
 
 def moe_model_config(**kw) -> ModelConfig:
