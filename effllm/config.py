@@ -86,6 +86,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: bool = False  # continue from the latest checkpoint in out_dir
     progress: bool = True  # show a progress bar
+    tensorboard: bool = False  # also write the metrics as TensorBoard events in out_dir/tensorboard (effllm[tensorboard])
     memory_check: bool = True  # refuse, before allocating, a run whose memory estimate exceeds the device's free memory
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ from effllm.devices import autocast_dtype, resolve_device
 from effllm.errors import ConfigError, DataError
 from effllm.fp8 import convert_to_fp8
 from effllm.goldfish import apply_goldfish
+from effllm.kernels.backends import fp8_backend
 from effllm.kernels.fp8_quant import TILE
 from effllm.model import Transformer
 from effllm.parallelize import (
@@ -46,7 +47,7 @@ class Run:
     optimizer: torch.optim.AdamW
     amp: torch.dtype | None  # the autocast dtype, None for fp32
     param_counts: dict  # of the whole model, before experts are split over ranks
-    fp8_report: dict | None = None  # what convert_to_fp8 converted and skipped (cfg.fp8)
+    fp8_report: dict | None = None  # what convert_to_fp8 converted and skipped, and the backend that runs it (cfg.fp8)
     expert_shards: dict[str, ExpertParallel] = field(default_factory=dict)  # expert parallelism's layers
     sharded: bool = False  # FSDP2: parameters and optimizer state are sharded over the ranks
 
@@ -75,6 +76,8 @@ def build_run(cfg: TrainConfig, env: DistEnv, device: torch.device, resume_from:
     fp8_report = convert_to_fp8(model) if cfg.fp8 else None
     if fp8_report is not None and not fp8_report["converted"]:
         raise ConfigError(NO_FP8.format(tile=TILE, dim=cfg.model.dim))
+    if fp8_report is not None:  # what the converted layers' "auto" runs on this device
+        fp8_report["backend"] = fp8_backend(device)
     if resume_from is not None:
         ckpt_io.load_weights(resume_from, model)
     if model_hook is not None:

@@ -6,8 +6,9 @@ depends on nothing but its number: with the model, optimizer and RNG states rest
 checkpoint, a resumed run repeats the uninterrupted run's losses exactly (on CPU, bit for bit).
 
 The stages: the checks (`train`), the resume state (`_resumed`), the run (effllm.run.build_run),
-the run directory (`_open_run_dir`), the loop (`_loop`) with its checkpoints (`_save`), and the
-summary and model card (`_finish`). The configuration lives in effllm/config.py.
+the run directory (`_open_run_dir`) with its metrics log (effllm/metrics.py), the loop (`_loop`)
+with its checkpoints (`_save`), and the summary and model card (the end of `_run`). The
+configuration lives in effllm/config.py.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from effllm.flops import device_name, mfu, peak_bf16_flops, train_flops_per_toke
 from effllm.fsutil import resolved
 from effllm.memory import MemoryEstimate, check_fits
 from effllm.memory import estimate as estimate_memory
+from effllm.metrics import TENSORBOARD_DIR, MetricsLog, check_tensorboard
 from effllm.model import Transformer, describe_params
 from effllm.moe import load_stats
 from effllm.parallelize import DistEnv, dist_env, gather_full_state, init_distributed
@@ -51,7 +53,8 @@ from effllm.run import Run, build_run, evaluate, optimizer_update, step_losses
 
 __all__ = ["OptimConfig", "TrainConfig", "saved_config", "train"]  # the configs are effllm.config's
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "MODEL_CARD.md", MANIFEST_COPY, "checkpoints")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "MODEL_CARD.md", MANIFEST_COPY, "checkpoints",
+             TENSORBOARD_DIR)
 
 
 def check_run_dir(out: Path) -> None:
@@ -64,14 +67,6 @@ def check_run_dir(out: Path) -> None:
     if foreign:
         raise OutputError(f"--out-dir {out} holds files that effllm train does not write ({', '.join(foreign[:5])}"
                           + (" ..." if len(foreign) > 5 else "") + "): choose a new folder for the run")
-
-
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop metrics lines past `last_step` (written by a run that died after its last checkpoint)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def train(cfg: TrainConfig, model_hook: Callable[[Transformer], None] | None = None) -> dict:
@@ -88,6 +83,8 @@ def train(cfg: TrainConfig, model_hook: Callable[[Transformer], None] | None = N
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({data.vocab_size}) of {cfg.data_dir}: pass --model.vocab-size {data.vocab_size}")
     data.check_seq_len(cfg.seq_len)
+    if cfg.tensorboard:
+        check_tensorboard()
     env = dist_env()  # rank 0 of 1 unless launched by torchrun
     check_parallel(cfg, env.world_size)
     owns_group = env.enabled and not torch.distributed.is_initialized()
@@ -132,21 +129,16 @@ def _resumed(cfg: TrainConfig, data: TokenDataset, ckpt_root: Path) -> tuple[Tra
     return cfg, resume_from, state, changes
 
 
-def _open_run_dir(cfg: TrainConfig, data: TokenDataset, env: DistEnv, start_step: int) -> Path:
-    """Rank 0 writes the run's config, a byte-for-byte copy of the data's manifest (its sha256 is in
-    every checkpoint: the data's provenance stays with the run) and the metrics file, truncated to
-    `start_step` on a resume. Returns the metrics file."""
+def _open_run_dir(cfg: TrainConfig, data: TokenDataset, env: DistEnv, start_step: int) -> MetricsLog:
+    """Rank 0 writes the run's config and a byte-for-byte copy of the data's manifest (its sha256 is
+    in every checkpoint: the data's provenance stays with the run), and opens the metrics log,
+    truncated to `start_step` on a resume."""
     out = Path(cfg.out_dir)
-    metrics_path = out / "metrics.jsonl"
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
-            truncate_metrics(metrics_path, start_step)
-        else:
-            metrics_path.write_text("")
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
         shutil.copyfile(data.dir / "manifest.json", out / MANIFEST_COPY)
-    return metrics_path
+    return MetricsLog(out, start_step if cfg.resume else 0, env.is_main, cfg.tensorboard)
 
 
 def _save(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, step: int, tokens_seen: int, elapsed: float,
@@ -189,8 +181,16 @@ def _train(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.dev
     cfg, resume_from, state, changes = _resumed(cfg, data, ckpt_root)
     run = build_run(cfg, env, device, resume_from, model_hook)
     start = {"step": 0, "elapsed_s": 0.0, "tokens_seen": 0, "eval_s": 0.0, "ckpt_s": 0.0, "val_loss": None} | (state or {})
-    metrics_path = _open_run_dir(cfg, data, env, start["step"])
+    log = _open_run_dir(cfg, data, env, start["step"])
+    try:
+        return _run(cfg, data, env, device, run, start, log, memory, changes)
+    finally:
+        log.close()
 
+
+def _run(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.device, run: Run, start: dict,
+         log: MetricsLog, memory: MemoryEstimate | None, changes: dict) -> dict:
+    ckpt_root = Path(cfg.out_dir) / "checkpoints"
     flops_per_token = train_flops_per_token(cfg.model, cfg.seq_len)
     dev_name = device_name(device)
     # MFU against the bf16 peak misleads for FP8 runs, so none is reported for them.
@@ -202,12 +202,13 @@ def _train(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.dev
     bar = tqdm(total=cfg.max_steps, initial=start["step"], desc="train", unit="step", disable=not show or None,
                dynamic_ncols=True)
     say = (bar.write if show else print) if env.is_main else (lambda *a, **k: None)  # only rank 0 prints
-    say(f"effllm: {describe_params(counts)} parameters, "
-        f"{flops_per_token / 1e6:.1f} MFLOPs/token, {dev_name}, {run.amp or torch.float32}, "
-        f"{cfg.tokens_per_step * env.world_size} tokens/step"
-        + (f" over {env.world_size} ranks ({cfg.data_parallel})" if env.enabled else "")
-        + f", unigram val loss {unigram:.3f}"
-        + (f", resuming at step {start['step']}" if start["step"] else ""))
+    banner = (f"{describe_params(counts)} parameters, "
+              f"{flops_per_token / 1e6:.1f} MFLOPs/token, {dev_name}, {run.amp or torch.float32}, "
+              f"{cfg.tokens_per_step * env.world_size} tokens/step"
+              + (f" over {env.world_size} ranks ({cfg.data_parallel})" if env.enabled else "")
+              + f", unigram val loss {unigram:.3f}")
+    say(f"effllm: {banner}" + (f", resuming at step {start['step']}" if start["step"] else ""))
+    log.text("run", banner, start["step"])
     if changes:
         say("resume: changed from the run's own configuration: "
             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
@@ -220,13 +221,16 @@ def _train(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.dev
     for warning in cfg.warnings():
         say(f"effllm: warning: {warning}")
     if run.fp8_report is not None:
-        say(f"fp8: {len(run.fp8_report['converted'])} linears and expert groups converted; kept in higher precision: "
-            + "; ".join(f"{k} ({v})" for k, v in run.fp8_report["skipped"].items()))
+        fp8_text = (f"backend {run.fp8_report['backend']}; {len(run.fp8_report['converted'])} linears and expert groups "
+                    "converted; kept in higher precision: "
+                    + "; ".join(f"{k} ({v})" for k, v in run.fp8_report["skipped"].items()))
+        say(f"fp8: {fp8_text}")
+        log.text("fp8", fp8_text, start["step"])
 
     run_start = time.perf_counter()
     # Without a terminal (make, nohup, CI, SLURM) tqdm draws nothing: rank 0 prints a plain line per log interval.
     lines = env.is_main and bool(bar.disable)
-    end = _loop(run, cfg, data, env, device, start, run_start, metrics_path, bar, say, unigram, lines, dev_name)
+    end = _loop(run, cfg, data, env, device, start, run_start, log, bar, say, unigram, lines, dev_name)
     bar.close()
 
     elapsed = start["elapsed_s"] + time.perf_counter() - run_start
@@ -240,6 +244,7 @@ def _train(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.dev
         "train_s": train_s, "eval_s": end.eval_s, "ckpt_s": end.ckpt_s, "tokens_per_s": tok_s, "params": counts,
         "train_flops_per_token": flops_per_token, "mfu": mfu(tok_s / env.world_size, flops_per_token, peak),
         "device": dev_name, "world_size": env.world_size, "precision": str(run.amp or torch.float32),
+        "fp8_backend": None if run.fp8_report is None else run.fp8_report["backend"],
         "peak_mem_bytes": peak_memory_bytes(device),
         "memory_estimate_bytes": None if memory is None else memory.total,
     }
@@ -304,7 +309,7 @@ def _duration(seconds: float) -> str:
 
 
 def _loop(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.device, start: dict,
-          run_start: float, metrics_path: Path, bar, say, unigram: float, lines: bool, dev_name: str) -> _LoopEnd:
+          run_start: float, log: MetricsLog, bar, say, unigram: float, lines: bool, dev_name: str) -> _LoopEnd:
     """Steps start["step"] .. max_steps - 1: the step, the NaN check, evaluation, metrics lines (and,
     with `lines`, a plain progress line each) and checkpoints. Timings: `elapsed_s` is wall-clock,
     `train_s` leaves out evaluations and checkpoints, and tokens/s is over training time only."""
@@ -364,9 +369,7 @@ def _loop(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: 
                         record["moe_load"] = {name: load_stats(load) for name, load in step_loads.items()}
                     if evaluated:
                         record["val_loss"] = val_loss
-                    if env.is_main:
-                        with open(metrics_path, "a") as fh:
-                            fh.write(json.dumps(record) + "\n")
+                    log.write(record)  # metrics.jsonl, and TensorBoard's scalars (rank 0 only)
                     bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
                     if lines:
                         eta = (cfg.max_steps - done) * window_train / window_steps

@@ -513,3 +513,61 @@ def test_effllm_eval_scores_a_checkpoint_as_the_run_did(byte_data, tmp_path, cap
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--json"]) == 0
     whole = json.loads(capsys.readouterr().out)
     assert whole["tokens"] == (len(TokenDataset(byte_data).splits["val"]) - 1) // 32 * 32  # the whole split
+
+
+def tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_holds_the_metrics_scalars_and_a_resume_keeps_one_value_per_step(byte_data, tmp_path,
+                                                                                     monkeypatch):
+    """--tensorboard writes every number of metrics.jsonl as a scalar (tags: the keys, nested ones
+    joined by "/", the MoE load per layer included) at its step. A run killed after its checkpoint
+    and resumed purges the events past the checkpoint: one value per step, those of the metrics."""
+    moe = replace(tiny_train_config(byte_data, tmp_path).model, ffn="moe", first_k_dense=1,
+                  moe=MoEConfig(n_routed_experts=4, top_k=2, expert_dim=32))
+    cfg = tiny_train_config(byte_data, tmp_path / "run", model=moe, max_steps=8, tensorboard=True)
+    real_batch = train_mod.TokenDataset.train_batch
+
+    def dies_at_step_7(self, *args, **kwargs):
+        if args[3] == 6:  # after the step-4 checkpoint and the metrics of steps 5 and 6
+            raise Killed
+        return real_batch(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.TokenDataset, "train_batch", dies_at_step_7)
+    with pytest.raises(Killed):
+        train(cfg)
+    monkeypatch.undo()
+    assert [s for s, _ in tensorboard_scalars(tmp_path / "run")["loss"]] == [1, 2, 3, 4, 5, 6]
+    train(replace(cfg, resume=True))
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scalars = tensorboard_scalars(tmp_path / "run")
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "val_loss", "moe_aux_loss", "moe_load/blocks.1.ffn/cv",
+            "moe_load/blocks.1.ffn/max_over_mean"} <= set(scalars)
+    for tag, values in scalars.items():
+        keys = tag.split("/")
+        expected = []
+        for r in records:
+            value = r
+            for key in keys:
+                value = value.get(key) if isinstance(value, dict) else None
+            if value is not None:
+                expected.append((r["step"], pytest.approx(value, rel=1e-6)))  # TensorBoard keeps float32
+        assert values == expected, tag
+    assert [s for s, _ in scalars["loss"]] == list(range(1, 9)) and [s for s, _ in scalars["val_loss"]] == [4, 8]
+
+
+def test_tensorboard_without_the_package_is_refused_before_any_work(byte_data, tmp_path, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard"
+                        else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install 'effllm\[tensorboard\]'"):
+        train(tiny_train_config(byte_data, tmp_path / "run", tensorboard=True))
+    assert not (tmp_path / "run").exists()

@@ -138,6 +138,7 @@ def assert_fp8_trains_like_fp32(data_dir, out: Path, model: ModelConfig, seeds: 
         full = train(tiny_train_config(data_dir, out / f"fp32-{seed}", seed=seed, **common))
         fp8 = train(tiny_train_config(data_dir, out / f"fp8-{seed}", seed=seed, fp8=True, **common))
         assert fp8["final_val_loss"] < fp8["unigram_val_loss"] - 0.2
+        assert fp8["fp8_backend"] == "torch" and full["fp8_backend"] is None  # on the CPU: the PyTorch reference
         curve = [json.loads(line)["loss"] for line in (out / f"fp8-{seed}" / "metrics.jsonl").read_text().splitlines()]
         assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.5
         gaps.append((fp8["final_val_loss"] - full["final_val_loss"]) / full["final_val_loss"])
