@@ -8,7 +8,8 @@ writes into one directory:
     train.bin, val.bin   flat token ids (uint16 when the vocabulary fits, else uint32), one
                          end-of-text token after each document
     manifest.json        every source file (path, sha256, bytes, tokens, split, licence), the
-                         tokenizer, the split rule, the filters and the totals
+                         tokenizer, the split rule, the filters, the languages and domains
+                         (effllm/content.py) and the totals
     tokenizer.json       the trained BPE (BPE only)
 
 The output is a pure function of the input files and options: re-running gives byte-identical
@@ -31,6 +32,7 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
+from effllm.content import ContentStats, domain_of, language_of
 from effllm.data import MANIFEST_FORMAT
 from effllm.docfields import documented
 from effllm.errors import ConfigError, DataError
@@ -112,14 +114,14 @@ class _Corpus:
         raw = f.path.read_bytes()
         return hashlib.sha256(raw).hexdigest(), read_documents(f, raw, self.cfg.text_field, self.cfg.origin_field)
 
-    def documents(self, i: int, split: str | None = None) -> list[tuple[str, str]]:
+    def documents(self, i: int, split: str | None = None) -> list[tuple[str, str, str]]:
+        """(document id, text, origin) of file i's kept documents (of `split`, when given)."""
         f, entry = self.files[i], self.entries[i]
         digest, file_docs = self.read(f)
         if digest != entry["sha256"]:
             raise DataError(f"{f.path} changed while being prepared: run `effllm prepare` again")
         drop = self.dropped_ids.get(i, ())
-        return [(doc_id, text) for doc_id, text, _ in file_docs
-                if doc_id not in drop and split in (None, self.split(doc_id))]
+        return [doc for doc in file_docs if doc[0] not in drop and split in (None, self.split(doc[0]))]
 
 
 def _read(cfg: PrepareConfig, sources: list[Source], filters: DocumentFilter, progress: bool) -> _Corpus:
@@ -169,30 +171,34 @@ def _read(cfg: PrepareConfig, sources: list[Source], filters: DocumentFilter, pr
     return corpus
 
 
-def _tokenize(corpus: _Corpus, tokenizer, dtype, tmp: Path, progress: bool) -> np.ndarray:
+def _tokenize(corpus: _Corpus, tokenizer, dtype, tmp: Path, progress: bool) -> tuple[np.ndarray, ContentStats]:
     """Pass 3: file by file, each document and an end-of-text token appended to its split's file in
-    `tmp`; the entries get their token counts. Returns the train split's token counts (V,)."""
+    `tmp`; the entries get their token counts, and each document's language and domain are counted
+    (effllm/content.py). Returns the train split's token counts (V,) and those content counts."""
     counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    content = ContentStats(len(corpus.sources))
     eot = np.array([tokenizer.eot_id], dtype=dtype)
     with open(tmp / "train.bin", "wb") as train_fh, open(tmp / "val.bin", "wb") as val_fh:
         handles = {"train": train_fh, "val": val_fh}
         for i in tqdm(range(len(corpus.files)), desc="tokenizing", unit="file", disable=not progress or None):
             entry = corpus.entries[i]
             file_docs = corpus.documents(i)
-            for (doc_id, _), ids in zip(file_docs, tokenizer.encode_array([t for _, t in file_docs])):
+            for (doc_id, text, origin), ids in zip(file_docs, tokenizer.encode_array([t for _, t, _ in file_docs])):
                 split = corpus.split(doc_id)
                 ids = np.concatenate((ids.astype(dtype), eot))
                 handles[split].write(ids.tobytes())
                 entry["tokens"][split] += len(ids)
+                content.add(entry["source"], language_of(doc_id, text), domain_of(origin), len(text.encode("utf-8")),
+                            split, len(ids))
                 if split == "train":
                     counts += np.bincount(ids, minlength=tokenizer.vocab_size)
-    return counts
+    return counts, content
 
 
 def _manifest(cfg: PrepareConfig, corpus: _Corpus, filters: DocumentFilter, tokenizer, dtype, tmp: Path,
-              counts: np.ndarray) -> dict:
+              counts: np.ndarray, content: ContentStats) -> dict:
     """The manifest of the prepared files in `tmp`: sources and licences, tokenizer, split, totals,
-    filters, drops, and every file."""
+    filters, drops, languages and domains, and every file."""
     entries = corpus.entries
     totals = {f"{split}_tokens": sum(e["tokens"][split] for e in entries) for split in ("train", "val")}
     # Cross-entropy of the val split under the train split's unigram distribution (add-one
@@ -222,6 +228,7 @@ def _manifest(cfg: PrepareConfig, corpus: _Corpus, filters: DocumentFilter, toke
                    "unigram_val_loss": round(unigram, 6)},
         "filters": filters.manifest(cfg.near_dup_threshold),
         "dropped": filters.dropped,
+        "content": content.manifest(),
         "files": entries,
         "skipped": corpus.skipped,
     }
@@ -253,15 +260,15 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     if cfg.tokenizer == "byte":
         tokenizer = ByteTokenizer()
     else:
-        train_texts = (text for i in range(len(corpus.files)) for _, text in corpus.documents(i, "train"))
+        train_texts = (text for i in range(len(corpus.files)) for _, text, _ in corpus.documents(i, "train"))
         tokenizer = BPETokenizer.train(train_texts, cfg.vocab_size)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
 
     tmp = new_temp_dir(out)  # replaces `out` only once complete, removed on failure
     try:
-        counts = _tokenize(corpus, tokenizer, dtype, tmp, progress)
+        counts, content = _tokenize(corpus, tokenizer, dtype, tmp, progress)
         tokenizer.save(tmp)
-        manifest = _manifest(cfg, corpus, filters, tokenizer, dtype, tmp, counts)
+        manifest = _manifest(cfg, corpus, filters, tokenizer, dtype, tmp, counts, content)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

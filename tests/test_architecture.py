@@ -25,7 +25,8 @@ FOLDERS = {"effllm": ROOT / "effllm", "effllm.kernels": ROOT / "kernels", "effll
 # recipes (it extends them). docs/ARCHITECTURE.md draws the same map.
 LAYERS = [
     ["effllm.errors", "effllm.docfields", "effllm.kernels", "effllm.kernels.launch"],
-    ["effllm.fsutil", "effllm.devices", "effllm.licenses", "effllm.metrics", "effllm.kernels.fp8_quant",
+    ["effllm.fsutil", "effllm.devices", "effllm.licenses", "effllm.metrics", "effllm.content",
+     "effllm.kernels.fp8_quant",
      "effllm.kernels.grouped_gemm", "effllm.kernels.moe_combine"],
     ["effllm.kernels.fp8_gemm", "effllm.kernels.backends"],
     ["effllm.kernels.fp8_grouped"],

@@ -390,3 +390,54 @@ def test_opt_out_patterns_are_normalised_and_their_matches_recorded(tmp_path):
              "step": 1, "tokens_seen": 1}
     card = card_text(state, {"total": 1, "active": 1, "mtp": 0}, json.loads((tmp_path / "o" / "manifest.json").read_text()))
     assert "1 matched no document: `nowhere.example.com`" in card and str(tmp_path) not in card
+
+
+LANGUAGE_SAMPLES = {  # several sentences each, so the identifier has something to read
+    "nl": "Het regent vandaag in Amsterdam en de fietsers rijden langs de grachten naar hun werk. "
+          "De bakker op de hoek verkoopt vers brood en de kinderen lopen met hun ouders naar school.",
+    "de": "Heute regnet es in Berlin, und die Radfahrer fahren durch die Straßen zu ihrer Arbeit. "
+          "Der Bäcker an der Ecke verkauft frisches Brot, und die Kinder gehen mit ihren Eltern zur Schule.",
+    "en": "It is raining in London today and the cyclists ride along the river to their offices. "
+          "The baker on the corner sells fresh bread and the children walk to school with their parents.",
+}
+
+
+def test_the_manifest_records_languages_by_tokens_code_as_code_and_web_domains_by_bytes(tmp_path):
+    """Per source and in total: each document's language (code by its extension, text by py3langid,
+    the method recorded), ranked by train tokens that add up to the totals, and the domains of URL
+    origins ranked by bytes. Prepared twice: the same manifest."""
+    web = tmp_path / "web.jsonl"
+    records = [{"text": f"{LANGUAGE_SAMPLES[lang]} ({i})", "url": f"https://{host}/page{i}"}
+               for i, (lang, host) in enumerate([("nl", "nieuws.example.nl"), ("nl", "NIEUWS.example.nl:8080"),
+                                                 ("nl", "blog.example.nl"), ("de", "zeitung.example.de"),
+                                                 ("en", "news.example.com"), ("nl", "nieuws.example.nl")] * 3)]
+    web.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(4):
+        (code / f"mod{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * (i + 1))
+    cfg = PrepareConfig(sources=(f"{web}=CC-BY-4.0", f"{code}=MIT"), out=str(tmp_path / "out"), origin_field="url",
+                        val_fraction=0.2, extensions=("jsonl", "py"))
+    manifest = json.loads((prepare(cfg, progress=False) / "manifest.json").read_text())
+    content = manifest["content"]
+    assert "py3langid" in content["languages"]["method"]
+    web_langs, code_langs = content["languages"]["by_source"]
+    assert [r["language"] for r in web_langs] == ["nl", "de", "en"]
+    assert {r["language"]: r["documents"] for r in web_langs} == {"nl": 12, "de": 3, "en": 3}
+    assert [(r["language"], r["documents"]) for r in code_langs] == [("code:Python", 4)]
+    total = content["languages"]["total"]
+    assert total[0]["language"] == "nl" and {r["language"] for r in total} == {"nl", "de", "en", "code:Python"}
+    assert [r["train_tokens"] for r in total] == sorted((r["train_tokens"] for r in total), reverse=True)
+    for split in ("train", "val"):
+        assert sum(r[f"{split}_tokens"] for r in total) == manifest["totals"][f"{split}_tokens"]
+    assert sum(r["bytes"] for r in total) == sum(e["kept_bytes"] for e in manifest["files"])
+    domains = content["domains"]["total"]
+    # the host in lower case, without the port: two spellings of nieuws.example.nl are one domain
+    assert [d["domain"] for d in domains][0] == "nieuws.example.nl" and domains[0]["documents"] == 9
+    assert {d["domain"] for d in domains} == {"nieuws.example.nl", "blog.example.nl", "zeitung.example.de",
+                                              "news.example.com"}
+    assert [d["bytes"] for d in domains] == sorted((d["bytes"] for d in domains), reverse=True)
+    assert content["domains"]["by_source"][1] == []  # files have paths, not URLs
+    again = json.loads((prepare(replace(cfg, out=str(tmp_path / "again")), progress=False) / "manifest.json")
+                       .read_text())
+    assert again["content"] == content
