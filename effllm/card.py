@@ -29,8 +29,10 @@ class CardConfig:
     """Options of `effllm card`."""
 
     checkpoint: str  # a run directory, its checkpoints/ folder, or one step_* folder
-    out: str | None = None  # where to write (default: MODEL_CARD.md in the run directory)
+    out: str | None = None  # where to write (default: MODEL_CARD.md in the run directory; with --eu-summary a folder)
     data_dir: str | None = None  # the prepared data, if not at the checkpoint's recorded data_dir
+    eu_summary: bool = False  # write the EU AI Act's public summary of training content instead of the card
+    provider: str | None = None  # with --eu-summary: a JSON file of what only the provider knows (effllm.eu_summary.ProviderInfo)
 
 
 def licence_shares(manifest: dict) -> list[dict]:
@@ -178,12 +180,13 @@ def write_card(cfg: CardConfig) -> Path:
     return out
 
 
-def check_card_target(out: Path) -> None:
-    """Refuse to write a card over anything but a file that is itself a card effllm wrote."""
+def check_card_target(out: Path, header: str = CARD_HEADER) -> None:
+    """Refuse to write a card (or another document that starts with `header`) over anything but a
+    file that is itself one effllm wrote."""
     if out.is_dir():
         raise OutputError(f"--out {out} is a folder: name the card's file, e.g. {out / 'MODEL_CARD.md'}")
     if out.exists():
         with open(out, encoding="utf-8", errors="replace") as fh:
-            head = fh.read(len(CARD_HEADER))
-        if head != CARD_HEADER:
-            raise OutputError(f"{out} exists and is not a model card effllm wrote: choose another --out")
+            head = fh.read(len(header))
+        if head != header:
+            raise OutputError(f"{out} exists and is not a document effllm wrote: choose another --out")

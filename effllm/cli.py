@@ -30,6 +30,7 @@ from effllm.config import OptimConfig, TrainConfig, saved_config
 from effllm.devices import resolve_device
 from effllm.docfields import documented
 from effllm.errors import ConfigError, EffllmError, TrainingInterrupted
+from effllm.eu_summary import SUMMARY_JSON, write_summary_for
 from effllm.hf import ExportConfig, export_hf
 from effllm.model import ModelConfig, Transformer, describe_params
 from effllm.mtp import speculative_generate
@@ -46,7 +47,7 @@ commands:
   train      train a recipe:  effllm train <recipe | config.json | --from RUN_DIR> [--field value ...]
   eval       score a checkpoint:  effllm eval --checkpoint DIR [--data-dir D]  (loss, perplexity, bits/byte)
   generate   sample from a checkpoint:  effllm generate --checkpoint DIR --prompt "..."
-  card       write MODEL_CARD.md for a checkpoint:  effllm card --checkpoint DIR
+  card       write MODEL_CARD.md for a checkpoint:  effllm card --checkpoint DIR [--eu-summary]
   export-hf  write a checkpoint in the Hugging Face transformers layout:  effllm export-hf --checkpoint DIR --out DIR
   recipes    list the recipes: parameters and what each is for
 
@@ -356,7 +357,14 @@ def sample(cfg: GenerateConfig) -> tuple[str, dict | None]:
 
 def cmd_card(args: list[str]) -> None:
     cfg = parse(CardConfig, args, "effllm card",
-                "Write MODEL_CARD.md: architecture, parameters, tokens, compute, data by licence.")
+                "Write MODEL_CARD.md: architecture, parameters, tokens, compute, data by licence; with --eu-summary, "
+                "the EU AI Act's public summary of training content (Markdown and JSON).")
+    if cfg.eu_summary:
+        md = write_summary_for(cfg.checkpoint, cfg.out, cfg.data_dir, cfg.provider)
+        print(f"wrote {md} and {md.with_name(SUMMARY_JSON)}")
+        return
+    if cfg.provider:
+        raise ConfigError("--provider is read with --eu-summary only: add --eu-summary")
     print(f"wrote {write_card(cfg)}")
 
 

@@ -41,6 +41,7 @@ from effllm.config import (
 from effllm.data import TokenDataset
 from effllm.devices import peak_memory_bytes
 from effllm.errors import CheckpointError, ConfigError, OutputError, TrainingDiverged, TrainingInterrupted
+from effllm.eu_summary import SUMMARY_JSON, SUMMARY_MD, write_summary
 from effllm.flops import device_name, mfu, peak_bf16_flops, train_flops_per_token
 from effllm.fsutil import resolved
 from effllm.memory import MemoryEstimate, check_fits
@@ -54,7 +55,7 @@ from effllm.run import Run, build_run, evaluate, optimizer_update, step_losses
 __all__ = ["OptimConfig", "TrainConfig", "saved_config", "train"]  # the configs are effllm.config's
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "MODEL_CARD.md", MANIFEST_COPY, "checkpoints",
-             TENSORBOARD_DIR)
+             TENSORBOARD_DIR, SUMMARY_MD, SUMMARY_JSON)
 
 
 def check_run_dir(out: Path) -> None:
@@ -251,8 +252,9 @@ def _run(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.devic
     if env.is_main:
         out = Path(cfg.out_dir)
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        final = ckpt_io.latest_checkpoint(ckpt_root)
-        (out / "MODEL_CARD.md").write_text(card_text(ckpt_io.read_state(final), counts, data.manifest))
+        final_state = ckpt_io.read_state(ckpt_io.latest_checkpoint(ckpt_root))
+        (out / "MODEL_CARD.md").write_text(card_text(final_state, counts, data.manifest))
+        write_summary(out, final_state, data.manifest)  # the provider's fields blank: `effllm card --eu-summary`
     say(f"done: val loss {end.val_loss:.4f} vs unigram {unigram:.3f}, {end.tokens_seen:,} tokens in {elapsed:.0f}s "
         f"({tok_s:,.0f} tokens/s); checkpoint in {ckpt_root}")
     return summary

@@ -36,7 +36,7 @@ LAYERS = [
     ["effllm.model", "effllm.fp8_experts"],
     ["effllm.fp8", "effllm.parallelize", "effllm.data", "effllm.checkpoint", "effllm.flops", "effllm.memory"],
     ["effllm.config", "effllm.card", "effllm.prepare"],
-    ["effllm.run", "effllm.hf", "effllm.recipes", "effllm.recipes.*"],
+    ["effllm.run", "effllm.hf", "effllm.eu_summary", "effllm.recipes", "effllm.recipes.*"],
     ["effllm.train"],
     ["effllm.cli"],
     ["effllm", "effllm.__main__"],

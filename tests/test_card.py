@@ -111,7 +111,7 @@ def test_card_and_export_never_replace_what_effllm_did_not_write(byte_data, tmp_
     train(tiny_train_config(byte_data, run, max_steps=2))
     notes = tmp_path / "notes.md"
     notes.write_text("my notes")
-    with pytest.raises(OutputError, match="not a model card effllm wrote"):
+    with pytest.raises(OutputError, match="not a document effllm wrote"):
         write_card(CardConfig(checkpoint=str(run), out=str(notes)))
     assert notes.read_text() == "my notes"
     theirs = tmp_path / "their-model"  # a folder of another model
@@ -129,3 +129,85 @@ def test_card_and_export_never_replace_what_effllm_did_not_write(byte_data, tmp_
     with pytest.raises(OutputError, match=r"did not write \(extra.txt\)"):
         export_hf(ExportConfig(checkpoint=str(run), out=str(out), overwrite=True))
     assert (out / "extra.txt").read_text() == "mine"
+
+
+def multilingual_run(tmp_path, samples) -> tuple:
+    """Prepared web (jsonl with URLs, one opt-out) and code sources, and a 3-step run on them."""
+    from effllm.prepare import PrepareConfig, prepare
+
+    web = tmp_path / "web.jsonl"
+    records = [{"text": f"{samples[lang]} ({i})", "url": f"https://{host}/p{i}"}
+               for i, (lang, host) in enumerate([("nl", "nieuws.example.nl"), ("de", "zeitung.example.de"),
+                                                 ("nl", "blog.example.nl"), ("en", "optout.example.com")] * 4)]
+    web.write_text("".join(json.dumps(r) + "\n" for r in records))
+    code = tmp_path / "code"
+    code.mkdir()
+    for i in range(3):
+        (code / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 8)
+    opt_out = tmp_path / "opt_out.txt"
+    opt_out.write_text("optout.example.com\nnever.example.org\n")
+    data = prepare(PrepareConfig(sources=(f"{web}=CC-BY-4.0", f"{code}=MIT"), out=str(tmp_path / "data"),
+                                 origin_field="url", opt_out=str(opt_out), val_fraction=0.25,
+                                 extensions=("jsonl", "py")), progress=False)
+    run = tmp_path / "run"
+    train(tiny_train_config(data, run, max_steps=3, seq_len=16, eval_tokens=64))
+    return data, run
+
+
+def test_the_eu_summary_follows_the_template_and_agrees_with_the_card_and_manifest(tmp_path, capsys):
+    """Written at the end of training and by `effllm card --eu-summary`: the template's sections in
+    order, every figure the manifest's (size range, tokens, languages, licences, domains, opt-outs
+    and what each pattern removed), the provider's fields blank until a provider file gives them."""
+    from test_data import LANGUAGE_SAMPLES
+
+    from effllm.eu_summary import BLANK, SUMMARY_JSON, SUMMARY_MD
+
+    data, run = multilingual_run(tmp_path, LANGUAGE_SAMPLES)
+    manifest = json.loads((data / "manifest.json").read_text())
+    md, js = (run / SUMMARY_MD).read_text(), json.loads((run / SUMMARY_JSON).read_text())
+    headings = [line for line in md.splitlines() if line.startswith("#")]
+    assert headings[:8] == ["# Public summary of training content", "## 1. General information",
+                            "### 1.1. Provider identification", "### 1.2. Model identification",
+                            "### 1.3. Modalities, overall training data size and other characteristics",
+                            "## 2. List of data sources", "### 2.1. Publicly available datasets",
+                            "### 2.2. Private non-publicly available datasets obtained from third parties"]
+    assert headings.index("## 3. Data processing aspects") > headings.index("### 2.6. Other sources of data")
+    assert f"- Name: {BLANK}" in md and "### Sources not yet classified" in md  # nothing guessed
+    general = js["1. General information"]["1.3. Modalities, overall training data size and other characteristics"]
+    t = manifest["totals"]
+    assert general["text_size_range"] == "Less than 1 billion tokens"
+    assert general["text_tokens"] == {"train": t["train_tokens"], "validation": t["val_tokens"], "tokenizer": "byte"}
+    langs = {r["language"]: r["token_share"] for r in general["languages"]["by_token_share"]}
+    by_tokens = {r["language"]: r["train_tokens"] / t["train_tokens"] for r in manifest["content"]["languages"]["total"]}
+    assert langs == pytest.approx(by_tokens) and set(langs) == {"nl", "de", "code:Python"}  # en: opted out
+    assert general["types_of_content"]["source code"] == pytest.approx(by_tokens["code:Python"])
+    card = (run / "MODEL_CARD.md").read_text()
+    for r in js["2. List of data sources"]["sources_by_licence"]:  # the card's licence table, the same numbers
+        assert f"| {r['license']} | {r['sources']} |" in card and f"| {r['train_tokens']:,} |" in card
+    tdm = js["3. Data processing aspects"][
+        "3.1. Respect of reservation of rights from text and data mining exception or limitation"]["opt_out_list"]
+    assert tdm["documents_removed"] == 4 == manifest["dropped"]["opt_out"]["documents"]
+    assert tdm["documents_matched_per_pattern"] == {"optout.example.com": 4, "never.example.org": 0}
+    assert "`never.example.org` 0" in md
+
+    provider = tmp_path / "provider.json"
+    provider.write_text(json.dumps({"name": "Example Lab", "contact": "ai@example.org", "model_name": "tiny-nl v1",
+                                    "source_kinds": ["crawled", "public"], "source_names": ["Web crawl", "Code"],
+                                    "crawler": "none of ours: a third party's crawl", "user_data": "none",
+                                    "synthetic_data": "none"}))
+    out = tmp_path / "summary"
+    assert main(["card", "--checkpoint", str(run), "--eu-summary", "--provider", str(provider), "--out", str(out)]) == 0
+    md2, js2 = (out / SUMMARY_MD).read_text(), json.loads((out / SUMMARY_JSON).read_text())
+    assert "- Name: Example Lab" in md2 and "Sources not yet classified" not in md2
+    (crawled,) = js2["2. List of data sources"]["2.3. Data crawled and scraped from online sources"]["sources"]
+    assert crawled["name"] == "Web crawl" and crawled["domains"] == 3  # the opted-out domain is not in the data
+    web_domains = manifest["content"]["domains"]["by_source"][0]
+    assert crawled["top_domains"][0]["domain"] == web_domains[0]["domain"] and len(crawled["top_domains"]) == 1
+    assert "#### 2.2.1." in md2 and md2.count("None.") >= 2  # empty kinds say so
+
+    provider.write_text(json.dumps({"nmae": "typo"}))
+    assert main(["card", "--checkpoint", str(run), "--eu-summary", "--provider", str(provider)]) == 2
+    assert "unknown field(s) nmae" in capsys.readouterr().err
+    provider.write_text(json.dumps({"source_kinds": ["crawled"]}))
+    assert main(["card", "--checkpoint", str(run), "--eu-summary", "--provider", str(provider)]) == 2
+    assert "has 1 entries and the manifest 2 sources" in capsys.readouterr().err
