@@ -7,6 +7,7 @@ URL, its domain.
   ships its model; nothing is downloaded) from its first `SAMPLE_CHARS` characters, as an ISO 639-1
   code; an empty one is `und`. The method is recorded beside the figures.
 - Domain: the host of an http(s) origin, in lower case, without port or credentials.
+- Collection period (`--date-field`): the earliest and latest of the documents' dates.
 
 `ContentStats` adds documents up per source and in total (documents, bytes of text, train and val
 tokens), ranked by train tokens (languages) and by bytes (domains).
@@ -61,16 +62,24 @@ def _ranked(counts: dict[str, dict], key: str, name: str) -> list[dict]:
 class ContentStats:
     """Per-language and per-domain counts, per source and in total."""
 
-    def __init__(self, n_sources: int):
+    def __init__(self, n_sources: int, date_field: str | None = None):
         self.languages = [dict() for _ in range(n_sources)]
         self.domains = [dict() for _ in range(n_sources)]
+        self.date_field = date_field
+        self.dates: list[str] = []  # the earliest and latest date seen
+        self.undated = 0
 
-    def add(self, source: int, language: str, domain: str | None, n_bytes: int, split: str, tokens: int) -> None:
+    def add(self, source: int, language: str, domain: str | None, n_bytes: int, split: str, tokens: int,
+            date: str | None = None) -> None:
         row = self.languages[source].setdefault(language, {"documents": 0, "bytes": 0, "train_tokens": 0,
                                                            "val_tokens": 0})
         row["documents"] += 1
         row["bytes"] += n_bytes
         row[f"{split}_tokens"] += tokens
+        if date is None:
+            self.undated += 1
+        else:
+            self.dates = [min(self.dates[0], date), max(self.dates[1], date)] if self.dates else [date, date]
         if domain is not None:
             d = self.domains[source].setdefault(domain, {"documents": 0, "bytes": 0})
             d["documents"] += 1
@@ -85,6 +94,16 @@ class ContentStats:
                 for field, n in v.items():
                     row[field] += n
         return out
+
+    def collection(self) -> dict:
+        """The collection period from the documents' dates (`--date-field`)."""
+        return {"field": self.date_field, "earliest": self.dates[0] if self.dates else None,
+                "latest": self.dates[1] if self.dates else None, "documents_dated": self.documents - self.undated,
+                "documents_undated": self.undated}
+
+    @property
+    def documents(self) -> int:
+        return sum(r["documents"] for s in self.languages for r in s.values())
 
     def manifest(self) -> dict:
         return {

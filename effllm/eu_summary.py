@@ -171,6 +171,7 @@ def summary(state: dict, manifest: dict, provider: ProviderInfo | None = None) -
                 "types_of_content": ({"source code": code_share, "natural-language text": 1 - code_share}
                                      if languages else None),
                 "latest_date_of_collection": (manifest.get("collection") or {}).get("latest") or provider.latest_collection,
+                "collection_period": manifest.get("collection"),
                 "languages": languages,
                 "tokens_seen_in_training": state["tokens_seen"],
                 "passes_over_the_training_tokens": _share(state["tokens_seen"], totals["train_tokens"]),
@@ -259,7 +260,10 @@ def markdown(s: dict) -> str:
              "- Types of content: " + (", ".join(f"{k} {_pct(v)}" for k, v in c["types_of_content"].items())
                                        if c["types_of_content"] else "not recorded (data prepared before effllm "
                                        "recorded languages)") + " of training tokens.",
-             f"- Latest date of data collection: {_value(c['latest_date_of_collection'])}.",
+             f"- Latest date of data collection: {_value(c['latest_date_of_collection'])}"
+             + (f" (the documents' `{c['collection_period']['field']}` field: {c['collection_period']['earliest']} to "
+                f"{c['collection_period']['latest']}, {c['collection_period']['documents_dated']:,} documents dated, "
+                f"{c['collection_period']['documents_undated']:,} undated)" if c["collection_period"] else "") + ".",
              "- Languages, by share of training tokens: "
              + ("; ".join(f"{r['language']} {_pct(r['token_share'])}" for r in langs["by_token_share"][:20])
                 + f" (method: {langs['method']})" if langs else "not recorded") + ".",

@@ -66,6 +66,7 @@ class PrepareConfig:
     allow_licenses: tuple[str, ...] = ()  # keep sources with these SPDX ids (commas or spaces, any case); empty = all
     opt_out: str | None = None  # a file of origin patterns (URL prefix, domain or path glob) whose documents are dropped
     origin_field: str | None = None  # jsonl: the record field holding the document's origin URL (for opt-outs)
+    date_field: str | None = None  # jsonl: the record field holding its collection date (ISO 8601), for the period
     near_dup_threshold: float = 0.0  # drop documents this similar (MinHash Jaccard) to an earlier one; 0 = off
     tokenizer: Literal["byte", "bpe"] = "byte"  # byte-level (vocab 256) or a BPE trained on the train split
     vocab_size: int = 4096  # BPE vocabulary size (ignored for byte)
@@ -112,10 +113,11 @@ class _Corpus:
 
     def read(self, f: SourceFile) -> tuple[str, list[tuple[str, str, str]]]:
         raw = f.path.read_bytes()
-        return hashlib.sha256(raw).hexdigest(), read_documents(f, raw, self.cfg.text_field, self.cfg.origin_field)
+        return hashlib.sha256(raw).hexdigest(), read_documents(f, raw, self.cfg.text_field, self.cfg.origin_field,
+                                                          self.cfg.date_field)
 
-    def documents(self, i: int, split: str | None = None) -> list[tuple[str, str, str]]:
-        """(document id, text, origin) of file i's kept documents (of `split`, when given)."""
+    def documents(self, i: int, split: str | None = None) -> list[tuple[str, str, str, str | None]]:
+        """(document id, text, origin, date) of file i's kept documents (of `split`, when given)."""
         f, entry = self.files[i], self.entries[i]
         digest, file_docs = self.read(f)
         if digest != entry["sha256"]:
@@ -138,7 +140,7 @@ def _read(cfg: PrepareConfig, sources: list[Source], filters: DocumentFilter, pr
             continue
         entry = {"source": f.source, "path": f.rel, "sha256": digest, "bytes": f.path.stat().st_size,
                  "documents": 0, "kept_bytes": 0, "tokens": {"train": 0, "val": 0}}
-        for doc_id, text, origin in file_docs:
+        for doc_id, text, origin, _ in file_docs:
             reason = filters.verdict(sources[f.source].license, text, origin)
             if reason is None:
                 entry["documents"] += 1
@@ -176,20 +178,20 @@ def _tokenize(corpus: _Corpus, tokenizer, dtype, tmp: Path, progress: bool) -> t
     `tmp`; the entries get their token counts, and each document's language and domain are counted
     (effllm/content.py). Returns the train split's token counts (V,) and those content counts."""
     counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    content = ContentStats(len(corpus.sources))
+    content = ContentStats(len(corpus.sources), corpus.cfg.date_field)
     eot = np.array([tokenizer.eot_id], dtype=dtype)
     with open(tmp / "train.bin", "wb") as train_fh, open(tmp / "val.bin", "wb") as val_fh:
         handles = {"train": train_fh, "val": val_fh}
         for i in tqdm(range(len(corpus.files)), desc="tokenizing", unit="file", disable=not progress or None):
             entry = corpus.entries[i]
             file_docs = corpus.documents(i)
-            for (doc_id, text, origin), ids in zip(file_docs, tokenizer.encode_array([t for _, t, _ in file_docs])):
+            for (doc_id, text, origin, date), ids in zip(file_docs, tokenizer.encode_array([d[1] for d in file_docs])):
                 split = corpus.split(doc_id)
                 ids = np.concatenate((ids.astype(dtype), eot))
                 handles[split].write(ids.tobytes())
                 entry["tokens"][split] += len(ids)
                 content.add(entry["source"], language_of(doc_id, text), domain_of(origin), len(text.encode("utf-8")),
-                            split, len(ids))
+                            split, len(ids), date)
                 if split == "train":
                     counts += np.bincount(ids, minlength=tokenizer.vocab_size)
     return counts, content
@@ -229,6 +231,7 @@ def _manifest(cfg: PrepareConfig, corpus: _Corpus, filters: DocumentFilter, toke
         "filters": filters.manifest(cfg.near_dup_threshold),
         "dropped": filters.dropped,
         "content": content.manifest(),
+        **({"collection": content.collection()} if cfg.date_field else {}),
         "files": entries,
         "skipped": corpus.skipped,
     }
@@ -260,7 +263,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     if cfg.tokenizer == "byte":
         tokenizer = ByteTokenizer()
     else:
-        train_texts = (text for i in range(len(corpus.files)) for _, text, _ in corpus.documents(i, "train"))
+        train_texts = (text for i in range(len(corpus.files)) for _, text, _, _ in corpus.documents(i, "train"))
         tokenizer = BPETokenizer.train(train_texts, cfg.vocab_size)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
 

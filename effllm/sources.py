@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,13 +107,29 @@ def user_sources(specs: tuple[str, ...], license: str | None = None,
     return sources
 
 
-def read_documents(f: SourceFile, raw: bytes, text_field: str, origin_field: str | None = None
-                   ) -> list[tuple[str, str, str]]:
-    """(document id, text, origin) of one file: the whole file, or one per jsonl record. The origin
-    is the file's path, or a record's `origin_field` (a URL) when it has one."""
+ISO_DATE = re.compile(r"^(\d{4})-(\d{2})(?:-(\d{2}))?")
+
+
+def record_date(value, where: str) -> str | None:
+    """A record's date as "YYYY-MM-DD" (or "YYYY-MM"), from an ISO 8601 string (a timestamp's date
+    part); None when the record has none; anything else is refused, naming the record."""
+    if value is None or value == "":
+        return None
+    m = ISO_DATE.match(value) if isinstance(value, str) else None
+    if not m or not 1 <= int(m.group(2)) <= 12 or (m.group(3) and not 1 <= int(m.group(3)) <= 31):
+        raise DataError(f"{where} has date {value!r}, not an ISO 8601 date: write dates as YYYY-MM-DD (a timestamp's "
+                        "date part is read), or drop --date-field")
+    return m.group(0)
+
+
+def read_documents(f: SourceFile, raw: bytes, text_field: str, origin_field: str | None = None,
+                   date_field: str | None = None) -> list[tuple[str, str, str, str | None]]:
+    """(document id, text, origin, date) of one file: the whole file, or one per jsonl record. The
+    origin is the file's path, or a record's `origin_field` (a URL) when it has one; the date a
+    record's `date_field` (None for plain files and undated records)."""
     text = raw.decode("utf-8")
     if not f.jsonl:
-        return [(f.rel, text, str(f.path))]
+        return [(f.rel, text, str(f.path), None)]
     docs = []
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -124,5 +141,6 @@ def read_documents(f: SourceFile, raw: bytes, text_field: str, origin_field: str
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise DataError(f"{f.path}:{n} has no string field {text_field!r}: pass --text-field NAME")
         origin = record.get(origin_field) if origin_field else None
-        docs.append((f"{f.rel}:{n}", record[text_field], origin if isinstance(origin, str) else f"{f.path}:{n}"))
+        date = record_date(record.get(date_field), f"{f.path}:{n}") if date_field else None
+        docs.append((f"{f.rel}:{n}", record[text_field], origin if isinstance(origin, str) else f"{f.path}:{n}", date))
     return docs

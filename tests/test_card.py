@@ -136,7 +136,7 @@ def multilingual_run(tmp_path, samples) -> tuple:
     from effllm.prepare import PrepareConfig, prepare
 
     web = tmp_path / "web.jsonl"
-    records = [{"text": f"{samples[lang]} ({i})", "url": f"https://{host}/p{i}"}
+    records = [{"text": f"{samples[lang]} ({i})", "url": f"https://{host}/p{i}", "date": f"2024-0{1 + i % 6}-15T08:00:00Z"}
                for i, (lang, host) in enumerate([("nl", "nieuws.example.nl"), ("de", "zeitung.example.de"),
                                                  ("nl", "blog.example.nl"), ("en", "optout.example.com")] * 4)]
     web.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -147,7 +147,7 @@ def multilingual_run(tmp_path, samples) -> tuple:
     opt_out = tmp_path / "opt_out.txt"
     opt_out.write_text("optout.example.com\nnever.example.org\n")
     data = prepare(PrepareConfig(sources=(f"{web}=CC-BY-4.0", f"{code}=MIT"), out=str(tmp_path / "data"),
-                                 origin_field="url", opt_out=str(opt_out), val_fraction=0.25,
+                                 origin_field="url", date_field="date", opt_out=str(opt_out), val_fraction=0.25,
                                  extensions=("jsonl", "py")), progress=False)
     run = tmp_path / "run"
     train(tiny_train_config(data, run, max_steps=3, seq_len=16, eval_tokens=64))
@@ -181,6 +181,10 @@ def test_the_eu_summary_follows_the_template_and_agrees_with_the_card_and_manife
     by_tokens = {r["language"]: r["train_tokens"] / t["train_tokens"] for r in manifest["content"]["languages"]["total"]}
     assert langs == pytest.approx(by_tokens) and set(langs) == {"nl", "de", "code:Python"}  # en: opted out
     assert general["types_of_content"]["source code"] == pytest.approx(by_tokens["code:Python"])
+    # the en records (i = 3, 7, 11, 15) are opted out; the kept dates run from January (i = 0) to June (i = 5)
+    assert manifest["collection"] == {"field": "date", "earliest": "2024-01-15", "latest": "2024-06-15",
+                                      "documents_dated": 12, "documents_undated": 3}  # the 3 code files
+    assert general["latest_date_of_collection"] == "2024-06-15" and "2024-01-15 to 2024-06-15" in md
     card = (run / "MODEL_CARD.md").read_text()
     for r in js["2. List of data sources"]["sources_by_licence"]:  # the card's licence table, the same numbers
         assert f"| {r['license']} | {r['sources']} |" in card and f"| {r['train_tokens']:,} |" in card

@@ -441,3 +441,11 @@ def test_the_manifest_records_languages_by_tokens_code_as_code_and_web_domains_b
     again = json.loads((prepare(replace(cfg, out=str(tmp_path / "again")), progress=False) / "manifest.json")
                        .read_text())
     assert again["content"] == content
+
+
+def test_a_record_date_that_is_not_iso_8601_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "dated.jsonl"
+    path.write_text(json.dumps({"text": "a " * 50, "d": "2024-03"}) + "\n" + json.dumps({"text": "b " * 50, "d": "May 3"})
+                    + "\n")
+    with pytest.raises(DataError, match=r"dated.jsonl:2 has date 'May 3', not an ISO 8601 date"):
+        prepare(PrepareConfig(sources=(f"{path}=CC0-1.0",), out=str(tmp_path / "o"), date_field="d"), progress=False)
