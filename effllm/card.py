@@ -3,8 +3,9 @@
 Written at the end of every training run (into the run directory) and by `effllm card
 --checkpoint DIR`. In the spirit of the EU AI Act's public summary of training content, it gives:
 the architecture and parameter counts; tokens seen and compute used (device-hours); the data's
-sources by licence with their byte and token shares, read from the data manifest whose sha256
-the checkpoint records; the files the preparation skipped and why. Every number comes from the
+sources by licence with their byte and token shares, its languages, web domains and collection
+period, read from the data manifest whose sha256 the checkpoint records; the files the preparation
+skipped and why. effllm/eu_summary.py writes the AI Office's template from the same records. Every number comes from the
 checkpoint's state and the manifest; nothing is typed in by hand.
 """
 
@@ -105,6 +106,25 @@ def card_text(state: dict, counts: dict, manifest: dict, title: str = "# Model c
     for r in licence_shares(manifest):
         lines.append(f"| {r['license']} | {r['sources']} | {r['files']:,} | {r['bytes']:,} | {100 * r['byte_share']:.1f}% "
                      f"| {r['train_tokens']:,} | {100 * r['token_share']:.1f}% |")
+    content = manifest.get("content")
+    if content:  # recorded by prepare since languages and domains were (effllm/content.py)
+        train = t["train_tokens"] or 1
+        lines += ["", "### Languages", "", f"By {content['languages']['method']}.", "",
+                  "| language | documents | training tokens | share of tokens |", "|---|---|---|---|"]
+        lines += [f"| {r['language']} | {r['documents']:,} | {r['train_tokens']:,} | {100 * r['train_tokens'] / train:.1f}% |"
+                  for r in content["languages"]["total"]]
+        domains = content["domains"]["total"]
+        if domains:
+            total_bytes = sum(d["bytes"] for d in domains) or 1
+            lines += ["", f"### Web domains ({len(domains):,}; the first {min(10, len(domains))} by bytes)", "",
+                      "| domain | documents | bytes | share of web bytes |", "|---|---|---|---|"]
+            lines += [f"| {d['domain']} | {d['documents']:,} | {d['bytes']:,} | {100 * d['bytes'] / total_bytes:.1f}% |"
+                      for d in domains[:10]]
+    collection = manifest.get("collection")
+    if collection:
+        lines += ["", f"Collection period (the documents' `{collection['field']}` field): {collection['earliest']} to "
+                  f"{collection['latest']}; {collection['documents_dated']:,} documents dated, "
+                  f"{collection['documents_undated']:,} undated."]
     lines += ["", "### Sources", ""]
     for i, s in enumerate(manifest["sources"]):
         where = Path(s.get("root") or s.get("path") or "").name  # the folder's name: no local path leaves the machine

@@ -188,6 +188,10 @@ def test_the_eu_summary_follows_the_template_and_agrees_with_the_card_and_manife
     card = (run / "MODEL_CARD.md").read_text()
     for r in js["2. List of data sources"]["sources_by_licence"]:  # the card's licence table, the same numbers
         assert f"| {r['license']} | {r['sources']} |" in card and f"| {r['train_tokens']:,} |" in card
+    for lang, share in langs.items():  # and its languages table
+        assert re.search(rf"\| {re.escape(lang)} \| [0-9,]+ \| [0-9,]+ \| {100 * share:.1f}% \|", card), lang
+    assert "| nieuws.example.nl |" in card and "optout.example.com" not in card
+    assert "2024-01-15 to 2024-06-15" in card
     tdm = js["3. Data processing aspects"][
         "3.1. Respect of reservation of rights from text and data mining exception or limitation"]["opt_out_list"]
     assert tdm["documents_removed"] == 4 == manifest["dropped"]["opt_out"]["documents"]
