@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from helpers import tiny_train_config
+from helpers import LANGUAGE_SAMPLES, tiny_train_config
 from safetensors import safe_open
 
 from effllm import checkpoint as ckpt_io
@@ -158,8 +158,6 @@ def test_the_eu_summary_follows_the_template_and_agrees_with_the_card_and_manife
     """Written at the end of training and by `effllm card --eu-summary`: the template's sections in
     order, every figure the manifest's (size range, tokens, languages, licences, domains, opt-outs
     and what each pattern removed), the provider's fields blank until a provider file gives them."""
-    from test_data import LANGUAGE_SAMPLES
-
     from effllm.eu_summary import BLANK, SUMMARY_JSON, SUMMARY_MD
 
     data, run = multilingual_run(tmp_path, LANGUAGE_SAMPLES)
@@ -219,3 +217,23 @@ def test_the_eu_summary_follows_the_template_and_agrees_with_the_card_and_manife
     provider.write_text(json.dumps({"source_kinds": ["crawled"]}))
     assert main(["card", "--checkpoint", str(run), "--eu-summary", "--provider", str(provider)]) == 2
     assert "has 1 entries and the manifest 2 sources" in capsys.readouterr().err
+
+
+def test_a_manifest_prepared_before_content_records_reads_as_not_recorded(byte_data, tmp_path):
+    """Data prepared by an effllm that did not yet record languages, domains or dates: the summary
+    says "not recorded" where those go, and guesses nothing."""
+    from effllm.eu_summary import markdown, summary
+
+    run = tmp_path / "run"
+    train(tiny_train_config(byte_data, run, max_steps=2))
+    state = ckpt_io.read_state(ckpt_io.latest_checkpoint(run / "checkpoints"))
+    manifest = json.loads((byte_data / "manifest.json").read_text())
+    manifest.pop("content")
+    s = summary(state, manifest)
+    general = s["1. General information"]["1.3. Modalities, overall training data size and other characteristics"]
+    assert general["languages"] is None and general["types_of_content"] is None
+    assert general["latest_date_of_collection"] is None and general["collection_period"] is None
+    md = markdown(s)
+    assert "Types of content: not recorded" in md and "Languages, by share of training tokens: not recorded" in md
+    (source,) = s["2. List of data sources"]["unclassified_sources"]  # a user's folder: its kind is the provider's
+    assert source["languages"] == [] and source["train_tokens"] == manifest["totals"]["train_tokens"]

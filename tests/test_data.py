@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import LANGUAGE_SAMPLES
 
 from effllm.data import TokenDataset
 from effllm.errors import DataError, OutputError
@@ -392,14 +393,6 @@ def test_opt_out_patterns_are_normalised_and_their_matches_recorded(tmp_path):
     assert "1 matched no document: `nowhere.example.com`" in card and str(tmp_path) not in card
 
 
-LANGUAGE_SAMPLES = {  # several sentences each, so the identifier has something to read
-    "nl": "Het regent vandaag in Amsterdam en de fietsers rijden langs de grachten naar hun werk. "
-          "De bakker op de hoek verkoopt vers brood en de kinderen lopen met hun ouders naar school.",
-    "de": "Heute regnet es in Berlin, und die Radfahrer fahren durch die Straßen zu ihrer Arbeit. "
-          "Der Bäcker an der Ecke verkauft frisches Brot, und die Kinder gehen mit ihren Eltern zur Schule.",
-    "en": "It is raining in London today and the cyclists ride along the river to their offices. "
-          "The baker on the corner sells fresh bread and the children walk to school with their parents.",
-}
 
 
 def test_the_manifest_records_languages_by_tokens_code_as_code_and_web_domains_by_bytes(tmp_path):

@@ -143,3 +143,13 @@ def assert_fp8_trains_like_fp32(data_dir, out: Path, model: ModelConfig, seeds: 
         assert sum(curve[-10:]) / 10 < sum(curve[:10]) / 10 - 1.5
         gaps.append((fp8["final_val_loss"] - full["final_val_loss"]) / full["final_val_loss"])
     assert abs(sum(gaps) / len(gaps)) < 0.01, gaps
+
+
+LANGUAGE_SAMPLES = {  # several sentences each, so the identifier has something to read
+    "nl": "Het regent vandaag in Amsterdam en de fietsers rijden langs de grachten naar hun werk. "
+          "De bakker op de hoek verkoopt vers brood en de kinderen lopen met hun ouders naar school.",
+    "de": "Heute regnet es in Berlin, und die Radfahrer fahren durch die Straßen zu ihrer Arbeit. "
+          "Der Bäcker an der Ecke verkauft frisches Brot, und die Kinder gehen mit ihren Eltern zur Schule.",
+    "en": "It is raining in London today and the cyclists ride along the river to their offices. "
+          "The baker on the corner sells fresh bread and the children walk to school with their parents.",
+}
