@@ -153,3 +153,94 @@ def test_cli_exports_a_trained_checkpoint_with_its_card(byte_data, tmp_path, cap
     assert main(["export-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["export-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_then_import_gives_back_the_same_weights(name, tmp_path):
+    """load_hf reads the export by the same name mapping: every weight back bit for bit (the MTP
+    modules, which the export leaves out, aside), the config the same model."""
+    from effllm.hf import load_hf
+
+    cfg = CASES[name]
+    model, _ = exported(cfg, tmp_path / name)
+    back = load_hf(tmp_path / name)
+    assert back.cfg.attention == cfg.attention and back.cfg.ffn == cfg.ffn and back.cfg.mtp_depth == 0
+    theirs = back.state_dict()
+    for key, t in model.state_dict().items():
+        if not key.startswith("mtp"):
+            assert torch.equal(theirs[key], t), key
+    x = torch.randint(0, cfg.vocab_size, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(x)[0], model(x)[0], rtol=0, atol=0)
+
+
+def test_a_transformers_deepseek_v3_model_imports_with_its_logits_and_greedy_tokens(tmp_path):
+    """A DeepseekV3ForCausalLM built and saved by transformers itself (MLA, a dense layer, then MoE
+    with groups, a balancing bias and YaRN) -> load_hf -> the same logits in fp32 and the same
+    greedy tokens."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from effllm.hf import load_hf
+
+    torch.manual_seed(0)
+    hf_cfg = DeepseekV3Config(vocab_size=80, hidden_size=48, intermediate_size=96, moe_intermediate_size=24,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+                              n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2,
+                              topk_group=1, routed_scaling_factor=2.5, q_lora_rank=24, kv_lora_rank=16,
+                              qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, max_position_embeddings=64,
+                              rope_interleave=False, tie_word_embeddings=False,
+                              rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                                               "original_max_position_embeddings": 32, "beta_fast": 32.0,
+                                               "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707})
+    theirs = DeepseekV3ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # past the init, so every weight matters
+        for name, b in theirs.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.1)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_hf(tmp_path / "hf").eval()
+    assert ours.cfg.moe.n_group == 2 and ours.cfg.mla.rope_factor == 2.0 and ours.cfg.first_k_dense == 1
+    x = torch.randint(0, 80, (2, 21))
+    with torch.no_grad():
+        want = theirs(x).logits
+        got = ours(x)[0]
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    prompt = x[:1, :5]
+    theirs.generation_config.eos_token_id = None  # no stop token: 12 new tokens on both sides
+    with torch.no_grad():
+        ref = theirs.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, 12, temperature=0.0), ref)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"model_type": "mistral"}, "model_type 'mistral'"),
+    ({"rope_interleave": True}, "rope_interleave: true"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+])
+def test_what_effllm_cannot_import_is_refused_by_name(change, message, tmp_path):
+    from effllm.hf import load_hf
+
+    exported(CASES["deepseek_dense_mla"], tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ConfigError, match=message):
+        load_hf(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("model.layers.2.eh_proj.weight", r"model.layers.2 \(a multi-token-prediction layer"),
+    ("model.layers.0.self_attn.q_proj.weight_scale_inv", "block-scaled FP8 weights"),
+    ("model.layers.0.self_attn.rotary_emb.extra", "1 tensors of .* have no place in effllm's model"),
+])
+def test_checkpoint_tensors_effllm_cannot_place_are_refused_by_name(extra, message, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from effllm.hf import load_hf
+
+    exported(CASES["deepseek_dense_mla"], tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    save_file({**load_file(str(path)), extra: torch.ones(2, 2)}, str(path))
+    with pytest.raises(ConfigError, match=message):
+        load_hf(tmp_path / "hf")
