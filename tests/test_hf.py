@@ -175,9 +175,9 @@ def test_export_then_import_gives_back_the_same_weights(name, tmp_path):
 
 
 def test_a_transformers_deepseek_v3_model_imports_with_its_logits_and_greedy_tokens(tmp_path):
-    """A DeepseekV3ForCausalLM built and saved by transformers itself (MLA, a dense layer, then MoE
-    with groups, a balancing bias and YaRN) -> load_hf -> the same logits in fp32 and the same
-    greedy tokens."""
+    """A DeepseekV3ForCausalLM built and saved by transformers itself, in shards (MLA, a dense layer,
+    then MoE with groups, a balancing bias and YaRN) -> load_hf -> the same logits in fp32 and the
+    same greedy tokens."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     from effllm.hf import load_hf
@@ -199,7 +199,8 @@ def test_a_transformers_deepseek_v3_model_imports_with_its_logits_and_greedy_tok
         for name, b in theirs.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn_like(b) * 0.1)
-    theirs.save_pretrained(tmp_path / "hf")
+    theirs.save_pretrained(tmp_path / "hf", max_shard_size="100KB")  # shards and their index
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     ours = load_hf(tmp_path / "hf").eval()
     assert ours.cfg.moe.n_group == 2 and ours.cfg.mla.rope_factor == 2.0 and ours.cfg.first_k_dense == 1
     x = torch.randint(0, 80, (2, 21))
