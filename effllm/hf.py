@@ -371,9 +371,6 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
                     "effllm's heads split the model width")
         kv = hf.get("num_key_value_heads") or hf["num_attention_heads"]
         return ModelConfig(**common, n_kv_heads=None if kv == hf["num_attention_heads"] else kv)
-    if hf.get("rope_interleave", True):
-        _refuse("rope_interleave: true (DeepSeek's own checkpoints rotate interleaved pairs; effllm rotates halves): "
-                "not yet imported")
     if rope_type not in ("default", "yarn"):
         _refuse(f"rope_type {rope_type!r}: effllm's MLA runs plain RoPE or YaRN")
     yarn = {}
@@ -399,6 +396,28 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     return ModelConfig(**common, attention="mla", mla=mla, ffn="moe", moe=moe, first_k_dense=first_dense)
 
 
+def deinterleave_rope(key: str, w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Rows of an interleaved-RoPE checkpoint's query and rotary-key projections in effllm's order.
+
+    Interleaved RoPE rotates the pairs (x0, x1), (x2, x3), ...; effllm's rotates (x_i, x_{i+R/2}),
+    as transformers does after permuting the interleaved slice to [x0, x2, ..., x1, x3, ...]. The
+    same permutation of the projection's rotary rows makes effllm's linear output that order
+    directly: per head in the query projection (its last R of N + R rows), and the key's R rows
+    after the latent in `wkv_a`. Other tensors pass unchanged."""
+    m = cfg.mla
+    name = key.split(".")
+    if len(name) < 4 or name[2] != "attn" or name[3] not in ("wq", "wq_b", "wkv_a"):
+        return w
+    R = m.qk_rope_head_dim
+    order = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)])
+    if name[3] == "wkv_a":
+        C = m.kv_lora_rank
+        return torch.cat([w[:C], w[C:][order]])
+    heads = w.view(cfg.n_heads, m.qk_nope_head_dim + R, -1)
+    rope = heads[:, m.qk_nope_head_dim:][:, order]
+    return torch.cat([heads[:, :m.qk_nope_head_dim], rope], dim=1).reshape(w.shape)
+
+
 def _hf_tensors(folder: Path) -> dict[str, Path]:
     """Each tensor's safetensors file: model.safetensors, or the shards of model.safetensors.index.json."""
     index = folder / "model.safetensors.index.json"
@@ -420,7 +439,11 @@ def load_hf(folder: str | Path) -> Transformer:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ConfigError(f"{folder} has no config.json: point at a transformers checkpoint folder")
-    cfg = model_config_from_hf(json.loads((folder / "config.json").read_text()))
+    hf = json.loads((folder / "config.json").read_text())
+    cfg = model_config_from_hf(hf)
+    # DeepSeek's own checkpoints rotate interleaved pairs (rope_interleave, transformers' default for
+    # the layout); effllm rotates halves: their rows are reordered on import (`deinterleave_rope`).
+    interleaved = cfg.attention == "mla" and hf.get("rope_interleave", True)
     where = _hf_tensors(folder)
     if any(name.endswith("weight_scale_inv") for name in where):
         _refuse("block-scaled FP8 weights (weight_scale_inv): not yet dequantized on import")
@@ -450,7 +473,7 @@ def load_hf(folder: str | Path) -> Transformer:
         if value.shape != t.shape:
             raise ConfigError(f"cannot import: {names[0]} has shape {tuple(value.shape)}, effllm's {key} needs "
                               f"{tuple(t.shape)}")
-        state[key] = value.float()
+        state[key] = deinterleave_rope(key, value.float(), cfg) if interleaved else value.float()
     unused = sorted(set(where) - used - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
     if unused:
         raise ConfigError(f"cannot import: {len(unused)} tensors of {folder} have no place in effllm's model "

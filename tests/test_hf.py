@@ -174,10 +174,12 @@ def test_export_then_import_gives_back_the_same_weights(name, tmp_path):
         torch.testing.assert_close(back.eval()(x)[0], model(x)[0], rtol=0, atol=0)
 
 
-def test_a_transformers_deepseek_v3_model_imports_with_its_logits_and_greedy_tokens(tmp_path):
+@pytest.mark.parametrize("interleave", [False, True])
+def test_a_transformers_deepseek_v3_model_imports_with_its_logits_and_greedy_tokens(tmp_path, interleave):
     """A DeepseekV3ForCausalLM built and saved by transformers itself, in shards (MLA, a dense layer,
     then MoE with groups, a balancing bias and YaRN) -> load_hf -> the same logits in fp32 and the
-    same greedy tokens."""
+    same greedy tokens. Also with interleaved RoPE (DeepSeek's own checkpoints): its rotary rows are
+    reordered on import."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     from effllm.hf import load_hf
@@ -188,7 +190,7 @@ def test_a_transformers_deepseek_v3_model_imports_with_its_logits_and_greedy_tok
                               n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1, n_group=2,
                               topk_group=1, routed_scaling_factor=2.5, q_lora_rank=24, kv_lora_rank=16,
                               qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, max_position_embeddings=64,
-                              rope_interleave=False, tie_word_embeddings=False,
+                              rope_interleave=interleave, tie_word_embeddings=False,
                               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
                                                "original_max_position_embeddings": 32, "beta_fast": 32.0,
                                                "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707})
@@ -217,7 +219,6 @@ def test_a_transformers_deepseek_v3_model_imports_with_its_logits_and_greedy_tok
 
 @pytest.mark.parametrize("change,message", [
     ({"model_type": "mistral"}, "model_type 'mistral'"),
-    ({"rope_interleave": True}, "rope_interleave: true"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
 ])
 def test_what_effllm_cannot_import_is_refused_by_name(change, message, tmp_path):
