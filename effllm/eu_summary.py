@@ -184,10 +184,8 @@ def summary(state: dict, manifest: dict, provider: ProviderInfo | None = None) -
                 "2.2.2. Private datasets obtained from other third parties": by_kind["private"]},
             "2.3. Data crawled and scraped from online sources": {
                 "sources": by_kind["crawled"], "crawlers": provider.crawler if by_kind["crawled"] else "none"},
-            "2.4. User data": provider.user_data if not by_kind["user"] else {"sources": by_kind["user"],
-                                                                              "description": provider.user_data},
-            "2.5. Synthetic data": (provider.synthetic_data if not by_kind["synthetic"]
-                                    else {"sources": by_kind["synthetic"], "description": provider.synthetic_data}),
+            "2.4. User data": {"sources": by_kind["user"], "description": provider.user_data},
+            "2.5. Synthetic data": {"sources": by_kind["synthetic"], "description": provider.synthetic_data},
             "2.6. Other sources of data": {"sources": by_kind["other"], "description": provider.other_sources},
             "unclassified_sources": [s for s in sources if s["kind"] is None],
             "sources_by_licence": [{k: r[k] for k in ("license", "sources", "bytes", "train_tokens", "token_share")}
@@ -281,13 +279,10 @@ def markdown(s: dict) -> str:
               *_source_lines(private["2.2.2. Private datasets obtained from other third parties"]), "",
               "### 2.3. Data crawled and scraped from online sources", "", *_source_lines(crawled["sources"]),
               f"- Crawlers: {_value(crawled['crawlers'])}.", ""]
-    for heading in ("2.4. User data", "2.5. Synthetic data"):
-        v = d[heading]
-        lines += [f"### {heading}", ""] + (_source_lines(v["sources"]) + [f"- {_value(v['description'])}"]
-                                           if isinstance(v, dict) else [f"- {_value(v)}"]) + [""]
-    other = d["2.6. Other sources of data"]
-    lines += ["### 2.6. Other sources of data", "", *(_source_lines(other["sources"]) if other["sources"] else []),
-              f"- {_value(other['description'])}", ""]
+    for heading in ("2.4. User data", "2.5. Synthetic data", "2.6. Other sources of data"):
+        v = d[heading]  # the manifest's sources of this kind, if any, and the provider's description
+        lines += [f"### {heading}", "", *(_source_lines(v["sources"]) if v["sources"] else []),
+                  f"- {_value(v['description'])}", ""]
     if d["unclassified_sources"]:
         lines += ["### Sources not yet classified", "", f"The provider has not said which kind these are "
                   f"(`source_kinds` in the provider file): {BLANK}.", "", *_source_lines(d["unclassified_sources"]), ""]

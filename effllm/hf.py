@@ -1,5 +1,5 @@
-"""Export to the Hugging Face transformers layout (`effllm export-hf --checkpoint DIR --out DIR`), and
-import from it (`load_hf(DIR)`), by one name mapping (`hf_names`).
+"""Export to the Hugging Face transformers layout: `effllm export-hf --checkpoint DIR --out DIR`.
+effllm/hf_import.py reads the layout back (`load_hf`) through this module's name mapping, `hf_names`.
 
 Two layouts, chosen by the model's kinds:
 - Llama (`LlamaForCausalLM`): dense feed-forwards with MHA or GQA attention;
@@ -39,9 +39,8 @@ from effllm.card import card_text, find_manifest, model_lines
 from effllm.docfields import documented
 from effllm.errors import ConfigError
 from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved
-from effllm.mla import MLAConfig
 from effllm.model import ModelConfig, Transformer
-from effllm.moe import MoE, MoEConfig
+from effllm.moe import MoE
 from effllm.tokenizer import EOT_TEXT
 
 HF_LATENT_NORM_EPS = 1e-6  # transformers builds DeepseekV3's q_a / kv_a layernorms with this epsilon
@@ -334,149 +333,3 @@ def export_hf(cfg: ExportConfig) -> Path:
     model, _, _ = ckpt_io.load_model(ckpt)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     return save_hf(model, cfg.out, dtype, state, manifest, state.get("tokenizer"), ckpt, cfg.overwrite)
-
-
-# ---------------------------------------------------------------------------------------------
-# Import: a transformers checkpoint in either layout -> an effllm Transformer
-
-
-def _refuse(what: str) -> None:
-    raise ConfigError(f"cannot import: {what}")
-
-
-def model_config_from_hf(hf: dict) -> ModelConfig:
-    """The ModelConfig of a transformers config.json in the Llama or DeepseekV3 layout (the inverse
-    of `hf_config`). What effllm cannot compute the same way is refused by name."""
-    kind = hf.get("model_type")
-    if kind not in ("llama", "deepseek_v3"):
-        _refuse(f"model_type {kind!r}: effllm imports the 'llama' and 'deepseek_v3' layouts")
-    if hf.get("hidden_act", "silu") != "silu":
-        _refuse(f"hidden_act {hf['hidden_act']!r}: effllm's SwiGLU uses silu")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        _refuse("attention_bias / mlp_bias: effllm's linears have no biases")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    common = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                  n_heads=hf["num_attention_heads"], ffn_hidden_dim=hf["intermediate_size"],
-                  max_seq_len=hf["max_position_embeddings"], norm_eps=hf["rms_norm_eps"],
-                  tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=theta,
-                  init_std=hf.get("initializer_range", 0.02))
-    if kind == "llama":
-        if rope_type != "default":
-            _refuse(f"rope_type {rope_type!r}: effllm's Llama-layout attention runs plain RoPE")
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-        if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-            _refuse(f"head_dim {head_dim} x {hf['num_attention_heads']} heads != hidden_size {hf['hidden_size']}: "
-                    "effllm's heads split the model width")
-        kv = hf.get("num_key_value_heads") or hf["num_attention_heads"]
-        return ModelConfig(**common, n_kv_heads=None if kv == hf["num_attention_heads"] else kv)
-    if rope_type not in ("default", "yarn"):
-        _refuse(f"rope_type {rope_type!r}: effllm's MLA runs plain RoPE or YaRN")
-    yarn = {}
-    if rope_type == "yarn":
-        if rope.get("mscale", 1.0) != rope.get("mscale_all_dim", rope.get("mscale", 1.0)):
-            _refuse("YaRN with mscale != mscale_all_dim: effllm leaves cos/sin unscaled")
-        yarn = dict(rope_factor=float(rope["factor"]), original_max_position=rope["original_max_position_embeddings"],
-                    beta_fast=float(rope.get("beta_fast", 32.0)), beta_slow=float(rope.get("beta_slow", 1.0)),
-                    mscale=float(rope.get("mscale", 1.0)))
-    mla = MLAConfig(q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf["kv_lora_rank"],
-                    qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
-                    v_head_dim=hf["v_head_dim"], rope_theta=theta, norm_eps=HF_LATENT_NORM_EPS, **yarn)
-    first_dense = hf.get("first_k_dense_replace", 0)
-    if first_dense >= hf["num_hidden_layers"]:
-        return ModelConfig(**common, attention="mla", mla=mla)
-    if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
-        _refuse("a router other than sigmoid scores with noaux_tc top-k (DeepSeek-V3's)")
-    moe = MoEConfig(n_routed_experts=hf["n_routed_experts"], n_shared_experts=hf["n_shared_experts"],
-                    top_k=hf["num_experts_per_tok"], expert_dim=hf["moe_intermediate_size"], score_func="sigmoid",
-                    route_scale=float(hf.get("routed_scaling_factor", 1.0)),
-                    norm_topk_prob=bool(hf.get("norm_topk_prob", True)), n_group=hf.get("n_group") or 1,
-                    topk_group=hf.get("topk_group") or 1)
-    return ModelConfig(**common, attention="mla", mla=mla, ffn="moe", moe=moe, first_k_dense=first_dense)
-
-
-def deinterleave_rope(key: str, w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Rows of an interleaved-RoPE checkpoint's query and rotary-key projections in effllm's order.
-
-    Interleaved RoPE rotates the pairs (x0, x1), (x2, x3), ...; effllm's rotates (x_i, x_{i+R/2}),
-    as transformers does after permuting the interleaved slice to [x0, x2, ..., x1, x3, ...]. The
-    same permutation of the projection's rotary rows makes effllm's linear output that order
-    directly: per head in the query projection (its last R of N + R rows), and the key's R rows
-    after the latent in `wkv_a`. Other tensors pass unchanged."""
-    m = cfg.mla
-    name = key.split(".")
-    if len(name) < 4 or name[2] != "attn" or name[3] not in ("wq", "wq_b", "wkv_a"):
-        return w
-    R = m.qk_rope_head_dim
-    order = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)])
-    if name[3] == "wkv_a":
-        C = m.kv_lora_rank
-        return torch.cat([w[:C], w[C:][order]])
-    heads = w.view(cfg.n_heads, m.qk_nope_head_dim + R, -1)
-    rope = heads[:, m.qk_nope_head_dim:][:, order]
-    return torch.cat([heads[:, :m.qk_nope_head_dim], rope], dim=1).reshape(w.shape)
-
-
-def _hf_tensors(folder: Path) -> dict[str, Path]:
-    """Each tensor's safetensors file: model.safetensors, or the shards of model.safetensors.index.json."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
-    single = folder / "model.safetensors"
-    if not single.is_file():
-        raise ConfigError(f"{folder} holds neither model.safetensors nor model.safetensors.index.json: point at a "
-                          "transformers checkpoint saved with safetensors")
-    with safe_open(str(single), "pt") as f:
-        return dict.fromkeys(f.keys(), single)
-
-
-def load_hf(folder: str | Path) -> Transformer:
-    """An effllm Transformer (fp32, CPU) with the weights of the transformers checkpoint in `folder`
-    (config.json and safetensors, Llama or DeepseekV3 layout): the inverse of the export, by the same
-    name mapping (`hf_names`). Every tensor of the model must be found with its shape, and every
-    tensor of the checkpoint used; anything else is refused by name."""
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ConfigError(f"{folder} has no config.json: point at a transformers checkpoint folder")
-    hf = json.loads((folder / "config.json").read_text())
-    cfg = model_config_from_hf(hf)
-    # DeepSeek's own checkpoints rotate interleaved pairs (rope_interleave, transformers' default for
-    # the layout); effllm rotates halves: their rows are reordered on import (`deinterleave_rope`).
-    interleaved = cfg.attention == "mla" and hf.get("rope_interleave", True)
-    where = _hf_tensors(folder)
-    if any(name.endswith("weight_scale_inv") for name in where):
-        _refuse("block-scaled FP8 weights (weight_scale_inv): not yet dequantized on import")
-    mtp = sorted({".".join(n.split(".")[:3]) for n in where
-                  if n.startswith("model.layers.") and int(n.split(".")[2]) >= cfg.n_layers})
-    if mtp:  # DeepSeek's checkpoints store their MTP module as the layer after the last
-        _refuse(f"{', '.join(mtp)} (a multi-token-prediction layer past the {cfg.n_layers} layers): MTP layers are "
-                "not yet imported")
-    model = Transformer(cfg)
-    handles: dict[Path, object] = {}  # one open file per shard
-    used, state = set(), {}
-    for key, t in model.state_dict().items():
-        names = hf_names(key, t.shape[0] if t.dim() else 0)
-        if names is None:
-            continue
-        if key == "head.weight" and cfg.tie_embeddings:
-            continue  # tied: the embedding's tensor
-        pieces = []
-        for name in names:
-            if name not in where:
-                raise ConfigError(f"cannot import: {folder} has no tensor {name} (effllm's {key})")
-            if where[name] not in handles:
-                handles[where[name]] = safe_open(str(where[name]), "pt")
-            pieces.append(handles[where[name]].get_tensor(name))
-            used.add(name)
-        value = torch.stack(pieces) if ".ffn.experts." in key else pieces[0]
-        if value.shape != t.shape:
-            raise ConfigError(f"cannot import: {names[0]} has shape {tuple(value.shape)}, effllm's {key} needs "
-                              f"{tuple(t.shape)}")
-        state[key] = deinterleave_rope(key, value.float(), cfg) if interleaved else value.float()
-    unused = sorted(set(where) - used - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
-    if unused:
-        raise ConfigError(f"cannot import: {len(unused)} tensors of {folder} have no place in effllm's model "
-                          f"({', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''})")
-    model.load_state_dict(state, strict=False)
-    return model

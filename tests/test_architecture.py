@@ -37,7 +37,7 @@ LAYERS = [
     ["effllm.fp8", "effllm.parallelize", "effllm.data", "effllm.checkpoint", "effllm.flops", "effllm.memory"],
     ["effllm.config", "effllm.card", "effllm.prepare"],
     ["effllm.run", "effllm.hf", "effllm.eu_summary", "effllm.recipes", "effllm.recipes.*"],
-    ["effllm.train"],
+    ["effllm.train", "effllm.hf_import"],
     ["effllm.cli"],
     ["effllm", "effllm.__main__"],
 ]

@@ -159,7 +159,7 @@ def test_cli_exports_a_trained_checkpoint_with_its_card(byte_data, tmp_path, cap
 def test_export_then_import_gives_back_the_same_weights(name, tmp_path):
     """load_hf reads the export by the same name mapping: every weight back bit for bit (the MTP
     modules, which the export leaves out, aside), the config the same model."""
-    from effllm.hf import load_hf
+    from effllm.hf_import import load_hf
 
     cfg = CASES[name]
     model, _ = exported(cfg, tmp_path / name)
@@ -182,7 +182,7 @@ def test_a_transformers_deepseek_v3_model_imports_with_its_logits_and_greedy_tok
     reordered on import."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    from effllm.hf import load_hf
+    from effllm.hf_import import load_hf
 
     torch.manual_seed(0)
     hf_cfg = DeepseekV3Config(vocab_size=80, hidden_size=48, intermediate_size=96, moe_intermediate_size=24,
@@ -222,7 +222,7 @@ def test_a_transformers_deepseek_v3_model_imports_with_its_logits_and_greedy_tok
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
 ])
 def test_what_effllm_cannot_import_is_refused_by_name(change, message, tmp_path):
-    from effllm.hf import load_hf
+    from effllm.hf_import import load_hf
 
     exported(CASES["deepseek_dense_mla"], tmp_path / "hf")
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -239,7 +239,7 @@ def test_what_effllm_cannot_import_is_refused_by_name(change, message, tmp_path)
 def test_checkpoint_tensors_effllm_cannot_place_are_refused_by_name(extra, message, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from effllm.hf import load_hf
+    from effllm.hf_import import load_hf
 
     exported(CASES["deepseek_dense_mla"], tmp_path / "hf")
     path = tmp_path / "hf" / "model.safetensors"
