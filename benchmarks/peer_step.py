@@ -53,11 +53,12 @@ def peer_of(model, implementation: str, attention: str = "sdpa"):
     experts run by `implementation` and its attention by `attention`."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    fields = {k: v for k, v in hf_config(model.cfg).items() if k not in ("architectures", "model_type", "dtype",
+    fields = {k: v for k, v in hf_config(model.cfg, mtp=False).items() if k not in ("architectures", "model_type", "dtype",
                                                                           "torch_dtype")}
     conf = DeepseekV3Config(**fields, experts_implementation=implementation, attn_implementation=attention)
     peer = DeepseekV3ForCausalLM(conf).to(next(model.parameters()).device)
-    state = hf_state_dict(model)  # experts one tensor each (the checkpoint layout): fused as the model holds them
+    # transformers runs no MTP; experts come one tensor each (the checkpoint layout): fused as the model holds them
+    state = hf_state_dict(model, mtp=False)
     for key in [k for k in state if k.endswith(".mlp.experts.0.gate_proj.weight")]:
         prefix = key.removesuffix("0.gate_proj.weight")
         n = sum(1 for k in state if k.startswith(prefix) and k.endswith(".gate_proj.weight"))

@@ -14,8 +14,13 @@ Where the layouts differ from effllm, the export says so rather than guess:
 - RoPE: effllm rotates the two halves of each rotary slice (as Llama does); DeepSeek's own
   checkpoints rotate interleaved pairs. The DeepseekV3 config is written with
   `rope_interleave: false`, which selects the half-rotation in transformers.
-- Multi-token prediction modules serve training and drafting only; transformers' DeepseekV3 does
-  not run them, so they are left out and the card says so.
+- Multi-token prediction modules: in the DeepseekV3 layout they are written as DeepSeek's own
+  checkpoints write theirs, as the layers after the last (`model.layers.{n_layers + k}`: `enorm`,
+  `hnorm`, `eh_proj`, `shared_head.norm`, the block's tensors, and copies of the embedding and
+  head), with `num_nextn_predict_layers` set; DeepSeek's `eh_proj` reads [embedding; hidden],
+  effllm's `proj` [hidden; embedding], so its two column halves are swapped (`swap_mtp_inputs`).
+  transformers does not run them (it leaves those tensors unloaded); vLLM and SGLang draft with
+  them. The Llama layout has no place for them: they are left out and the card says so.
 - An option that transformers' layout cannot express makes the export refuse, naming it
   (`check_exportable`): MoE with MHA attention, softmax routing, MoE layers without shared experts,
   latent norms with an epsilon other than transformers' 1e-6.
@@ -56,6 +61,7 @@ class ExportConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the exported weights
     overwrite: bool = False  # replace `out` if it holds an earlier effllm export (and nothing else)
     data_dir: str | None = None  # the prepared data, if its manifest is neither in the run nor at its recorded data_dir
+    mtp: bool = True  # DeepseekV3 layout: MTP modules as the layers after the last, as DeepSeek's (transformers ignores them)
 
 
 def layout(cfg: ModelConfig) -> str:
@@ -113,7 +119,7 @@ def _rope_fields(theta: float, mla=None) -> dict:
     return {"rope_theta": theta, "rope_scaling": dict(yarn), "rope_parameters": {**yarn, "rope_theta": theta}}
 
 
-def hf_config(cfg: ModelConfig, eot_id: int | None = None, dtype: str = "float32") -> dict:
+def hf_config(cfg: ModelConfig, eot_id: int | None = None, dtype: str = "float32", mtp: bool = True) -> dict:
     """The transformers config.json for a model of config `cfg`."""
     kind = layout(cfg)
     common = {
@@ -133,7 +139,7 @@ def hf_config(cfg: ModelConfig, eot_id: int | None = None, dtype: str = "float32
            "q_lora_rank": m.q_lora_rank or None, "kv_lora_rank": m.kv_lora_rank,
            "qk_nope_head_dim": m.qk_nope_head_dim, "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim,
            "rope_interleave": False,  # effllm rotates halves, not interleaved pairs
-           "num_nextn_predict_layers": 0,  # the MTP modules are not exported
+           "num_nextn_predict_layers": cfg.mtp_depth if mtp else 0,  # the layers after the last, as DeepSeek's
            **_rope_fields(m.rope_theta, m)}
     if cfg.ffn == "moe" and cfg.first_k_dense < cfg.n_layers:
         e = cfg.moe
@@ -154,13 +160,26 @@ _ATTN_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "
 _MLP_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
-def hf_names(key: str, n_experts: int = 0) -> list[str] | None:
+_MTP_NAMES = {"hidden_norm": "hnorm", "embed_norm": "enorm", "proj": "eh_proj", "out_norm": "shared_head.norm"}
+MTP_SHARED = {"model.embed_tokens.weight": "embed_tokens.weight", "lm_head.weight": "shared_head.head.weight"}
+
+
+def hf_names(key: str, n_experts: int = 0, n_layers: int | None = None) -> list[str] | None:
     """The transformers name(s) of effllm tensor `key`: one name, or one per expert for the stacked
-    (E, ...) expert weights; None for what is not exported (the MTP modules). The one mapping, read
+    (E, ...) expert weights. The MTP modules are named as DeepSeek's checkpoints name theirs, as the
+    layers after the model's `n_layers` (module k is layer n_layers + k); without `n_layers` (the
+    Llama layout, which has no place for them) they are not exported: None. The one mapping, read
     both ways: by the export (`hf_state_dict`) and the import (`load_hf`)."""
     parts = key.split(".")
     if parts[0] == "mtp":
-        return None
+        if n_layers is None:
+            return None
+        layer = n_layers + int(parts[1])
+        if parts[2] == "block":
+            return hf_names(".".join(["blocks", str(layer), *parts[3:]]), n_experts)
+        if parts[2] in _MTP_NAMES:
+            return [f"model.layers.{layer}.{_MTP_NAMES[parts[2]]}.weight"]
+        raise ConfigError(f"no transformers name for effllm tensor {key}")
     top = {"tok_emb": "model.embed_tokens.weight", "norm": "model.norm.weight", "head": "lm_head.weight"}
     if parts[0] in top:
         return [top[parts[0]]]
@@ -185,21 +204,37 @@ def hf_names(key: str, n_experts: int = 0) -> list[str] | None:
     raise ConfigError(f"no transformers name for effllm tensor {key}")
 
 
-def hf_state_dict(model: Transformer, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """model's weights under transformers' names (MTP modules left out), contiguous, in `dtype`.
+def swap_mtp_inputs(w: torch.Tensor) -> torch.Tensor:
+    """An MTP projection's weight with its two column halves swapped: effllm's `proj` reads
+    [hidden; embedding], DeepSeek's `eh_proj` [embedding; hidden]. Its own inverse."""
+    half = w.shape[1] // 2
+    return torch.cat((w[:, half:], w[:, :half]), dim=1)
+
+
+def hf_state_dict(model: Transformer, dtype: torch.dtype = torch.float32, mtp: bool = True) -> dict[str, torch.Tensor]:
+    """model's weights under transformers' names, contiguous, in `dtype`; in the DeepseekV3 layout
+    with the MTP modules (`mtp`) as the layers after the last (each with copies of the embedding and
+    head, as DeepSeek's checkpoints carry them), in the Llama layout without them.
 
     The balancing bias of each router stays fp32, as transformers keeps it.
     """
-    check_exportable(model.cfg)
+    cfg = model.cfg
+    n_layers = cfg.n_layers if mtp and layout(cfg) == "deepseek_v3" else None
     out: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
-        names = hf_names(key, t.shape[0] if t.dim() else 0)
+        names = hf_names(key, t.shape[0] if t.dim() else 0, n_layers)
         if names is None:
             continue
         keep_fp32 = key.endswith("expert_bias")
+        if key.startswith("mtp.") and key.endswith(".proj.weight"):
+            t = swap_mtp_inputs(t)
         pieces = list(t) if ".ffn.experts." in key else [t]
         for name, piece in zip(names, pieces, strict=True):
             out[name] = piece.detach().to(torch.float32 if keep_fp32 else dtype).contiguous().clone()
+    for k in range(cfg.mtp_depth if n_layers is not None else 0):
+        for main, copy in MTP_SHARED.items():
+            source = out.get(main, out["model.embed_tokens.weight"])  # a tied head is the embedding
+            out[f"model.layers.{n_layers + k}.{copy}"] = source.clone()
     return out
 
 
@@ -245,7 +280,8 @@ def _tokenizer_files(spec: dict, ckpt: Path | None) -> dict[str, str]:
     return {"tokenizer.json": tokenizer, "tokenizer_config.json": json.dumps(config, indent=1) + "\n"}
 
 
-def model_card(cfg: ModelConfig, counts: dict, state: dict | None, manifest: dict | None, kind: str) -> str:
+def model_card(cfg: ModelConfig, counts: dict, state: dict | None, manifest: dict | None, kind: str,
+               mtp: bool = True) -> str:
     """README.md for the export: effllm's model card (effllm.card.card_text: the model, its training,
     its data by licence) under the hub's front matter, then how to load it and the export's notes."""
     front = ["---", "library_name: transformers", "tags: [effllm, " + kind + "]", "pipeline_tag: text-generation",
@@ -260,8 +296,12 @@ def model_card(cfg: ModelConfig, counts: dict, state: dict | None, manifest: dic
              "model = AutoModelForCausalLM.from_pretrained(PATH)", "```", "",
              "## Export notes", "",
              f"- The export holds {counts['total']:,} parameters"
-             + (f": the {counts['mtp']:,} of the multi-token-prediction modules are not exported." if counts["mtp"]
-                else "."),
+             + (f": the {counts['mtp']:,} of the multi-token-prediction modules are not exported (the Llama layout "
+                "has no place for them)." if counts["mtp"] and kind == "llama" else
+                f": the {counts['mtp']:,} of the multi-token-prediction modules are not exported (--no-mtp)."
+                if counts["mtp"] and not mtp else
+                f", and the multi-token-prediction modules ({counts['mtp']:,}) as the layers after the last, as "
+                "DeepSeek's checkpoints hold theirs (transformers leaves them unloaded)." if counts["mtp"] else "."),
              "- RoPE rotates the two halves of each rotary slice, as in Llama"
              + ("; the config sets `rope_interleave: false` (DeepSeek's own checkpoints interleave pairs)."
                 if kind == "deepseek_v3" else "."),
@@ -274,10 +314,11 @@ def model_card(cfg: ModelConfig, counts: dict, state: dict | None, manifest: dic
 
 def save_hf(model: Transformer, out: str | Path, dtype: torch.dtype = torch.float32, state: dict | None = None,
             manifest: dict | None = None, tokenizer_spec: dict | None = None, ckpt: Path | None = None,
-            overwrite: bool = False) -> Path:
-    """Write `model` to `out` in the transformers layout, atomically (temp dir, then rename). A model
-    from a training checkpoint (`state`) needs its data `manifest`: the card lists the data's sources
-    and licences, and is never written without them."""
+            overwrite: bool = False, mtp: bool = True) -> Path:
+    """Write `model` to `out` in the transformers layout, atomically (temp dir, then rename), with
+    its MTP modules in the DeepseekV3 layout unless `mtp` is False. A model from a training
+    checkpoint (`state`) needs its data `manifest`: the card lists the data's sources and licences,
+    and is never written without them."""
 
     cfg = model.cfg
     kind = layout(cfg)  # refuses before anything is written
@@ -289,7 +330,7 @@ def save_hf(model: Transformer, out: str | Path, dtype: torch.dtype = torch.floa
     if ckpt is not None:
         refuse_overlap(out, [ckpt], what="checkpoint")
     claim_output_dir(out, writer="effllm export-hf", owned=EXPORT_FILES, is_ours=is_export, overwrite=overwrite)
-    tensors = hf_state_dict(model, dtype)
+    tensors = hf_state_dict(model, dtype, mtp)
     dtype_name = str(dtype).removeprefix("torch.")
     eot = (tokenizer_spec or {}).get("eot_id")
     tmp = new_temp_dir(out)
@@ -297,13 +338,13 @@ def save_hf(model: Transformer, out: str | Path, dtype: torch.dtype = torch.floa
         if cfg.tie_embeddings:  # transformers ties lm_head to the embedding itself
             tensors.pop("lm_head.weight")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", "exported_by": "effllm"})
-        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, eot, dtype_name), indent=1) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg, eot, dtype_name, mtp), indent=1) + "\n")
         shutil.copymode(tmp / "config.json", tmp / "model.safetensors")  # safetensors writes 0600
         if eot is not None:
             (tmp / "generation_config.json").write_text(json.dumps({"bos_token_id": eot, "eos_token_id": eot}) + "\n")
         for name, text in _tokenizer_files(tokenizer_spec or {}, ckpt).items():
             (tmp / name).write_text(text)
-        (tmp / "README.md").write_text(model_card(cfg, model.param_counts(), state, manifest, kind))
+        (tmp / "README.md").write_text(model_card(cfg, model.param_counts(), state, manifest, kind, mtp))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -332,4 +373,4 @@ def export_hf(cfg: ExportConfig) -> Path:
     manifest = find_manifest(ckpt, state, cfg.data_dir)  # refuses an export without its data's provenance
     model, _, _ = ckpt_io.load_model(ckpt)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    return save_hf(model, cfg.out, dtype, state, manifest, state.get("tokenizer"), ckpt, cfg.overwrite)
+    return save_hf(model, cfg.out, dtype, state, manifest, state.get("tokenizer"), ckpt, cfg.overwrite, cfg.mtp)

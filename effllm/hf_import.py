@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from effllm.errors import ConfigError
-from effllm.hf import HF_LATENT_NORM_EPS, hf_names
+from effllm.hf import HF_LATENT_NORM_EPS, MTP_SHARED, hf_names, swap_mtp_inputs
 from effllm.mla import MLAConfig
 from effllm.model import ModelConfig, Transformer
 from effllm.moe import MoEConfig
@@ -28,9 +28,10 @@ def _refuse(what: str) -> None:
     raise ConfigError(f"cannot import: {what}")
 
 
-def model_config_from_hf(hf: dict) -> ModelConfig:
+def model_config_from_hf(hf: dict, mtp_depth: int = 0) -> ModelConfig:
     """The ModelConfig of a transformers config.json in the Llama or DeepseekV3 layout (the inverse
-    of `hf_config`). What effllm cannot compute the same way is refused by name."""
+    of `hf_config`), with `mtp_depth` MTP modules (the MTP layers the checkpoint holds). What effllm
+    cannot compute the same way is refused by name."""
     kind = hf.get("model_type")
     if kind not in ("llama", "deepseek_v3"):
         _refuse(f"model_type {kind!r}: effllm imports the 'llama' and 'deepseek_v3' layouts")
@@ -69,7 +70,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
                     v_head_dim=hf["v_head_dim"], rope_theta=theta, norm_eps=HF_LATENT_NORM_EPS, **yarn)
     first_dense = hf.get("first_k_dense_replace", 0)
     if first_dense >= hf["num_hidden_layers"]:
-        return ModelConfig(**common, attention="mla", mla=mla)
+        return ModelConfig(**common, attention="mla", mla=mla, mtp_depth=mtp_depth)
     if hf.get("scoring_func", "sigmoid") != "sigmoid" or hf.get("topk_method", "noaux_tc") != "noaux_tc":
         _refuse("a router other than sigmoid scores with noaux_tc top-k (DeepSeek-V3's)")
     moe = MoEConfig(n_routed_experts=hf["n_routed_experts"], n_shared_experts=hf["n_shared_experts"],
@@ -77,7 +78,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
                     route_scale=float(hf.get("routed_scaling_factor", 1.0)),
                     norm_topk_prob=bool(hf.get("norm_topk_prob", True)), n_group=hf.get("n_group") or 1,
                     topk_group=hf.get("topk_group") or 1)
-    return ModelConfig(**common, attention="mla", mla=mla, ffn="moe", moe=moe, first_k_dense=first_dense)
+    return ModelConfig(**common, attention="mla", mla=mla, ffn="moe", moe=moe, first_k_dense=first_dense,
+                       mtp_depth=mtp_depth)
 
 
 def deinterleave_rope(key: str, w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -89,17 +91,42 @@ def deinterleave_rope(key: str, w: torch.Tensor, cfg: ModelConfig) -> torch.Tens
     directly: per head in the query projection (its last R of N + R rows), and the key's R rows
     after the latent in `wkv_a`. Other tensors pass unchanged."""
     m = cfg.mla
-    name = key.split(".")
-    if len(name) < 4 or name[2] != "attn" or name[3] not in ("wq", "wq_b", "wkv_a"):
+    name = key.split(".")  # blocks.{i}.attn.{proj}.weight, or mtp.{k}.block.attn.{proj}.weight
+    proj = name[name.index("attn") + 1] if "attn" in name[:-1] else None
+    if proj not in ("wq", "wq_b", "wkv_a"):
         return w
     R = m.qk_rope_head_dim
     order = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)])
-    if name[3] == "wkv_a":
+    if proj == "wkv_a":
         C = m.kv_lora_rank
         return torch.cat([w[:C], w[C:][order]])
     heads = w.view(cfg.n_heads, m.qk_nope_head_dim + R, -1)
     rope = heads[:, m.qk_nope_head_dim:][:, order]
     return torch.cat([heads[:, :m.qk_nope_head_dim], rope], dim=1).reshape(w.shape)
+
+
+def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """fp32 values of a block-scaled FP8 weight: q (N, K) float8_e4m3fn times `scale_inv`
+    (ceil(N/bn), ceil(K/bk)), one factor per block (DeepSeek-V3's `weight_scale_inv`: despite its
+    name the factor that multiplies, dequantized = q * scale_inv); partial edge blocks included."""
+    N, K = q.shape
+    bn, bk = block
+    want = (-(-N // bn), -(-K // bk))
+    if tuple(scale_inv.shape) != want:
+        raise ConfigError(f"cannot import: a ({N}, {K}) FP8 weight has scales of shape {tuple(scale_inv.shape)}, "
+                          f"{bn}x{bk} blocks need {want}")
+    s = scale_inv.float().repeat_interleave(bn, 0)[:N].repeat_interleave(bk, 1)[:, :K]
+    return q.float() * s
+
+
+def _fp8_block(hf: dict) -> tuple[int, int]:
+    """The (rows, columns) of a block of the checkpoint's FP8 weights (its quantization_config)."""
+    q = hf.get("quantization_config") or {}
+    if q and (q.get("quant_method") != "fp8" or q.get("activation_scheme", "dynamic") != "dynamic"):
+        _refuse(f"quantization_config {q}: effllm dequantizes block-scaled FP8 weights (quant_method 'fp8', dynamic "
+                "activations, DeepSeek-V3's) only")
+    bn, bk = q.get("weight_block_size", (128, 128))
+    return int(bn), int(bk)
 
 
 def _hf_tensors(folder: Path) -> dict[str, Path]:
@@ -129,35 +156,59 @@ def load_hf(folder: str | Path) -> Transformer:
     # the layout); effllm rotates halves: their rows are reordered on import (`deinterleave_rope`).
     interleaved = cfg.attention == "mla" and hf.get("rope_interleave", True)
     where = _hf_tensors(folder)
-    if any(name.endswith("weight_scale_inv") for name in where):
-        _refuse("block-scaled FP8 weights (weight_scale_inv): not yet dequantized on import")
-    mtp = sorted({".".join(n.split(".")[:3]) for n in where
-                  if n.startswith("model.layers.") and int(n.split(".")[2]) >= cfg.n_layers})
-    if mtp:  # DeepSeek's checkpoints store their MTP module as the layer after the last
-        _refuse(f"{', '.join(mtp)} (a multi-token-prediction layer past the {cfg.n_layers} layers): MTP layers are "
-                "not yet imported")
+    layers = {int(n.split(".")[2]) for n in where if n.startswith("model.layers.")}
+    extra = sorted(i for i in layers if i >= hf["num_hidden_layers"])  # DeepSeek's MTP layers follow the last
+    nextn = hf.get("num_nextn_predict_layers", 0) if cfg.attention == "mla" else 0
+    if extra and extra != list(range(hf["num_hidden_layers"], hf["num_hidden_layers"] + len(extra))):
+        _refuse(f"layers {extra} past the {hf['num_hidden_layers']} of config.json are not consecutive MTP layers")
+    if len(extra) > nextn:
+        _refuse(f"{', '.join(f'model.layers.{i}' for i in extra)} past the {cfg.n_layers} layers: config.json's "
+                f"num_nextn_predict_layers={nextn} declares {nextn} multi-token-prediction layers")
+    if extra:
+        cfg = model_config_from_hf(hf, mtp_depth=len(extra))
+    block = _fp8_block(hf)
     model = Transformer(cfg)
     handles: dict[Path, object] = {}  # one open file per shard
+
+    def read(name: str, key: str) -> torch.Tensor:
+        if name not in where:
+            raise ConfigError(f"cannot import: {folder} has no tensor {name} (effllm's {key})")
+        if where[name] not in handles:
+            handles[where[name]] = safe_open(str(where[name]), "pt")
+        t = handles[where[name]].get_tensor(name)
+        used.add(name)
+        if t.dtype == torch.float8_e4m3fn:
+            scale = name.removesuffix("weight") + "weight_scale_inv"
+            if scale not in where:
+                _refuse(f"{name} is FP8 without its {scale}")
+            return dequantize_blocks(t, read(scale, key), block)
+        if t.dtype.is_floating_point and t.dtype.itemsize == 1:
+            _refuse(f"{name} is {t.dtype}: effllm dequantizes float8_e4m3fn block-scaled weights only")
+        return t.float()
+
     used, state = set(), {}
+    n_layers = cfg.n_layers if cfg.attention == "mla" else None
     for key, t in model.state_dict().items():
-        names = hf_names(key, t.shape[0] if t.dim() else 0)
+        names = hf_names(key, t.shape[0] if t.dim() else 0, n_layers)
         if names is None:
             continue
         if key == "head.weight" and cfg.tie_embeddings:
             continue  # tied: the embedding's tensor
-        pieces = []
-        for name in names:
-            if name not in where:
-                raise ConfigError(f"cannot import: {folder} has no tensor {name} (effllm's {key})")
-            if where[name] not in handles:
-                handles[where[name]] = safe_open(str(where[name]), "pt")
-            pieces.append(handles[where[name]].get_tensor(name))
-            used.add(name)
+        pieces = [read(name, key) for name in names]
         value = torch.stack(pieces) if ".ffn.experts." in key else pieces[0]
         if value.shape != t.shape:
             raise ConfigError(f"cannot import: {names[0]} has shape {tuple(value.shape)}, effllm's {key} needs "
                               f"{tuple(t.shape)}")
-        state[key] = deinterleave_rope(key, value.float(), cfg) if interleaved else value.float()
+        if key.startswith("mtp.") and key.endswith(".proj.weight"):
+            value = swap_mtp_inputs(value)
+        state[key] = deinterleave_rope(key, value, cfg) if interleaved else value
+    for k in range(cfg.mtp_depth):  # DeepSeek's MTP layers carry copies of the embedding and head
+        for main, copy in MTP_SHARED.items():
+            name = f"model.layers.{cfg.n_layers + k}.{copy}"
+            if name in where:
+                shared = state["tok_emb.weight" if main.startswith("model.") or cfg.tie_embeddings else "head.weight"]
+                if not torch.equal(read(name, f"mtp.{k}"), shared):
+                    _refuse(f"{name} differs from {main}: effllm's MTP modules share the model's embedding and head")
     unused = sorted(set(where) - used - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
     if unused:
         raise ConfigError(f"cannot import: {len(unused)} tensors of {folder} have no place in effllm's model "

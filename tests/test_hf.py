@@ -85,6 +85,14 @@ def test_expert_tensors_use_deepseeks_per_expert_names():
     assert torch.equal(sd["model.layers.1.mlp.experts.5.up_proj.weight"], model.blocks[1].ffn.experts.w3[5])
     assert sd["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
     assert not [k for k in sd if "mtp" in k]
+    # the MTP module as DeepSeek's layer after the last: eh_proj reads [embedding; hidden], effllm's proj
+    # [hidden; embedding]; the layer carries copies of the embedding and head
+    w, d = model.mtp[0].proj.weight, model.cfg.dim
+    assert torch.equal(sd["model.layers.3.eh_proj.weight"], torch.cat((w[:, d:], w[:, :d]), dim=1))
+    assert torch.equal(sd["model.layers.3.hnorm.weight"], model.mtp[0].hidden_norm.weight)
+    assert torch.equal(sd["model.layers.3.mlp.experts.2.down_proj.weight"], model.mtp[0].block.ffn.experts.w2[2])
+    assert torch.equal(sd["model.layers.3.shared_head.head.weight"], model.head.weight)
+    assert not [k for k in hf_state_dict(model, mtp=False) if k.startswith("model.layers.3.")]
     assert hf_state_dict(model, torch.bfloat16)["model.layers.0.self_attn.kv_b_proj.weight"].dtype == torch.bfloat16
 
 
@@ -157,18 +165,21 @@ def test_cli_exports_a_trained_checkpoint_with_its_card(byte_data, tmp_path, cap
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_export_then_import_gives_back_the_same_weights(name, tmp_path):
-    """load_hf reads the export by the same name mapping: every weight back bit for bit (the MTP
-    modules, which the export leaves out, aside), the config the same model."""
+    """load_hf reads the export by the same name mapping: every weight back bit for bit, the MTP
+    modules' included, the config the same model."""
     from effllm.hf_import import load_hf
 
     cfg = CASES[name]
     model, _ = exported(cfg, tmp_path / name)
     back = load_hf(tmp_path / name)
-    assert back.cfg.attention == cfg.attention and back.cfg.ffn == cfg.ffn and back.cfg.mtp_depth == 0
+    # the same model; what effllm derives comes back explicit (ffn_hidden_dim is config.json's
+    # intermediate_size, norm_topk_prob its own field), and init_std is not used past the init
+    moe = replace(cfg.moe, norm_topk_prob=cfg.moe.renormalize) if cfg.ffn == "moe" else cfg.moe
+    assert back.cfg == replace(cfg, init_std=back.cfg.init_std, ffn_hidden_dim=cfg.hidden_dim, moe=moe)
     theirs = back.state_dict()
+    assert theirs.keys() == model.state_dict().keys()
     for key, t in model.state_dict().items():
-        if not key.startswith("mtp"):
-            assert torch.equal(theirs[key], t), key
+        assert torch.equal(theirs[key], t), key
     x = torch.randint(0, cfg.vocab_size, (2, 17))
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(x)[0], model(x)[0], rtol=0, atol=0)
@@ -232,8 +243,8 @@ def test_what_effllm_cannot_import_is_refused_by_name(change, message, tmp_path)
 
 
 @pytest.mark.parametrize("extra,message", [
-    ("model.layers.2.eh_proj.weight", r"model.layers.2 \(a multi-token-prediction layer"),
-    ("model.layers.0.self_attn.q_proj.weight_scale_inv", "block-scaled FP8 weights"),
+    ("model.layers.2.eh_proj.weight", r"model.layers.2 past the 2 layers: config.json's num_nextn_predict_layers=0"),
+    ("model.layers.0.self_attn.q_proj.weight_scale_inv", "1 tensors of .* have no place in effllm's model"),
     ("model.layers.0.self_attn.rotary_emb.extra", "1 tensors of .* have no place in effllm's model"),
 ])
 def test_checkpoint_tensors_effllm_cannot_place_are_refused_by_name(extra, message, tmp_path):
@@ -246,3 +257,110 @@ def test_checkpoint_tensors_effllm_cannot_place_are_refused_by_name(extra, messa
     save_file({**load_file(str(path)), extra: torch.ones(2, 2)}, str(path))
     with pytest.raises(ConfigError, match=message):
         load_hf(tmp_path / "hf")
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def test_an_imported_mtp_layer_computes_deepseeks_formula(tmp_path):
+    """DeepSeek's MTP layer projects [enorm(embedding); hnorm(hidden)] by eh_proj (embedding first);
+    effllm's module concatenates [hidden; embedding]. The imported module computes DeepSeek's formula,
+    written here from the checkpoint's own tensors, and drafts with it."""
+    from safetensors.torch import load_file
+
+    from effllm.hf_import import load_hf
+
+    cfg = CASES["deepseek_moe_mtp"]
+    exported(cfg, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    t = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    ours = load_hf(tmp_path / "hf").eval()
+    hidden, emb = torch.randn(2, 5, cfg.dim), torch.randn(2, 5, cfg.dim)
+    eps = cfg.norm_eps
+    want = torch.cat((_rms(emb, t["model.layers.3.enorm.weight"], eps), _rms(hidden, t["model.layers.3.hnorm.weight"], eps)),
+                     dim=-1) @ t["model.layers.3.eh_proj.weight"].T
+    m = ours.mtp[0]
+    with torch.no_grad():
+        got = m.proj(torch.cat((m.hidden_norm(hidden), m.embed_norm(emb)), dim=-1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.out_norm.weight, t["model.layers.3.shared_head.norm.weight"], rtol=0, atol=0)
+
+
+def test_an_mtp_layer_with_its_own_embedding_is_refused(tmp_path):
+    """effllm's MTP modules share the model's embedding and head: a checkpoint whose MTP layer holds
+    different ones cannot be expressed."""
+    from safetensors.torch import load_file, save_file
+
+    from effllm.hf_import import load_hf
+
+    exported(CASES["deepseek_moe_mtp"], tmp_path / "hf")
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["model.layers.3.embed_tokens.weight"] = tensors["model.layers.3.embed_tokens.weight"] + 1
+    save_file(tensors, str(path))
+    with pytest.raises(ConfigError, match="model.layers.3.embed_tokens.weight differs from model.embed_tokens"):
+        load_hf(tmp_path / "hf")
+
+
+def _quantize_blocks(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's weight quantization, written out block by block: scale = amax / 448 per bn x bk
+    block (edge blocks partial), q = w / scale in float8_e4m3fn, weight_scale_inv = scale."""
+    n, k = w.shape
+    s = torch.empty(-(-n // bn), -(-k // bk))
+    q = torch.empty(n, k, dtype=torch.float8_e4m3fn)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            block = w[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk]
+            s[i, j] = block.abs().max() / 448.0
+            q[i * bn:(i + 1) * bn, j * bk:(j + 1) * bk] = (block / s[i, j]).to(torch.float8_e4m3fn)
+    return q, s
+
+
+def test_block_scaled_fp8_weights_are_dequantized_on_import(tmp_path):
+    """A checkpoint in DeepSeek-V3's FP8 format (float8_e4m3fn linears with weight_scale_inv per block;
+    24x24 blocks here, so edge blocks are partial): each weight imports as q * its block's scale,
+    element by element, and the model computes what the dequantized weights compute."""
+    from safetensors.torch import load_file, save_file
+
+    from effllm.hf_import import load_hf
+
+    cfg = CASES["deepseek_moe_mtp"]
+    exported(cfg, tmp_path / "hf")
+    path, config = tmp_path / "hf" / "model.safetensors", tmp_path / "hf" / "config.json"
+    tensors = load_file(str(path))
+    want = {}
+    for name in [n for n, t in tensors.items() if t.dim() == 2 and n.endswith("proj.weight")]:
+        q, s = _quantize_blocks(tensors[name], 24, 24)
+        tensors[name], tensors[name + "_scale_inv"] = q, s
+        rows, cols = torch.meshgrid(torch.arange(q.shape[0]) // 24, torch.arange(q.shape[1]) // 24, indexing="ij")
+        want[name] = q.float() * s[rows, cols]
+    assert len(want) > 20 and all(any(t.shape[d] % 24 for t in want.values()) for d in (0, 1))  # partial edge blocks are there
+    save_file(tensors, str(path))
+    config.write_text(json.dumps({**json.loads(config.read_text()), "quantization_config": {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [24, 24]}}))
+    ours = load_hf(tmp_path / "hf")
+    sd = ours.state_dict()
+    assert torch.equal(sd["blocks.1.ffn.experts.w2"][4], want["model.layers.1.mlp.experts.4.down_proj.weight"])
+    assert torch.equal(sd["blocks.0.attn.wkv_b.weight"], want["model.layers.0.self_attn.kv_b_proj.weight"])
+    assert torch.equal(sd["blocks.2.ffn.shared.w1.weight"], want["model.layers.2.mlp.shared_experts.gate_proj.weight"])
+    d = cfg.dim
+    w = want["model.layers.3.eh_proj.weight"]
+    assert torch.equal(sd["mtp.0.proj.weight"], torch.cat((w[:, d:], w[:, :d]), dim=1))
+    # a quantization config effllm does not dequantize is refused by name
+    config.write_text(json.dumps({**json.loads(config.read_text()), "quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(ConfigError, match="quant_method 'fp8'"):
+        load_hf(tmp_path / "hf")
+
+
+def test_dequantized_weights_requantize_to_the_same_fp8_bytes():
+    """effllm's FP8 training quantizes each weight in 128x128 blocks as DeepSeek-V3 does: the
+    dequantized import of a DeepSeek FP8 weight requantizes to its very bytes and scales, so --fp8
+    training starts from the checkpoint's FP8 weights (N = 320: a partial block row)."""
+    from effllm.hf_import import dequantize_blocks
+    from effllm.kernels.fp8_quant import quant_blocks_ref
+
+    q, s = _quantize_blocks(torch.randn(320, 384) * 0.02, 128, 128)
+    q2, s2 = quant_blocks_ref(dequantize_blocks(q, s))
+    assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
+    torch.testing.assert_close(s2, s, rtol=2**-22, atol=0)
