@@ -89,6 +89,9 @@ def card_text(state: dict, counts: dict, manifest: dict, title: str = "# Model c
                 if "train_s" in state else "")
              + (f" (on {state['device_name']}" if state.get("device_name") else f" (device setting: {cfg.get('device')}")
              + f", precision: {cfg.get('precision')}" + (", FP8 linears" if cfg.get("fp8") else "") + ").",
+             *([f"- Started from the weights of the checkpoint `{cfg['init_from']}` (`--init-from`), not from a "
+                "random initialization: what those weights learned before is that checkpoint's record."]
+               if cfg.get("init_from") else []),
              "- Objective: next-token cross-entropy"
              + (f" + {m['mtp_lambda']} x multi-token prediction" if m.get("mtp_depth") else "")
              + (f"; Goldfish loss drops 1/{cfg['goldfish_k']} of target positions (context hash over "
@@ -168,6 +171,10 @@ def find_manifest(ckpt: Path, state: dict, data_dir: str | None = None) -> dict:
     then it must be the right one) and the data directory the run recorded; refused when none holds
     it, so no card or export is ever written without its data's provenance."""
     want = state.get("data_manifest_sha256")
+    if "imported_from" in state:
+        raise CheckpointError(f"{ckpt} holds weights imported from {state['imported_from']['path']} "
+                              "(effllm import-hf), which effllm did not train: their card is the source's own. Train "
+                              "from them (effllm train --from RUN_DIR) and write the card or export of that run")
     if data_dir is not None:
         path = Path(data_dir) / "manifest.json"
         if not path.is_file() or sha256_file(path) != want:

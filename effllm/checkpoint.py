@@ -5,6 +5,9 @@ Layout of a run directory:
     checkpoints/step_00000500/  model.safetensors, optimizer.pt, rng.pt, state.json
     checkpoints/latest          name of the newest complete checkpoint
 
+A weights-only checkpoint (`optimizer=None`: what `effllm import-hf` writes) has no optimizer or
+RNG state; it starts new runs (`--init-from`) and is never resumed.
+
 A checkpoint is written into a hidden temporary directory, every file flushed to disk, its
 sha256 recorded in state.json (written last), and only then renamed into place; `latest` is
 replaced by an atomic rename after that. A process killed at any moment therefore leaves the
@@ -39,7 +42,7 @@ def save_checkpoint(
     root: str | Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     state: dict,
     extra_files: dict[str, Path] | None = None,
     keep: int = 2,
@@ -50,7 +53,7 @@ def save_checkpoint(
 
     `model_state` / `optimizer_state`, when given, are written instead of `model` and `optimizer`'s
     own state dicts: a distributed run passes the full states gathered from its ranks, in the
-    single-device layout."""
+    single-device layout. With `optimizer` None the checkpoint holds the weights only."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
@@ -67,12 +70,14 @@ def save_checkpoint(
     else:
         save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"),
                   metadata=metadata)
-    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
-    shutil.copymode(tmp / "optimizer.pt", tmp / "model.safetensors")  # safetensors writes 0600; the rest follow the umask
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
+    if optimizer is not None or optimizer_state is not None:
+        torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+    else:
+        state = {**state, "weights_only": True}
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, tmp / name)
     files = sorted(p.name for p in tmp.iterdir())
@@ -81,6 +86,7 @@ def save_checkpoint(
             os.fsync(fh.fileno())
     state = {"format": STATE_FORMAT, "step": step, **state, "files": {n: sha256_file(tmp / n) for n in files}}
     write_file_synced(tmp / "state.json", (json.dumps(state, indent=1) + "\n").encode())
+    shutil.copymode(tmp / "state.json", tmp / "model.safetensors")  # safetensors writes 0600; the rest follow the umask
     fsync_dir(tmp)
 
     replace_dir(tmp, final)  # the same step may be saved again after a resume

@@ -32,6 +32,7 @@ from effllm.docfields import documented
 from effllm.errors import ConfigError, EffllmError, TrainingInterrupted
 from effllm.eu_summary import SUMMARY_JSON, write_summary_for
 from effllm.hf import ExportConfig, export_hf
+from effllm.hf_import import ImportConfig, import_hf
 from effllm.model import ModelConfig, Transformer, describe_params
 from effllm.mtp import speculative_generate
 from effllm.parallelize import exit_rank
@@ -44,11 +45,13 @@ USAGE = """usage: effllm <command> [options]
 
 commands:
   prepare    tokenize the embedded corpus (Python's standard library) or your own text/jsonl
+             (--tokenizer byte | bpe | path/to/tokenizer.json)
   train      train a recipe:  effllm train <recipe | config.json | --from RUN_DIR> [--field value ...]
   eval       score a checkpoint:  effllm eval --checkpoint DIR [--data-dir D]  (loss, perplexity, bits/byte)
   generate   sample from a checkpoint:  effllm generate --checkpoint DIR --prompt "..."
   card       write MODEL_CARD.md for a checkpoint:  effllm card --checkpoint DIR [--eu-summary]
   export-hf  write a checkpoint in the Hugging Face transformers layout:  effllm export-hf --checkpoint DIR --out DIR
+  import-hf  make a transformers checkpoint an effllm run to train on:  effllm import-hf HF_DIR --out RUN_DIR
   recipes    list the recipes: parameters and what each is for
 
 `effllm <command> --help` lists every option.
@@ -377,10 +380,32 @@ def cmd_export_hf(args: list[str]) -> None:
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+def cmd_import_hf(args: list[str]) -> None:
+    if args and not args[0].startswith("-"):  # effllm import-hf DIR --out RUN_DIR
+        args = ["--source", *args]
+    cfg = parse(ImportConfig, args, "effllm import-hf",
+                "Import a transformers checkpoint (Llama or DeepseekV3 layout) as an effllm run directory whose "
+                "weights start new runs: effllm train --from RUN_DIR --data-dir DATA --out-dir NEW_RUN.")
+    out = import_hf(cfg)
+    ckpt = ckpt_io.resolve_checkpoint(out)
+    state = ckpt_io.read_state(ckpt)
+    model = ModelConfig.from_dict(state["config"]["model"])
+    tok = state["tokenizer"]
+    with torch.device("meta"):  # counted without allocating
+        counts = Transformer(model).param_counts()
+    print(f"imported {cfg.source} into {out} ({describe_params(counts)})")
+    if tok is None:
+        print(f"note: {cfg.source} has no tokenizer.json: prepare data with the model's tokenizer "
+              "(effllm prepare --tokenizer path/to/tokenizer.json)", file=sys.stderr)
+    prep = f"effllm prepare --tokenizer {ckpt / 'tokenizer.json'} ... --out DATA" if tok and tok["kind"] == "file" else \
+        f"effllm prepare --tokenizer {tok['kind']} ... --out DATA" if tok else "effllm prepare ... --out DATA"
+    print(f"continue training it: {prep}, then effllm train --from {out} --data-dir DATA --out-dir runs/NAME")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"prepare": cmd_prepare, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-                "export-hf": cmd_export_hf,
+                "export-hf": cmd_export_hf, "import-hf": cmd_import_hf,
                 "card": cmd_card,
                 "recipes": lambda a: print(recipe_table())}
     if not argv or argv[0] in ("-h", "--help"):

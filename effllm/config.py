@@ -85,6 +85,7 @@ class TrainConfig:
     ckpt_interval: int = 500  # steps between checkpoints (and at the end); 0 = only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     resume: bool = False  # continue from the latest checkpoint in out_dir
+    init_from: str | None = None  # a new run starts from this checkpoint's weights (e.g. `effllm import-hf`'s), fresh optimizer
     progress: bool = True  # show a progress bar
     tensorboard: bool = False  # also write the metrics as TensorBoard events in out_dir/tensorboard (effllm[tensorboard])
     memory_check: bool = True  # refuse, before allocating, a run whose memory estimate exceeds the device's free memory

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -62,9 +63,16 @@ def replace_dir(new: Path, target: Path) -> None:
 
 def new_temp_dir(target: Path) -> Path:
     """A new, uniquely named hidden folder beside `target` (same file system, so a rename moves it
-    into place), for a writer to fill before `replace_dir`."""
+    into place), for a writer to fill before `replace_dir`. Made by mkdir, so its mode follows the
+    umask as any folder's does (mkdtemp's 0700 would make every output private once renamed)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    while True:
+        path = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def resolved(path: str | Path) -> Path:

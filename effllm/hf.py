@@ -271,8 +271,8 @@ def _tokenizer_files(spec: dict, ckpt: Path | None) -> dict[str, str]:
         # id 0 is byte NUL, which effllm removes from text and uses as end-of-text: config.json's
         # bos/eos_token_id 0, so the tokenizer's eos and bos are the character that stands for it
         eot = next(char for char, i in table["model"]["vocab"].items() if i == 0)
-    elif spec.get("kind") == "bpe" and ckpt is not None and (ckpt / "tokenizer.json").is_file():
-        tokenizer, eot = (ckpt / "tokenizer.json").read_text(), EOT_TEXT
+    elif spec.get("kind") in ("bpe", "file") and ckpt is not None and (ckpt / "tokenizer.json").is_file():
+        tokenizer, eot = (ckpt / "tokenizer.json").read_text(), spec.get("eot_token", EOT_TEXT)
     else:
         return {}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,

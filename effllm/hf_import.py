@@ -12,16 +12,36 @@ that has no place in its model, is refused by name.
 from __future__ import annotations
 
 import json
+import shutil
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from effllm import checkpoint as ckpt_io
+from effllm.config import TrainConfig
+from effllm.docfields import documented
 from effllm.errors import ConfigError
-from effllm.hf import HF_LATENT_NORM_EPS, MTP_SHARED, hf_names, swap_mtp_inputs
+from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved, sha256_file
+from effllm.hf import HF_LATENT_NORM_EPS, MTP_SHARED, byte_tokenizer_json, hf_names, swap_mtp_inputs
 from effllm.mla import MLAConfig
 from effllm.model import ModelConfig, Transformer
 from effllm.moe import MoEConfig
+from effllm.tokenizer import ByteTokenizer, FileTokenizer, tokenizer_spec
+
+IMPORTED_FILES = ("config.json", "checkpoints")  # all that `import_hf` writes in a run directory
+
+
+@documented
+@dataclass
+class ImportConfig:
+    """Options of `effllm import-hf`."""
+
+    source: str  # a transformers checkpoint folder: config.json and safetensors (one file or sharded), tokenizer.json
+    out: str  # the run directory to write (new or empty, unless --overwrite replaces an earlier import)
+    eot_token: str | None = None  # the tokenizer's end-of-document token; None = tokenizer_config.json's eos_token
+    overwrite: bool = False  # replace `out` if it holds an earlier effllm import-hf (and nothing else)
 
 
 def _refuse(what: str) -> None:
@@ -215,3 +235,71 @@ def load_hf(folder: str | Path) -> Transformer:
                           f"({', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''})")
     model.load_state_dict(state, strict=False)
     return model
+
+
+def _tokenizer(folder: Path, eot_token: str | None):
+    """The checkpoint's tokenizer (tokenizer.json in `folder`), or None: effllm's byte tokenizer when
+    the file is effllm's export of it, else the file as it is (`FileTokenizer`)."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        if json.loads(path.read_text()) == byte_tokenizer_json():
+            return ByteTokenizer()
+    except (ValueError, UnicodeDecodeError):
+        pass  # FileTokenizer.open names what is wrong with the file
+    return FileTokenizer.open(path, eot_token)
+
+
+def _is_import(directory: Path) -> bool:
+    try:
+        return "imported_from" in ckpt_io.read_state(ckpt_io.resolve_checkpoint(directory))
+    except Exception:  # not a checkpoint at all, or a damaged one: not ours to replace
+        return False
+
+
+def import_hf(cfg: ImportConfig) -> Path:
+    """Write the transformers checkpoint `cfg.source` as an effllm run directory `cfg.out`:
+
+        checkpoints/step_00000000/  model.safetensors (fp32), state.json, tokenizer.json (if any)
+        config.json                 a TrainConfig of the model, with init_from the checkpoint
+
+    The checkpoint holds weights only (`load_hf`'s model): `effllm generate`, `eval`, `card`,
+    `export-hf` read it as any checkpoint, and `effllm train --from OUT --data-dir D --out-dir RUN`
+    starts a new run from its weights (the data prepared with `--tokenizer OUT/checkpoints/
+    step_00000000/tokenizer.json`). state.json records where the weights came from: the folder and
+    the sha256 of each file read. Written into a hidden folder that replaces `out` once complete."""
+    source = resolved(cfg.source)
+    out = resolved(cfg.out)
+    refuse_overlap(out, [source], what="checkpoint")
+    claim_output_dir(out, writer="effllm import-hf", owned=IMPORTED_FILES, is_ours=_is_import, overwrite=cfg.overwrite)
+    model = load_hf(source)  # every refusal before anything is written
+    tokenizer = _tokenizer(source, cfg.eot_token)
+    if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ConfigError(f"{source / 'tokenizer.json'} has {tokenizer.vocab_size:,} tokens, the model's embedding "
+                          f"{model.cfg.vocab_size:,}: this tokenizer is not the model's")
+    hf = json.loads((source / "config.json").read_text())
+    files = sorted({*_hf_tensors(source).values(), source / "config.json"}
+                   | ({source / "model.safetensors.index.json"} if (source / "model.safetensors.index.json").is_file()
+                      else set()))
+    train_cfg = TrainConfig(model=model.cfg, seq_len=min(256, model.cfg.max_seq_len), init_from=str(out))
+    tmp = new_temp_dir(out)
+    try:
+        extra = {}
+        if tokenizer is not None and tokenizer.kind == "file":
+            shutil.copyfile(source / "tokenizer.json", tmp / "tokenizer.json")
+            extra["tokenizer.json"] = tmp / "tokenizer.json"
+        state = {"config": asdict(replace(train_cfg, init_from=None)),
+                 "tokenizer": tokenizer_spec(tokenizer, tmp) if tokenizer is not None else None,
+                 "imported_from": {"path": str(source), "model_type": hf.get("model_type"),
+                                   "architectures": hf.get("architectures"),
+                                   "files": {str(f.relative_to(source)): sha256_file(f) for f in files}},
+                 "tokens_seen": 0}
+        ckpt_io.save_checkpoint(tmp / "checkpoints", 0, model, None, state, extra_files=extra, keep=1)
+        (tmp / "tokenizer.json").unlink(missing_ok=True)
+        (tmp / "config.json").write_text(json.dumps(asdict(train_cfg), indent=1) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, out)
+    return out

@@ -2,7 +2,8 @@
 
 `prepare()` reads the embedded default corpus (the Python standard library's own .py files, PSF
 licence) or a user's text / jsonl files and folders (effllm/sources.py), filters their documents
-(effllm/filters.py), tokenizes them (effllm/tokenizer.py: bytes, or a BPE trained here), and
+(effllm/filters.py), tokenizes them (effllm/tokenizer.py: bytes, a BPE trained here, or an existing
+tokenizers file given with --tokenizer, e.g. a checkpoint's tokenizer.json), and
 writes into one directory:
 
     train.bin, val.bin   flat token ids (uint16 when the vocabulary fits, else uint32), one
@@ -10,7 +11,7 @@ writes into one directory:
     manifest.json        every source file (path, sha256, bytes, tokens, split, licence), the
                          tokenizer, the split rule, the filters, the languages and domains
                          (effllm/content.py) and the totals
-    tokenizer.json       the trained BPE (BPE only)
+    tokenizer.json       the trained BPE, or a byte-for-byte copy of the given file
 
 The output is a pure function of the input files and options: re-running gives byte-identical
 files. It is written into a hidden folder that replaces the output only once complete. Only one
@@ -27,7 +28,6 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -37,7 +37,7 @@ from effllm.data import MANIFEST_FORMAT
 from effllm.docfields import documented
 from effllm.errors import ConfigError, DataError
 from effllm.filters import DocumentFilter
-from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved, sha256_file
+from effllm.fsutil import claim_output_dir, new_temp_dir, refuse_overlap, replace_dir, resolved
 from effllm.licenses import licence_list
 from effllm.sources import (
     DEFAULT_EXTENSIONS,
@@ -49,7 +49,7 @@ from effllm.sources import (
     stdlib_source,
     user_sources,
 )
-from effllm.tokenizer import BPETokenizer, ByteTokenizer
+from effllm.tokenizer import BPETokenizer, ByteTokenizer, FileTokenizer, tokenizer_spec
 
 SPLIT_RULE = "a document is in val when the first 8 bytes of sha256(document id), big-endian, are < val_fraction * 2**64"
 PREPARED_FILES = ("train.bin", "val.bin", "manifest.json", "tokenizer.json")  # all that `prepare` writes
@@ -68,8 +68,9 @@ class PrepareConfig:
     origin_field: str | None = None  # jsonl: the record field holding the document's origin URL (for opt-outs)
     date_field: str | None = None  # jsonl: the record field holding its collection date (ISO 8601), for the period
     near_dup_threshold: float = 0.0  # drop documents this similar (MinHash Jaccard) to an earlier one; 0 = off
-    tokenizer: Literal["byte", "bpe"] = "byte"  # byte-level (vocab 256) or a BPE trained on the train split
-    vocab_size: int = 4096  # BPE vocabulary size (ignored for byte)
+    tokenizer: str = "byte"  # "byte" (vocab 256), "bpe" (trained on the train split), or a tokenizers file (tokenizer.json)
+    eot_token: str | None = None  # tokenizer file: its special token ending each document; None = its tokenizer_config.json's eos
+    vocab_size: int = 4096  # BPE vocabulary size (ignored for byte and a tokenizer file)
     val_fraction: float = 0.02  # share of documents held out for validation
     text_field: str = "text"  # the field of each jsonl record that holds its text
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS  # which files of a folder are read
@@ -198,7 +199,7 @@ def _tokenize(corpus: _Corpus, tokenizer, dtype, tmp: Path, progress: bool) -> t
 
 
 def _manifest(cfg: PrepareConfig, corpus: _Corpus, filters: DocumentFilter, tokenizer, dtype, tmp: Path,
-              counts: np.ndarray, content: ContentStats) -> dict:
+              counts: np.ndarray, content: ContentStats, tokenizer_source: Path | None = None) -> dict:
     """The manifest of the prepared files in `tmp`: sources and licences, tokenizer, split, totals,
     filters, drops, languages and domains, and every file."""
     entries = corpus.entries
@@ -208,9 +209,7 @@ def _manifest(cfg: PrepareConfig, corpus: _Corpus, filters: DocumentFilter, toke
     val = np.fromfile(tmp / "val.bin", dtype=dtype)
     logp = np.log((counts + 1) / (counts.sum() + len(counts)))
     unigram = float(-np.mean(logp[val]))
-    tok_spec = {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id}
-    if tokenizer.kind == "bpe":
-        tok_spec |= {"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")}
+    tok_spec = tokenizer_spec(tokenizer, tmp)  # the file's path is not part of it: the same file anywhere is the same
     return {
         "format": MANIFEST_FORMAT,
         "sources": [
@@ -220,6 +219,7 @@ def _manifest(cfg: PrepareConfig, corpus: _Corpus, filters: DocumentFilter, toke
             for s in corpus.sources
         ],
         "tokenizer": tok_spec,
+        **({"tokenizer_source": str(tokenizer_source)} if tokenizer_source is not None else {}),
         "dtype": np.dtype(dtype).name,
         "split": {"rule": SPLIT_RULE, "val_fraction": cfg.val_fraction, "document_id": "path relative to "
                   "its source root, plus ':line' for a jsonl record"}
@@ -242,6 +242,12 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     if not 0 < cfg.val_fraction < 1:
         raise ConfigError(f"val_fraction={cfg.val_fraction} cannot work — use a share in (0, 1), e.g. 0.01 (1% of "
                           "the documents for validation)")
+    if cfg.tokenizer not in ("byte", "bpe") and not Path(cfg.tokenizer).is_file():
+        raise ConfigError(f"--tokenizer {cfg.tokenizer}: neither 'byte', 'bpe' nor an existing file — pass byte, bpe, "
+                          "or the path of a tokenizers file (e.g. a checkpoint's tokenizer.json)")
+    if cfg.eot_token is not None and cfg.tokenizer in ("byte", "bpe"):
+        raise ConfigError(f"--eot-token is read with a tokenizer file only; the {cfg.tokenizer} tokenizer ends documents "
+                          "with its own id 0: drop --eot-token, or pass --tokenizer path/to/tokenizer.json")
     if cfg.tokenizer == "bpe" and not 256 < cfg.vocab_size < 2**31:
         raise ConfigError(f"vocab_size={cfg.vocab_size} cannot work for a BPE — use more than the 256 byte symbols, "
                           "e.g. 4096")
@@ -260,8 +266,11 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     corpus = _read(cfg, sources, filters, progress)
 
     # Pass 2 (BPE only): learn merges from the train split alone, so val stays unseen.
+    source = None if cfg.tokenizer in ("byte", "bpe") else resolved(cfg.tokenizer)
     if cfg.tokenizer == "byte":
         tokenizer = ByteTokenizer()
+    elif source is not None:
+        tokenizer = FileTokenizer.open(source, cfg.eot_token)
     else:
         train_texts = (text for i in range(len(corpus.files)) for _, text, _, _ in corpus.documents(i, "train"))
         tokenizer = BPETokenizer.train(train_texts, cfg.vocab_size)
@@ -270,8 +279,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     tmp = new_temp_dir(out)  # replaces `out` only once complete, removed on failure
     try:
         counts, content = _tokenize(corpus, tokenizer, dtype, tmp, progress)
-        tokenizer.save(tmp)
-        manifest = _manifest(cfg, corpus, filters, tokenizer, dtype, tmp, counts, content)
+        tokenizer.save(tmp, source) if source is not None else tokenizer.save(tmp)
+        manifest = _manifest(cfg, corpus, filters, tokenizer, dtype, tmp, counts, content, source)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -36,6 +36,7 @@ from effllm.parallelize import (
     shard_experts,
     wrap_data_parallel,
 )
+from effllm.tokenizer import same_tokenizer
 
 
 @dataclass
@@ -57,13 +58,13 @@ NO_FP8 = ("fp8=True but no linear of this model can run in FP8: block scaling ne
 
 
 def build_run(cfg: TrainConfig, env: DistEnv, device: torch.device, resume_from: Path | None = None,
-              model_hook: Callable[[Transformer], None] | None = None) -> Run:
+              model_hook: Callable[[Transformer], None] | None = None, init_from: Path | None = None) -> Run:
     """The run of `cfg` on this rank, built in the order that works:
 
     1. the model, seeded by cfg.seed (the same initial model on every rank), on `device`;
     2. FP8 (cfg.fp8): linears and experts swapped, the same Parameters, before the optimizer;
-    3. with `resume_from`, the checkpoint's full weights, before any sharding (any world size loads
-       any other's checkpoint);
+    3. with `resume_from` (or `init_from`, a new run's starting weights), the checkpoint's full
+       weights, before any sharding (any world size loads any other's checkpoint);
     4. `model_hook(model)` (see `effllm.train.train`);
     5. activation checkpointing, expert parallelism, then torch.compile and FSDP2 or DDP
        (`wrap_data_parallel`), or torch.compile alone on one process;
@@ -78,8 +79,8 @@ def build_run(cfg: TrainConfig, env: DistEnv, device: torch.device, resume_from:
         raise ConfigError(NO_FP8.format(tile=TILE, dim=cfg.model.dim))
     if fp8_report is not None:  # what the converted layers' "auto" runs on this device
         fp8_report["backend"] = fp8_backend(device)
-    if resume_from is not None:
-        ckpt_io.load_weights(resume_from, model)
+    if resume_from is not None or init_from is not None:
+        ckpt_io.load_weights(resume_from or init_from, model)
     if model_hook is not None:
         model_hook(model)
     counts = model.param_counts()
@@ -134,7 +135,7 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | Path | None = None, ma
     run_cfg = state["config"]
     data_dir = Path(data_dir or state.get("data_dir_resolved") or run_cfg["data_dir"])
     data = TokenDataset(data_dir)
-    if data.manifest["tokenizer"] != state["tokenizer"]:
+    if not same_tokenizer(data.manifest["tokenizer"], state["tokenizer"]):
         raise DataError(f"{data_dir} is tokenized with {data.manifest['tokenizer']}, the model with "
                         f"{state['tokenizer']} — prepare that data with the model's tokenizer, or evaluate on data "
                         "that has it")

@@ -51,6 +51,7 @@ from effllm.model import Transformer, describe_params
 from effllm.moe import load_stats
 from effllm.parallelize import DistEnv, dist_env, gather_full_state, init_distributed
 from effllm.run import Run, build_run, evaluate, optimizer_update, step_losses
+from effllm.tokenizer import same_tokenizer
 
 __all__ = ["OptimConfig", "TrainConfig", "saved_config", "train"]  # the configs are effllm.config's
 
@@ -84,6 +85,7 @@ def train(cfg: TrainConfig, model_hook: Callable[[Transformer], None] | None = N
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({data.vocab_size}) of {cfg.data_dir}: pass --model.vocab-size {data.vocab_size}")
     data.check_seq_len(cfg.seq_len)
+    init_from = check_init_from(cfg, data) if cfg.init_from and not cfg.resume else None
     if cfg.tensorboard:
         check_tensorboard()
     env = dist_env()  # rank 0 of 1 unless launched by torchrun
@@ -94,7 +96,7 @@ def train(cfg: TrainConfig, model_hook: Callable[[Transformer], None] | None = N
         memory = estimate_memory(cfg, device, env.world_size)
         if cfg.memory_check:  # ranks on one CPU share its memory
             check_fits(cfg, memory, device, ranks_sharing=env.local_world_size if device.type == "cpu" else 1)
-        return _train(cfg, data, env, device, model_hook, memory)
+        return _train(cfg, data, env, device, model_hook, memory, init_from)
     finally:
         # A process group this call opened is closed here. gloo's worker threads can outlive this
         # (the groups are also held on the C++ side), and one that releases a finished work item
@@ -102,6 +104,29 @@ def train(cfg: TrainConfig, model_hook: Callable[[Transformer], None] | None = N
         # command therefore ends torchrun ranks without finalization (parallelize.exit_rank).
         if owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def check_init_from(cfg: TrainConfig, data: TokenDataset) -> Path:
+    """The verified checkpoint whose weights start the run (cfg.init_from), before anything is
+    allocated: its model must be cfg.model (the fields that set shapes and the function), and the
+    data must be tokenized with its tokenizer."""
+    ckpt = ckpt_io.resolve_checkpoint(cfg.init_from)
+    state = ckpt_io.read_state(ckpt)
+    saved = TrainConfig.from_dict(state["config"]).model
+    diff = saved.resume_changes(cfg.model)
+    if diff:
+        listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"--init-from {ckpt} holds a different model ({listing}): start from it with its own model "
+                          f"config (`effllm train --from {ckpt.parent.parent}` takes it), changing only what a resume "
+                          "may change")
+    spec = state.get("tokenizer")
+    if spec is not None and not same_tokenizer(spec, data.manifest["tokenizer"]):
+        hint = (f"prepare the data with `effllm prepare --tokenizer {ckpt / spec['file']}`" if spec.get("file")
+                else f"prepare the data with `effllm prepare --tokenizer {spec['kind']}`")
+        raise ConfigError(f"{cfg.data_dir} is tokenized with {data.manifest['tokenizer']['kind']} "
+                          f"(sha256 {data.manifest['tokenizer'].get('sha256', '-')[:12]}), the weights of {ckpt} with "
+                          f"{spec['kind']} (sha256 {spec.get('sha256', '-')[:12]}): {hint}")
+    return ckpt
 
 
 def _resumed(cfg: TrainConfig, data: TokenDataset, ckpt_root: Path) -> tuple[TrainConfig, Path | None, dict | None, dict]:
@@ -118,6 +143,9 @@ def _resumed(cfg: TrainConfig, data: TokenDataset, ckpt_root: Path) -> tuple[Tra
     if not cfg.resume:  # the schedule's span is recorded, so that a resume with a larger max_steps keeps it
         return replace(cfg, optim=replace(cfg.optim, schedule_steps=schedule_steps(cfg))), None, None, {}
     state = ckpt_io.read_state(resume_from)
+    if state.get("weights_only"):
+        raise CheckpointError(f"{resume_from} holds weights only (no optimizer state), so it cannot be resumed: start a "
+                              f"new run from it with --init-from {resume_from.parent.parent} and another --out-dir")
     saved = TrainConfig.from_dict(state["config"])
     ckpt_io.check_model_config(resume_from, saved.model, cfg.model)
     if state["data_manifest_sha256"] != data.manifest_sha256:
@@ -155,7 +183,7 @@ def _save(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, step: in
             torch.distributed.barrier()
             return None
     extra_files = {MANIFEST_COPY: out / MANIFEST_COPY}
-    if data.tokenizer.kind == "bpe":
+    if data.tokenizer.kind in ("bpe", "file"):
         extra_files["tokenizer.json"] = data.dir / "tokenizer.json"
     path = ckpt_io.save_checkpoint(
         out / "checkpoints", step, run.model, run.optimizer, keep=cfg.keep_checkpoints, extra_files=extra_files,
@@ -177,10 +205,10 @@ def _save(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, step: in
 
 
 def _train(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.device, model_hook=None,
-           memory: MemoryEstimate | None = None) -> dict:
+           memory: MemoryEstimate | None = None, init_from: Path | None = None) -> dict:
     ckpt_root = Path(cfg.out_dir) / "checkpoints"
     cfg, resume_from, state, changes = _resumed(cfg, data, ckpt_root)
-    run = build_run(cfg, env, device, resume_from, model_hook)
+    run = build_run(cfg, env, device, resume_from, model_hook, init_from=None if resume_from else init_from)
     start = {"step": 0, "elapsed_s": 0.0, "tokens_seen": 0, "eval_s": 0.0, "ckpt_s": 0.0, "val_loss": None} | (state or {})
     log = _open_run_dir(cfg, data, env, start["step"])
     try:

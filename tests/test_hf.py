@@ -364,3 +364,51 @@ def test_dequantized_weights_requantize_to_the_same_fp8_bytes():
     q2, s2 = quant_blocks_ref(dequantize_blocks(q, s))
     assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8))
     torch.testing.assert_close(s2, s, rtol=2**-22, atol=0)
+
+
+def test_import_hf_makes_a_run_whose_weights_start_new_training(byte_data, tmp_path, capsys):
+    """train -> export-hf -> import-hf -> train --from: the new run starts from exactly the trained
+    weights (seen by a model hook before the first step), generates what the original does, and the
+    imported checkpoint (weights only) is refused for a resume, a different model and other data."""
+    from effllm.cli import from_run
+    from effllm.errors import CheckpointError
+
+    train(tiny_train_config(byte_data, tmp_path / "run", max_steps=4))
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")]) == 0
+    printed = capsys.readouterr().out
+    assert "imported" in printed and f"effllm train --from {tmp_path / 'imported'}" in printed
+    ckpt = ckpt_io.resolve_checkpoint(tmp_path / "imported")
+    state = ckpt_io.read_state(ckpt)
+    assert state["weights_only"] and state["tokenizer"]["kind"] == "byte"  # effllm's byte table, recognised
+    assert state["imported_from"]["path"] == str(tmp_path / "hf")
+    assert set(state["imported_from"]["files"]) == {"config.json", "model.safetensors"}
+    assert not (ckpt / "optimizer.pt").exists()
+    trained, _, _ = ckpt_io.load_model(tmp_path / "run")
+
+    start = {}
+    cfg = replace(from_run(tmp_path / "imported"), data_dir=str(byte_data), out_dir=str(tmp_path / "ft"), max_steps=2,
+                  batch_size=2, seq_len=32, eval_interval=2, eval_tokens=64, progress=False, device="cpu")
+    assert cfg.init_from == str(tmp_path / "imported")
+    train(cfg, model_hook=lambda m: start.update({k: v.clone() for k, v in m.state_dict().items()}))
+    for key, t in trained.state_dict().items():
+        assert torch.equal(start[key], t), key
+    assert "Started from the weights of the checkpoint" in (tmp_path / "ft" / "MODEL_CARD.md").read_text()
+
+    args = ["--prompt", "def ", "--temperature", "0", "--max-new-tokens", "12"]
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), *args]) == 0
+    want = capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(tmp_path / "imported"), *args]) == 0
+    assert capsys.readouterr().out == want
+
+    with pytest.raises(CheckpointError, match="holds weights only"):
+        train(replace(cfg, out_dir=str(tmp_path / "imported"), init_from=None, resume=True))
+    with pytest.raises(ConfigError, match="holds a different model .*n_layers"):
+        train(replace(cfg, model=replace(cfg.model, n_layers=1), out_dir=str(tmp_path / "ft2")))
+    assert not (tmp_path / "ft2").exists()  # refused before anything was written
+    # an existing import is never replaced without --overwrite
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported"), "--overwrite"]) == 0
+
