@@ -110,7 +110,7 @@ class ContentStats:
             "languages": {"method": language_method(),
                           "total": _ranked(self._total(self.languages), "train_tokens", "language"),
                           "by_source": [_ranked(s, "train_tokens", "language") for s in self.languages]},
-            "domains": {"method": "the host of each document's http(s) origin (jsonl --origin-field), lower case",
+            "domains": {"method": "the host of each document's http(s) origin (a record's or row's --origin-field), lower case",
                         "total": _ranked(self._total(self.domains), "bytes", "domain"),
                         "by_source": [_ranked(s, "bytes", "domain") for s in self.domains]},
         }

@@ -140,6 +140,7 @@ def _read(cfg: PrepareConfig, sources: list[Source], filters: DocumentFilter, pr
                                    "reason": f"not UTF-8 ({e.reason} at byte {e.start})"})
             continue
         entry = {"source": f.source, "path": f.rel, "sha256": digest, "bytes": f.path.stat().st_size,
+                 **({"format": f.format} if f.format != "text" else {}),
                  "documents": 0, "kept_bytes": 0, "tokens": {"train": 0, "val": 0}}
         for doc_id, text, origin, _ in file_docs:
             reason = filters.verdict(sources[f.source].license, text, origin)
@@ -222,7 +223,7 @@ def _manifest(cfg: PrepareConfig, corpus: _Corpus, filters: DocumentFilter, toke
         **({"tokenizer_source": str(tokenizer_source)} if tokenizer_source is not None else {}),
         "dtype": np.dtype(dtype).name,
         "split": {"rule": SPLIT_RULE, "val_fraction": cfg.val_fraction, "document_id": "path relative to "
-                  "its source root, plus ':line' for a jsonl record"}
+                  "its source root, plus ':line' for a jsonl record or ':row' (from 1) for a Parquet / Arrow row"}
         | ({"forced_val": corpus.forced_val, "forced_rule": "the rule put no document in val, so the one with "
             "the lowest hash went there"} if corpus.forced_val else {}),
         "totals": {"files": len(entries), "documents": sum(corpus.n_docs.values()),

@@ -2,7 +2,10 @@
 
 A `Source` is a root folder with one licence (SPDX id, or the explicit word "unknown") and its
 files in a fixed order; `read_documents` cuts a file into documents (the whole file, or one per
-jsonl record) with the id the split and the manifest use, and the origin an opt-out matches.
+jsonl record or Parquet / Arrow row) with the id the split and the manifest use, and the origin
+an opt-out matches. A folder written by Hugging Face `datasets`' `save_to_disk` (a Dataset or a
+DatasetDict) is a source whose files are its Arrow data files, in the dataset's order. Parquet and
+Arrow are read with pyarrow (`pip install effllm[arrow]`), imported only when such a file is read.
 The embedded default corpus is the running Python's standard library: its .py files, tests and
 third-party packages excluded, under the PSF licence.
 """
@@ -23,7 +26,8 @@ from effllm.licenses import canonical
 # their own (site-packages sits inside the stdlib directory of many installs).
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 STDLIB_LICENSE = "PSF-2.0"
-DEFAULT_EXTENSIONS = (".txt", ".md", ".jsonl")
+DEFAULT_EXTENSIONS = (".txt", ".md", ".jsonl", ".parquet", ".arrow")
+FORMATS = {".jsonl": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}  # by suffix; any other file is one text
 
 
 @dataclass
@@ -31,7 +35,26 @@ class SourceFile:
     source: int  # index into the manifest's sources
     path: Path  # absolute path
     rel: str  # path relative to its source root, as the manifest records it
-    jsonl: bool = False
+    format: str = "text"  # text (one document), jsonl (one per record), parquet / arrow (one per row)
+
+
+def format_of(path: Path) -> str:
+    return FORMATS.get(path.suffix, "text")
+
+
+def hf_dataset_files(folder: Path) -> list[Path] | None:
+    """The Arrow data files of a `datasets` save_to_disk folder, in the dataset's order (a
+    DatasetDict's splits in its dataset_dict.json's order), or None if `folder` is not one."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        return [f for split in splits for f in hf_dataset_files(folder / split) or []]
+    state = folder / "state.json"
+    if not (state.is_file() and (folder / "dataset_info.json").is_file()):
+        return None
+    try:
+        return [folder / d["filename"] for d in json.loads(state.read_text())["_data_files"]]
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{state} lists no _data_files: is {folder} a folder that datasets' save_to_disk wrote?") from None
 
 
 @dataclass
@@ -86,9 +109,16 @@ def user_sources(specs: tuple[str, ...], license: str | None = None,
     for i, spec in enumerate(specs):
         name, licence = split_source_spec(spec, license)
         path = Path(name).resolve()
+        dataset = hf_dataset_files(path) if path.is_dir() else None
         if path.is_file():
             src = Source("files", path.parent, licence)
-            src.files.append(SourceFile(i, path, path.name, path.suffix == ".jsonl"))
+            src.files.append(SourceFile(i, path, path.name, format_of(path)))
+        elif dataset is not None:  # a datasets save_to_disk folder: its Arrow files, in its order
+            src = Source("hf_dataset", path, licence)
+            for p in dataset:
+                if not p.is_file():
+                    raise DataError(f"{p}, a data file of the dataset {path}, is missing: save the dataset again")
+                src.files.append(SourceFile(i, p, p.relative_to(path).as_posix(), "arrow"))
         elif path.is_dir():
             src = Source("files", path, licence)
             for dirpath, dirnames, filenames in os.walk(path):
@@ -96,7 +126,7 @@ def user_sources(specs: tuple[str, ...], license: str | None = None,
                 for fname in sorted(filenames):
                     if Path(fname).suffix in extensions:
                         p = Path(dirpath) / fname
-                        src.files.append(SourceFile(i, p, p.relative_to(path).as_posix(), p.suffix == ".jsonl"))
+                        src.files.append(SourceFile(i, p, p.relative_to(path).as_posix(), format_of(p)))
             src.files.sort(key=lambda f: f.rel)
             if not src.files:
                 raise DataError(f"folder {path} holds no files ending in {', '.join(extensions)}: "
@@ -124,11 +154,13 @@ def record_date(value, where: str) -> str | None:
 
 def read_documents(f: SourceFile, raw: bytes, text_field: str, origin_field: str | None = None,
                    date_field: str | None = None) -> list[tuple[str, str, str, str | None]]:
-    """(document id, text, origin, date) of one file: the whole file, or one per jsonl record. The
-    origin is the file's path, or a record's `origin_field` (a URL) when it has one; the date a
-    record's `date_field` (None for plain files and undated records)."""
+    """(document id, text, origin, date) of one file: the whole file, or one per jsonl record or
+    Parquet / Arrow row. The origin is the file's path, or a record's `origin_field` (a URL) when it
+    has one; the date a record's `date_field` (None for plain files and undated records)."""
+    if f.format in ("parquet", "arrow"):
+        return _table_documents(f, raw, text_field, origin_field, date_field)
     text = raw.decode("utf-8")
-    if not f.jsonl:
+    if f.format == "text":
         return [(f.rel, text, str(f.path), None)]
     docs = []
     for n, line in enumerate(text.splitlines(), start=1):
@@ -143,4 +175,50 @@ def read_documents(f: SourceFile, raw: bytes, text_field: str, origin_field: str
         origin = record.get(origin_field) if origin_field else None
         date = record_date(record.get(date_field), f"{f.path}:{n}") if date_field else None
         docs.append((f"{f.rel}:{n}", record[text_field], origin if isinstance(origin, str) else f"{f.path}:{n}", date))
+    return docs
+
+
+def _read_table(f: SourceFile, raw: bytes):
+    """The pyarrow Table in a Parquet file, or an Arrow IPC stream or file (datasets writes streams)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{f.path} is {f.format.capitalize()}, read with pyarrow, which is not installed: pip install "
+                        "'effllm[arrow]' (or pyarrow)") from None
+    buffer = pa.BufferReader(raw)
+    try:
+        if f.format == "parquet":
+            return pq.read_table(buffer)
+        try:
+            return pa.ipc.open_stream(buffer).read_all()
+        except pa.ArrowInvalid:
+            return pa.ipc.open_file(pa.BufferReader(raw)).read_all()
+    except pa.ArrowException as e:
+        raise DataError(f"{f.path} is not a readable {f.format.capitalize()} file ({e}): write it again, or rename it "
+                        "if it is another format") from None
+
+
+def _table_documents(f: SourceFile, raw: bytes, text_field: str, origin_field: str | None,
+                     date_field: str | None) -> list[tuple[str, str, str, str | None]]:
+    """One document per row: id `rel:row` (rows counted from 1), its `text_field` string, its
+    `origin_field` or `path:row`, its `date_field` (an ISO 8601 string, a date or a timestamp)."""
+    table = _read_table(f, raw)
+    columns = table.column_names
+    for name, flag in ((text_field, "--text-field"), (origin_field, "--origin-field"), (date_field, "--date-field")):
+        if name and name not in columns:
+            raise DataError(f"{f.path} has no column {name!r} (its columns: {', '.join(columns[:10])}): pass {flag} NAME")
+    texts = table.column(text_field).to_pylist()
+    origins = table.column(origin_field).to_pylist() if origin_field else [None] * len(texts)
+    dates = table.column(date_field).to_pylist() if date_field else [None] * len(texts)
+    docs = []
+    for n, (text, origin, date) in enumerate(zip(texts, origins, dates), start=1):
+        where = f"{f.path}:row {n}"
+        if not isinstance(text, str):
+            raise DataError(f"{where} has no string {text_field!r} (it holds {type(text).__name__}): pass --text-field "
+                            "NAME of a string column, or drop the row")
+        if hasattr(date, "isoformat"):  # a date or timestamp column
+            date = date.isoformat()
+        docs.append((f"{f.rel}:{n}", text, origin if isinstance(origin, str) else where,
+                     record_date(date, where) if date_field else None))
     return docs
