@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from effllm.content import ContentStats, domain_of, language_of
-from effllm.data import MANIFEST_FORMAT
+from effllm.data import MANIFEST_FORMAT, mixture_weights
 from effllm.docfields import documented
 from effllm.errors import ConfigError, DataError
 from effllm.filters import DocumentFilter
@@ -67,6 +67,7 @@ class PrepareConfig:
     opt_out: str | None = None  # a file of origin patterns (URL prefix, domain or path glob) whose documents are dropped
     origin_field: str | None = None  # jsonl: the record field holding the document's origin URL (for opt-outs)
     date_field: str | None = None  # jsonl: the record field holding its collection date (ISO 8601), for the period
+    mix: tuple[float, ...] = ()  # sampling weights per source (shares of training tokens, --sources order); () = by size
     near_dup_threshold: float = 0.0  # drop documents this similar (MinHash Jaccard) to an earlier one; 0 = off
     tokenizer: str = "byte"  # "byte" (vocab 256), "bpe" (trained on the train split), or a tokenizers file (tokenizer.json)
     eot_token: str | None = None  # tokenizer file: its special token ending each document; None = its tokenizer_config.json's eos
@@ -214,11 +215,16 @@ def _manifest(cfg: PrepareConfig, corpus: _Corpus, filters: DocumentFilter, toke
     return {
         "format": MANIFEST_FORMAT,
         "sources": [
-            {"kind": s.kind, "root": str(s.root), "license": s.license}
+            {"kind": s.kind, "root": str(s.root), "license": s.license,
+             "train_tokens": sum(e["tokens"]["train"] for e in entries if e["source"] == i)}
             | ({"python": sys.version.split()[0], "note": "Python standard library source, tests excluded"}
                if s.kind == "stdlib" else {})
-            for s in corpus.sources
+            for i, s in enumerate(corpus.sources)
         ],
+        **({"mixture": {"unit": "share of training tokens", "given": list(cfg.mix),
+                        "weights": [w / sum(cfg.mix) for w in cfg.mix],
+                        "rule": "each training window draws its source by weight, then its start within that "
+                                "source's tokens (effllm.data.TokenDataset.train_batch)"}} if cfg.mix else {}),
         "tokenizer": tok_spec,
         **({"tokenizer_source": str(tokenizer_source)} if tokenizer_source is not None else {}),
         "dtype": np.dtype(dtype).name,
@@ -253,6 +259,11 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
         raise ConfigError(f"vocab_size={cfg.vocab_size} cannot work for a BPE — use more than the 256 byte symbols, "
                           "e.g. 4096")
     licence_list(cfg.allow_licenses)  # a typo in a licence id fails here, before any work
+    if cfg.mix and len(cfg.mix) != max(1, len(cfg.sources)):
+        raise ConfigError(f"--mix has {len(cfg.mix)} weights for {max(1, len(cfg.sources))} sources: give one weight per "
+                          "source, in --sources order (e.g. --sources a/ b.jsonl --mix 0.7 0.3)")
+    if cfg.mix and not (all(w >= 0 for w in cfg.mix) and sum(cfg.mix) > 0):
+        raise ConfigError(f"--mix {' '.join(map(str, cfg.mix))} cannot work: use non-negative weights, one positive")
     out = resolved(cfg.out)
     given = [split_source_spec(spec, cfg.license)[0] for spec in cfg.sources] or [stdlib_root()]
     refuse_overlap(out, given)
@@ -282,6 +293,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
         counts, content = _tokenize(corpus, tokenizer, dtype, tmp, progress)
         tokenizer.save(tmp, source) if source is not None else tokenizer.save(tmp)
         manifest = _manifest(cfg, corpus, filters, tokenizer, dtype, tmp, counts, content, source)
+        mixture_weights(manifest)  # a weighted source that kept no training tokens fails here
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -39,7 +39,8 @@ def test_manifest_records_every_file_with_hash_licence_and_tokens(byte_data, sma
     root = Path(small_prepare_config.sources[0])
     on_disk = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py"))
     assert [f["path"] for f in manifest["files"]] == on_disk
-    assert manifest["sources"] == [{"kind": "files", "root": str(root.resolve()), "license": "PSF-2.0"}]
+    assert manifest["sources"] == [{"kind": "files", "root": str(root.resolve()), "license": "PSF-2.0",
+                                    "train_tokens": manifest["totals"]["train_tokens"]}]
     for f in manifest["files"]:
         raw = (root / f["path"]).read_bytes()
         assert f["sha256"] == hashlib.sha256(raw).hexdigest() and f["bytes"] == len(raw)
