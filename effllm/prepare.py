@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import shutil
 import sys
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +80,7 @@ class PrepareConfig:
     text_field: str = "text"  # the field of each jsonl record that holds its text
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS  # which files of a folder are read
     overwrite: bool = False  # replace an existing prepared directory
+    workers: int = 0  # tokenizing processes (the output is the same for any number); 0 = one per core from 64 MB
 
 
 def doc_hash(doc_id: str) -> int:
@@ -176,27 +181,87 @@ def _read(cfg: PrepareConfig, sources: list[Source], filters: DocumentFilter, pr
     return corpus
 
 
-def _tokenize(corpus: _Corpus, tokenizer, dtype, tmp: Path, progress: bool) -> tuple[np.ndarray, ContentStats]:
-    """Pass 3: file by file, each document and an end-of-text token appended to its split's file in
-    `tmp`; the entries get their token counts, and each document's language and domain are counted
-    (effllm/content.py). Returns the train split's token counts (V,) and those content counts."""
+# Tokenizing processes. Parallel output is the serial output: every file is tokenized by the same
+# function (`_tokenize_file`), wherever it runs, and written in file order. Memory is bounded:
+# each worker holds one file's text and tokens, and at most IN_FLIGHT_PER_WORKER finished files
+# per worker wait to be written, so it does not grow with the corpus.
+IN_FLIGHT_PER_WORKER = 2
+PARALLEL_MIN_BYTES = 64 << 20  # workers=0 (auto): a smaller corpus tokenizes in this process (workers take ~2 s to start)
+_worker: dict = {}  # a tokenizing process's own corpus and tokenizer, set once by `_start_worker`
+
+
+def _start_worker(corpus: _Corpus, tokenizer, dtype) -> None:
+    """Runs once in each tokenizing process (spawned: nothing of the parent's threads is inherited)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # this process's own: the processes are the parallelism
+    _worker.update(corpus=corpus, tokenizer=tokenizer, dtype=dtype)
+
+
+def _tokenize_in_worker(i: int):
+    return _tokenize_file(_worker["corpus"], _worker["tokenizer"], _worker["dtype"], i)
+
+
+def _tokenize_file(corpus: _Corpus, tokenizer, dtype, i: int):
+    """File i's kept documents, tokenized: (train tokens, val tokens), each document followed by an
+    end-of-text token, in document order; per document (split, language, domain, bytes, tokens,
+    date); and the train tokens' counts as (ids, counts)."""
+    eot = np.array([tokenizer.eot_id], dtype=dtype)
+    docs = corpus.documents(i)
+    parts = {"train": [], "val": []}
+    meta = []
+    for (doc_id, text, origin, date), ids in zip(docs, tokenizer.encode_array([d[1] for d in docs])):
+        split = corpus.split(doc_id)
+        ids = np.concatenate((ids.astype(dtype), eot))
+        parts[split].append(ids)
+        meta.append((split, language_of(doc_id, text), domain_of(origin), len(text.encode("utf-8")), len(ids), date))
+    train, val = (np.concatenate(parts[k]) if parts[k] else np.zeros(0, dtype) for k in ("train", "val"))
+    return train, val, meta, np.unique(train, return_counts=True)
+
+
+def tokenizing_workers(cfg: PrepareConfig, corpus: _Corpus) -> int:
+    """The processes to tokenize with: cfg.workers, or for 0 one per usable core when the corpus has
+    PARALLEL_MIN_BYTES or more (a smaller one is done before processes would have started)."""
+    if cfg.workers:
+        return cfg.workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores if sum(e["bytes"] for e in corpus.entries) >= PARALLEL_MIN_BYTES else 1
+
+
+def _tokenize(corpus: _Corpus, tokenizer, dtype, tmp: Path, progress: bool,
+              workers: int = 1) -> tuple[np.ndarray, ContentStats]:
+    """Pass 3: file by file, each kept document and an end-of-text token appended to its split's
+    file in `tmp` (in `workers` processes, written in file order); the entries get their token
+    counts, and each document's language and domain are counted (effllm/content.py). Returns the
+    train split's token counts (V,) and those content counts."""
     counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
     content = ContentStats(len(corpus.sources), corpus.cfg.date_field)
-    eot = np.array([tokenizer.eot_id], dtype=dtype)
-    with open(tmp / "train.bin", "wb") as train_fh, open(tmp / "val.bin", "wb") as val_fh:
-        handles = {"train": train_fh, "val": val_fh}
-        for i in tqdm(range(len(corpus.files)), desc="tokenizing", unit="file", disable=not progress or None):
+    n = len(corpus.files)
+    with open(tmp / "train.bin", "wb") as train_fh, open(tmp / "val.bin", "wb") as val_fh, \
+            tqdm(total=n, desc="tokenizing", unit="file", disable=not progress or None) as bar:
+        def write(i: int, result) -> None:
+            train, val, meta, (ids, c) = result
+            train_fh.write(train.tobytes())
+            val_fh.write(val.tobytes())
             entry = corpus.entries[i]
-            file_docs = corpus.documents(i)
-            for (doc_id, text, origin, date), ids in zip(file_docs, tokenizer.encode_array([d[1] for d in file_docs])):
-                split = corpus.split(doc_id)
-                ids = np.concatenate((ids.astype(dtype), eot))
-                handles[split].write(ids.tobytes())
-                entry["tokens"][split] += len(ids)
-                content.add(entry["source"], language_of(doc_id, text), domain_of(origin), len(text.encode("utf-8")),
-                            split, len(ids), date)
-                if split == "train":
-                    counts += np.bincount(ids, minlength=tokenizer.vocab_size)
+            for split, language, domain, n_bytes, tokens, date in meta:
+                entry["tokens"][split] += tokens
+                content.add(entry["source"], language, domain, n_bytes, split, tokens, date)
+            np.add.at(counts, ids.astype(np.int64), c)
+            bar.update()
+
+        if workers <= 1:
+            for i in range(n):
+                write(i, _tokenize_file(corpus, tokenizer, dtype, i))
+            return counts, content
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_start_worker,
+                                 initargs=(corpus, tokenizer, dtype)) as pool:
+            pending: deque = deque()
+            for i in range(n):
+                pending.append(pool.submit(_tokenize_in_worker, i))
+                if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                    write(i - len(pending) + 1, pending.popleft().result())
+            for j in range(n - len(pending), n):
+                write(j, pending.popleft().result())
     return counts, content
 
 
@@ -258,6 +323,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     if cfg.tokenizer == "bpe" and not 256 < cfg.vocab_size < 2**31:
         raise ConfigError(f"vocab_size={cfg.vocab_size} cannot work for a BPE — use more than the 256 byte symbols, "
                           "e.g. 4096")
+    if cfg.workers < 0:
+        raise ConfigError(f"workers={cfg.workers} cannot work — use a number of processes, or 0 for one per core")
     licence_list(cfg.allow_licenses)  # a typo in a licence id fails here, before any work
     if cfg.mix and len(cfg.mix) != max(1, len(cfg.sources)):
         raise ConfigError(f"--mix has {len(cfg.mix)} weights for {max(1, len(cfg.sources))} sources: give one weight per "
@@ -290,7 +357,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
 
     tmp = new_temp_dir(out)  # replaces `out` only once complete, removed on failure
     try:
-        counts, content = _tokenize(corpus, tokenizer, dtype, tmp, progress)
+        counts, content = _tokenize(corpus, tokenizer, dtype, tmp, progress, tokenizing_workers(cfg, corpus))
         tokenizer.save(tmp, source) if source is not None else tokenizer.save(tmp)
         manifest = _manifest(cfg, corpus, filters, tokenizer, dtype, tmp, counts, content, source)
         mixture_weights(manifest)  # a weighted source that kept no training tokens fails here

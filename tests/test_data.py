@@ -24,14 +24,17 @@ def files_of(directory: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
-def test_prepare_is_byte_identical_when_rerun(tmp_path, small_prepare_config, tokenizer):
+def test_prepare_is_byte_identical_when_rerun_and_in_parallel(tmp_path, small_prepare_config, tokenizer):
+    """Re-running gives the same bytes, and so does tokenizing in 3 processes (more than the files
+    in flight per worker allow at once, so results wait in order) instead of this one."""
     outs = []
-    for name in ("a", "b"):
-        cfg = replace(small_prepare_config, out=str(tmp_path / name), tokenizer=tokenizer, vocab_size=600)
+    for name, workers in (("a", 1), ("b", 1), ("c", 3)):
+        cfg = replace(small_prepare_config, out=str(tmp_path / name), tokenizer=tokenizer, vocab_size=600,
+                      workers=workers)
         outs.append(files_of(prepare(cfg, progress=False)))
     expected = {"manifest.json", "train.bin", "val.bin"} | ({"tokenizer.json"} if tokenizer == "bpe" else set())
     assert set(outs[0]) == expected
-    assert outs[0] == outs[1]
+    assert outs[0] == outs[1] == outs[2]
 
 
 def test_manifest_records_every_file_with_hash_licence_and_tokens(byte_data, small_prepare_config):
