@@ -80,7 +80,7 @@ class PrepareConfig:
     text_field: str = "text"  # the field of each jsonl record that holds its text
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS  # which files of a folder are read
     overwrite: bool = False  # replace an existing prepared directory
-    workers: int = 0  # tokenizing processes (the output is the same for any number); 0 = one per core from 64 MB
+    workers: int = 0  # tokenizing processes (the output is the same for any number); 0 = one per core for BPE from 64 MB
 
 
 def doc_hash(doc_id: str) -> int:
@@ -218,12 +218,15 @@ def _tokenize_file(corpus: _Corpus, tokenizer, dtype, i: int):
 
 
 def tokenizing_workers(cfg: PrepareConfig, corpus: _Corpus) -> int:
-    """The processes to tokenize with: cfg.workers, or for 0 one per usable core when the corpus has
-    PARALLEL_MIN_BYTES or more (a smaller one is done before processes would have started)."""
+    """The processes to tokenize with: cfg.workers, or for 0 one per usable core for a BPE or
+    tokenizer file and a corpus of PARALLEL_MIN_BYTES or more. The byte tokenizer stays in this
+    process: it runs at tens of MB/s (benchmarks/results/prepare_speed/), faster than workers start
+    and send their tokens back; so does a small corpus, done before workers would have started."""
     if cfg.workers:
         return cfg.workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return cores if sum(e["bytes"] for e in corpus.entries) >= PARALLEL_MIN_BYTES else 1
+    if cfg.tokenizer == "byte" or sum(e["bytes"] for e in corpus.entries) < PARALLEL_MIN_BYTES:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _tokenize(corpus: _Corpus, tokenizer, dtype, tmp: Path, progress: bool,
@@ -245,7 +248,7 @@ def _tokenize(corpus: _Corpus, tokenizer, dtype, tmp: Path, progress: bool,
             for split, language, domain, n_bytes, tokens, date in meta:
                 entry["tokens"][split] += tokens
                 content.add(entry["source"], language, domain, n_bytes, split, tokens, date)
-            np.add.at(counts, ids.astype(np.int64), c)
+            counts[ids.astype(np.int64)] += c  # ids are unique (np.unique): no two writes to one element
             bar.update()
 
         if workers <= 1:
