@@ -8,6 +8,12 @@ Layout of a run directory:
 A weights-only checkpoint (`optimizer=None`: what `effllm import-hf` writes) has no optimizer or
 RNG state; it starts new runs (`--init-from`) and is never resumed.
 
+A sharded checkpoint (`save_sharded_checkpoint`, FSDP2 runs with checkpoint_format "sharded")
+holds torch.distributed.checkpoint's folder dcp/ in place of model.safetensors and optimizer.pt:
+each rank writes its own shards, no rank gathers the full state. It is finished (hashes,
+state.json, rename, `latest`) as the other format is, so it is as atomic, and it loads at any
+world size, one process included.
+
 A checkpoint is written into a hidden temporary directory, every file flushed to disk, its
 sha256 recorded in state.json (written last), and only then renamed into place; `latest` is
 replaced by an atomic rename after that. A process killed at any moment therefore leaves the
@@ -20,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -72,22 +79,36 @@ def save_checkpoint(
                   metadata=metadata)
     if optimizer is not None or optimizer_state is not None:
         torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
+        _save_rng(tmp)
     else:
         state = {**state, "weights_only": True}
+    return _finish(root, tmp, final, state, extra_files, keep)
+
+
+def _save_rng(folder: Path) -> None:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, folder / "rng.pt")
+
+
+def _finish(root: Path, tmp: Path, final: Path, state: dict, extra_files: dict[str, Path] | None, keep: int) -> Path:
+    """The rest of an atomic save, once the weights and optimizer state are in `tmp`: the extra
+    files, every file flushed and hashed into state.json (written last), the rename into place,
+    the `latest` pointer, and the pruning of older checkpoints."""
     for name, src in (extra_files or {}).items():
         shutil.copyfile(src, tmp / name)
-    files = sorted(p.name for p in tmp.iterdir())
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     for name in files:
         with open(tmp / name, "rb+") as fh:
             os.fsync(fh.fileno())
-    state = {"format": STATE_FORMAT, "step": step, **state, "files": {n: sha256_file(tmp / n) for n in files}}
+    state = {"format": STATE_FORMAT, "step": final_step(final), **state,
+             "files": {n: sha256_file(tmp / n) for n in files}}
     write_file_synced(tmp / "state.json", (json.dumps(state, indent=1) + "\n").encode())
-    shutil.copymode(tmp / "state.json", tmp / "model.safetensors")  # safetensors writes 0600; the rest follow the umask
-    fsync_dir(tmp)
+    for name in files:  # safetensors writes 0600, torch.distributed.checkpoint its own modes; the rest the umask's
+        shutil.copymode(tmp / "state.json", tmp / name)
+    for folder in {(tmp / n).parent for n in files}:
+        fsync_dir(folder)
 
     replace_dir(tmp, final)  # the same step may be saved again after a resume
     pointer_tmp = root / ".latest.tmp"
@@ -100,6 +121,46 @@ def save_checkpoint(
         if stale != final:
             shutil.rmtree(stale)
     return final
+
+
+def final_step(folder: Path) -> int:
+    return int(folder.name.removeprefix("step_"))
+
+
+def save_sharded_checkpoint(root: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            state: dict, extra_files: dict[str, Path] | None = None, keep: int = 2) -> Path:
+    """Collective (every rank calls it): checkpoint `step` in torch.distributed.checkpoint's sharded
+    format, each rank writing its own shards of the FSDP2 weights and optimizer state into dcp/
+    (no rank gathers the full state), then rank 0 the RNG state, state.json and the rename, exactly
+    as `save_checkpoint` finishes. Any world size resumes it (`load_sharded_state`), and one
+    process reads its weights (`load_weights`: generate, eval, export-hf)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp-{final.name}"
+    main = dist.get_rank() == 0
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / SHARDED_DIR))  # files synced per rank
+    if main:
+        _save_rng(tmp)
+        _finish(root, tmp, final, {**state, "sharded": True}, extra_files, keep)
+    dist.barrier()
+    return final
+
+
+SHARDED_DIR = "dcp"  # the torch.distributed.checkpoint folder of a sharded checkpoint
+
+
+def is_sharded(ckpt: Path) -> bool:
+    return (ckpt / SHARDED_DIR).is_dir()
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -157,8 +218,32 @@ def check_model_config(ckpt: Path, saved, model_config) -> None:
                               "use the same model settings as that run, or a new out_dir")
 
 
+def _dcp_load(state: dict, ckpt: Path) -> None:
+    """torch.distributed.checkpoint's load of `state` (its tensors filled in place) from a sharded
+    checkpoint: collective under a process group, in this process alone without one."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is what this call is for
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+            dcp.load(state, checkpoint_id=str(ckpt / SHARDED_DIR), no_dist=not dist.is_initialized())
+    except (RuntimeError, ValueError, KeyError) as e:  # DCP wraps its ranks' failures in CheckpointException
+        raise CheckpointError(f"cannot load the sharded checkpoint {ckpt} ({str(e).splitlines()[0][:300]}): it is "
+                              "damaged or written for another model") from None
+
+
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
-    """Load the weights of a verified checkpoint into `model` (strict: every tensor must match)."""
+    """Load the weights of a verified checkpoint into `model` (strict: every tensor must match):
+    model.safetensors, or a sharded checkpoint's shards (read whole: any world size, one process
+    included, consolidates them)."""
+    if is_sharded(ckpt):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        sd = get_model_state_dict(model)
+        _dcp_load({"model": sd}, ckpt)
+        set_model_state_dict(model, sd)
+        return
     try:
         missing, unexpected = load_safetensors_into(model, str(ckpt / "model.safetensors"), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -184,10 +269,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return model.eval(), state, ckpt
 
 
-def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, load_optimizer=None) -> None:
+def load_training_state(ckpt: Path, optimizer: torch.optim.Optimizer, load_optimizer=None,
+                        model: torch.nn.Module | None = None) -> None:
     """Restore optimizer state and RNG states from a verified checkpoint. `load_optimizer(state)`
-    replaces `optimizer.load_state_dict` (a sharded optimizer loads the full state its own way)."""
-    if load_optimizer is None:
+    replaces `optimizer.load_state_dict` (a sharded optimizer loads the full state its own way). A
+    sharded checkpoint's optimizer state is resharded onto `model`'s layout, whatever it is (FSDP2
+    over any number of ranks, or one process)."""
+    if is_sharded(ckpt):
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        if model is None:
+            raise ValueError("a sharded checkpoint's optimizer state loads onto its model: pass model=")
+        osd = get_optimizer_state_dict(model, optimizer)
+        _dcp_load({"optim": osd}, ckpt)
+        set_optimizer_state_dict(model, optimizer, osd)
+    elif load_optimizer is None:
         device = next(iter(optimizer.param_groups[0]["params"])).device
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
     else:

@@ -76,6 +76,7 @@ class TrainConfig:
     goldfish_h: int = 13  # Goldfish loss: tokens of context the hash reads (Hans et al. 2024 use 13)
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     data_parallel: Literal["fsdp", "ddp"] = "fsdp"  # under torchrun: FSDP2 (sharded) or DDP (replicated)
+    checkpoint_format: Literal["auto", "full", "sharded"] = "auto"  # full (rank 0 gathers) or sharded (FSDP2 ranks); auto: 1B+
     dist_timeout_s: float = 300.0  # under torchrun: a collective waiting this long (a rank died) fails the job
     expert_parallel: int = 1  # under torchrun: ranks that split each MoE layer's routed experts (1 = off)
     fp8: bool = False  # run attention / FFN linears in FP8 with block scaling (effllm.fp8.convert_to_fp8)
@@ -210,8 +211,29 @@ def resumed_config(cfg: TrainConfig, saved: TrainConfig, step: int) -> tuple[Tra
     return new, changes
 
 
+SHARDED_FROM_PARAMS = 1_000_000_000  # checkpoint_format "auto": FSDP2 runs this large save sharded checkpoints
+
+
+def checkpoint_format(cfg: TrainConfig, world_size: int, params: int) -> str:
+    """"full" or "sharded": what the run's checkpoints are written as. Full checkpoints (the whole
+    state gathered on rank 0, model.safetensors + optimizer.pt) serve one process and small runs: one
+    plain file set any tool reads. Sharded ones (torch.distributed.checkpoint) serve large FSDP2 runs,
+    where gathering the full state on one rank costs its memory and time; "auto" takes them from
+    SHARDED_FROM_PARAMS parameters on under FSDP2."""
+    if cfg.checkpoint_format != "auto":
+        return cfg.checkpoint_format
+    sharded = world_size > 1 and cfg.data_parallel == "fsdp" and cfg.expert_parallel == 1
+    return "sharded" if sharded and params >= SHARDED_FROM_PARAMS else "full"
+
+
 def check_parallel(cfg: TrainConfig, world_size: int) -> None:
     """Fail, before anything is allocated, on a parallel layout that cannot work."""
+    if cfg.checkpoint_format == "sharded" and (world_size == 1 or cfg.data_parallel != "fsdp"):
+        raise ConfigError("checkpoint_format=sharded writes FSDP2's shards, one file set per rank: it needs torchrun "
+                          "with --data-parallel fsdp; on one process (or DDP) use --checkpoint-format full (or auto)")
+    if cfg.checkpoint_format == "sharded" and cfg.expert_parallel > 1:
+        raise ConfigError("checkpoint_format=sharded with expert_parallel > 1: expert-parallel slices are not DTensors "
+                          "that torch.distributed.checkpoint can reshard; use --checkpoint-format full (or auto)")
     ep = cfg.expert_parallel
     if ep < 1:
         raise ConfigError(f"expert_parallel must be >= 1, got {ep}")

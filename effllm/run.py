@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from effllm import checkpoint as ckpt_io
-from effllm.config import OptimConfig, TrainConfig, lr_at
+from effllm.config import OptimConfig, TrainConfig, checkpoint_format, lr_at
 from effllm.data import TokenDataset
 from effllm.devices import autocast_dtype, resolve_device
 from effllm.errors import ConfigError, DataError
@@ -51,6 +51,7 @@ class Run:
     fp8_report: dict | None = None  # what convert_to_fp8 converted and skipped, and the backend that runs it (cfg.fp8)
     expert_shards: dict[str, ExpertParallel] = field(default_factory=dict)  # expert parallelism's layers
     sharded: bool = False  # FSDP2: parameters and optimizer state are sharded over the ranks
+    checkpoint_format: str = "full"  # what its checkpoints are written as (effllm.config.checkpoint_format)
 
 
 NO_FP8 = ("fp8=True but no linear of this model can run in FP8: block scaling needs in and out features that are "
@@ -98,8 +99,10 @@ def build_run(cfg: TrainConfig, env: DistEnv, device: torch.device, resume_from:
     sharded = env.enabled and cfg.data_parallel == "fsdp"
     if resume_from is not None:
         ckpt_io.load_training_state(resume_from, optimizer, (lambda sd: load_full_optimizer_state(
-            model, optimizer, sd, shards)) if sharded else None)
-    return Run(model, step_fn, optimizer, autocast_dtype(cfg.precision, device), counts, fp8_report, shards, sharded)
+            model, optimizer, sd, shards)) if sharded else None, model=model)
+    fmt = checkpoint_format(cfg, env.world_size, counts["total"] + counts["mtp"])
+    return Run(model, step_fn, optimizer, autocast_dtype(cfg.precision, device), counts, fp8_report, shards, sharded,
+               fmt)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

@@ -143,6 +143,10 @@ def _resumed(cfg: TrainConfig, data: TokenDataset, ckpt_root: Path) -> tuple[Tra
     if not cfg.resume:  # the schedule's span is recorded, so that a resume with a larger max_steps keeps it
         return replace(cfg, optim=replace(cfg.optim, schedule_steps=schedule_steps(cfg))), None, None, {}
     state = ckpt_io.read_state(resume_from)
+    if ckpt_io.is_sharded(resume_from) and cfg.expert_parallel > 1:
+        raise CheckpointError(f"{resume_from} is a sharded checkpoint, and expert_parallel={cfg.expert_parallel} slices "
+                              "the experts outside what torch.distributed.checkpoint reshards: resume it with "
+                              "--expert-parallel 1")
     if state.get("weights_only"):
         raise CheckpointError(f"{resume_from} holds weights only (no optimizer state), so it cannot be resumed: start a "
                               f"new run from it with --init-from {resume_from.parent.parent} and another --out-dir")
@@ -172,9 +176,27 @@ def _open_run_dir(cfg: TrainConfig, data: TokenDataset, env: DistEnv, start_step
 
 def _save(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, step: int, tokens_seen: int, elapsed: float,
           eval_s: float, ckpt_s: float, val_loss: float | None, device_name: str) -> Path | None:
-    """A checkpoint at `step`, in the single-device layout: every rank takes part in gathering the
-    state, rank 0 writes it (with the manifest copy and a BPE tokenizer beside the weights)."""
+    """A checkpoint at `step`, with the manifest copy and the tokenizer file beside the weights: in
+    the single-device layout (every rank takes part in gathering the state, rank 0 writes it), or
+    sharded (every rank writes its shards), as `run.checkpoint_format` says."""
     out = Path(cfg.out_dir)
+    extra_files = {MANIFEST_COPY: out / MANIFEST_COPY}
+    if data.tokenizer.kind in ("bpe", "file"):
+        extra_files["tokenizer.json"] = data.dir / "tokenizer.json"
+    state = {"tokens_seen": tokens_seen, "elapsed_s": elapsed, "eval_s": eval_s, "ckpt_s": ckpt_s,
+             "train_s": elapsed - eval_s - ckpt_s, "val_loss": val_loss, "config": asdict(cfg),
+             "device_name": device_name, "world_size": env.world_size,
+             # Where the data stream stands: batches are a pure function of these numbers.
+             "data": {"next_step": step, "seed": cfg.seed, "micro_steps": cfg.grad_accum * env.world_size,
+                      "world_size": env.world_size,
+                      "rule": "TokenDataset.train_batch(batch_size, seq_len, seed, step, 0, rank * grad_accum "
+                              "+ micro): the global batch does not depend on how it is split over ranks"},
+             "data_manifest_sha256": data.manifest_sha256, "data_dir_resolved": str(resolved(data.dir)),
+             "tokenizer": data.manifest["tokenizer"]}
+    if run.checkpoint_format == "sharded":  # every rank writes its own shards; rank 0 finishes
+        path = ckpt_io.save_sharded_checkpoint(out / "checkpoints", step, run.model, run.optimizer, state,
+                                               extra_files, keep=cfg.keep_checkpoints)
+        return path if env.is_main else None
     model_state = optimizer_state = None
     if env.enabled:
         model_state, optimizer_state = gather_full_state(run.model, run.optimizer, cfg.model.tie_embeddings,
@@ -182,23 +204,9 @@ def _save(run: Run, cfg: TrainConfig, data: TokenDataset, env: DistEnv, step: in
         if not env.is_main:
             torch.distributed.barrier()
             return None
-    extra_files = {MANIFEST_COPY: out / MANIFEST_COPY}
-    if data.tokenizer.kind in ("bpe", "file"):
-        extra_files["tokenizer.json"] = data.dir / "tokenizer.json"
     path = ckpt_io.save_checkpoint(
         out / "checkpoints", step, run.model, run.optimizer, keep=cfg.keep_checkpoints, extra_files=extra_files,
-        model_state=model_state, optimizer_state=optimizer_state,
-        state={"tokens_seen": tokens_seen, "elapsed_s": elapsed, "eval_s": eval_s, "ckpt_s": ckpt_s,
-               "train_s": elapsed - eval_s - ckpt_s, "val_loss": val_loss, "config": asdict(cfg),
-               "device_name": device_name, "world_size": env.world_size,
-               # Where the data stream stands: batches are a pure function of these numbers.
-               "data": {"next_step": step, "seed": cfg.seed, "micro_steps": cfg.grad_accum * env.world_size,
-                        "world_size": env.world_size,
-                        "rule": "TokenDataset.train_batch(batch_size, seq_len, seed, step, 0, rank * grad_accum "
-                                "+ micro): the global batch does not depend on how it is split over ranks"},
-               "data_manifest_sha256": data.manifest_sha256, "data_dir_resolved": str(resolved(data.dir)),
-               "tokenizer": data.manifest["tokenizer"]},
-    )
+        model_state=model_state, optimizer_state=optimizer_state, state=state)
     if env.enabled:
         torch.distributed.barrier()
     return path
@@ -274,6 +282,7 @@ def _run(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.devic
         "train_flops_per_token": flops_per_token, "mfu": mfu(tok_s / env.world_size, flops_per_token, peak),
         "device": dev_name, "world_size": env.world_size, "precision": str(run.amp or torch.float32),
         "fp8_backend": None if run.fp8_report is None else run.fp8_report["backend"],
+        "checkpoint_format": run.checkpoint_format,
         "peak_mem_bytes": peak_memory_bytes(device),
         "memory_estimate_bytes": None if memory is None else memory.total,
         "data_mix": mixture_rows(data.manifest, cfg.data_mix, end.tokens_seen),  # None: sources by their size

@@ -446,3 +446,31 @@ def test_a_record_date_that_is_not_iso_8601_is_refused_with_its_line(tmp_path):
                     + "\n")
     with pytest.raises(DataError, match=r"dated.jsonl:2 has date 'May 3', not an ISO 8601 date"):
         prepare(PrepareConfig(sources=(f"{path}=CC0-1.0",), out=str(tmp_path / "o"), date_field="d"), progress=False)
+
+
+def test_a_rank_reads_only_its_windows_of_a_large_train_split(tmp_path, small_prepare_config):
+    """Under many ranks each reads only its own micro-batches' windows: train.bin is memory-mapped,
+    never read whole. A 4 GiB (sparse) train split costs a loader process a few MB, not 4 GiB."""
+    import subprocess
+    import sys
+
+    out = prepare(replace(small_prepare_config, out=str(tmp_path / "d")), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    tokens = 2 << 30  # uint16 ids: 4 GiB
+    with open(out / "train.bin", "r+b") as fh:
+        fh.truncate(tokens * 2)
+    manifest["totals"]["train_tokens"] = tokens
+    manifest["files"][-1]["tokens"]["train"] += tokens - sum(f["tokens"]["train"] for f in manifest["files"])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    script = (
+        "import resource, sys\n"
+        "from effllm.data import TokenDataset\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"ds = TokenDataset({str(out)!r})\n"
+        "for step in range(50):\n"
+        "    x, y = ds.train_batch(8, 64, seed=1, step=step, rank=1, micro=0)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout.split()[-1]) < 64 * 1024  # KiB: under 64 MiB against the split's 4 GiB

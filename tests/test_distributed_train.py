@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -68,7 +69,8 @@ def single(byte_data, tmp_path_factory):
 
 
 LAYOUTS = {"fsdp-dense": ("fsdp", "dense", 1), "ddp-dense": ("ddp", "dense", 1), "fsdp-moe": ("fsdp", "moe", 1),
-           "ep2-moe": ("fsdp", "moe", 2)}
+           "ep2-moe": ("fsdp", "moe", 2), "fsdp-dense-sharded": ("fsdp", "dense", 1)}
+LAYOUT_ARGS = {"fsdp-dense-sharded": ["--checkpoint-format", "sharded"]}  # torch.distributed.checkpoint's shards
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,8 @@ def two_rank(byte_data, tmp_path_factory):
     def build(root: Path) -> dict:
         args = []
         for name, (kind, model, ep) in LAYOUTS.items():
-            extra = [*(MOE if model == "moe" else []), "--data-parallel", kind, "--expert-parallel", str(ep)]
+            extra = [*(MOE if model == "moe" else []), "--data-parallel", kind, "--expert-parallel", str(ep),
+                     *LAYOUT_ARGS.get(name, [])]
             args += [*train_args(byte_data, root / name, 8, extra), "--next"]
         r = run(args[:-1], nproc=2, script=[str(HELPERS / "train_several.py")], timeout=400)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -131,6 +134,74 @@ def test_checkpoints_move_between_world_sizes(two_rank, single, byte_data, tmp_p
     r = run(train_args(byte_data, one, 8, ["--data-parallel", "fsdp", "--grad-accum", "1", "--resume"]), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(losses(one)) == 8 and max(abs(a - b) for a, b in zip(losses(one), ref, strict=True)) < 1e-4
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_move_between_world_sizes_and_load_in_one_process(two_rank, single, byte_data, tmp_path):
+    """--checkpoint-format sharded: each rank writes its own shards (torch.distributed.checkpoint), no
+    model.safetensors is gathered; the checkpoint resumes on 2 ranks bit for bit and in one process on
+    the single-process curve, and one process reads its weights whole (generate, export-hf): the
+    weights of the same run with full checkpoints."""
+    from effllm import checkpoint as ckpt_io
+
+    full = two_rank["dirs"]["fsdp-dense-sharded"]
+    step4 = full / "checkpoints" / "step_00000004"
+    names = {p.name for p in (step4 / "dcp").iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= names
+    assert not (step4 / "model.safetensors").exists() and not (step4 / "optimizer.pt").exists()
+    state = json.loads((step4 / "state.json").read_text())
+    assert state["sharded"] and "dcp/__1_0.distcp" in state["files"]  # hashed and verified as any file
+    assert json.loads((full / "summary.json").read_text())["checkpoint_format"] == "sharded"
+    ours, _, _ = ckpt_io.load_model(full)
+    theirs, _, _ = ckpt_io.load_model(two_rank["dirs"]["fsdp-dense"])
+    for key, t in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], t), key
+
+    two = copy_of(full, tmp_path / "two")
+    back_to_step_4(two)
+    r = run(train_args(byte_data, two, 8, ["--resume"]), nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert losses(two) == losses(full)
+
+    one = copy_of(full, tmp_path / "one")
+    back_to_step_4(one)
+    r = run(train_args(byte_data, one, 8, ["--resume", "--grad-accum", "2", "--checkpoint-format", "full"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = losses(single["dense"])
+    assert len(losses(one)) == 8 and max(abs(a - b) for a, b in zip(losses(one), ref, strict=True)) < 1e-4
+    assert (one / "checkpoints" / "step_00000008" / "model.safetensors").is_file()
+
+    r = run(["export-hf", "--checkpoint", str(full), "--out", str(tmp_path / "hf")])
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_joined_by_a_c10d_rendezvous_follow_the_single_process_curve(single, byte_data, tmp_path):
+    """Multi-node launch as on a cluster: two torchrun agents ("nodes", 1 process each) started
+    separately, joined by a c10d rendezvous at 127.0.0.1, train one run in a shared folder."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=effllm-test-{port}", "-m", "effllm",
+           *train_args(byte_data, tmp_path / "run", 8)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    try:
+        outs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outs]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    ref = losses(single["dense"])
+    assert max(abs(a - b) for a, b in zip(losses(tmp_path / "run"), ref, strict=True)) < 1e-4
 
 
 @pytest.mark.slow
@@ -216,6 +287,9 @@ def test_impossible_parallel_layouts_fail_before_work(byte_data, tmp_path):
     r = run(train_args(byte_data, tmp_path / "c", 2, [*MOE, "--expert-parallel", "2", "--data-parallel", "ddp"]),
             nproc=2)
     assert r.returncode != 0 and "data_parallel=fsdp" in r.stderr
+    r = run(train_args(byte_data, tmp_path / "d", 2, ["--checkpoint-format", "sharded"]))  # one process
+    assert r.returncode == 2 and "checkpoint_format=sharded writes FSDP2's shards" in r.stderr
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.slow
