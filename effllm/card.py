@@ -89,7 +89,8 @@ def card_text(state: dict, counts: dict, manifest: dict, title: str = "# Model c
              + (f", of which {state['train_s']:,.1f} s in training steps (the rest evaluations and checkpoints)"
                 if "train_s" in state else "")
              + (f" (on {state['device_name']}" if state.get("device_name") else f" (device setting: {cfg.get('device')}")
-             + f", precision: {cfg.get('precision')}" + (", FP8 linears" if cfg.get("fp8") else "") + ").",
+             + f", precision: {cfg.get('precision')}"
+             + (f", FP8 linears ({cfg.get('fp8_recipe', 'blockwise')} scaling)" if cfg.get("fp8") else "") + ").",
              *([f"- Started from the weights of the checkpoint `{cfg['init_from']}` (`--init-from`), not from a "
                 "random initialization: what those weights learned before is that checkpoint's record."]
                if cfg.get("init_from") else []),

@@ -6,9 +6,12 @@ pass quantizes the output gradient both ways in one pass (1x128 along features f
 along tokens for wgrad) and runs both gradient GEMMs in FP8 too. Accumulation is fp32 with the
 scales applied per 128-wide K block.
 
-Paths: the Triton kernels (kernels/fp8_quant.py, kernels/fp8_gemm.py) on CUDA GPUs with FP8
-tensor cores (compute capability 8.9+); elsewhere the same quantize / dequantize / blockwise
-matmul written in PyTorch, so FP8 numerics train and test on a CPU.
+Paths (kernels/backends.py): on sm_90 GPUs whose torch runs it, torch's block-scaled F.scaled_mm
+(cuBLAS) for the GEMMs with the Triton quantization kernels (kernels/scaled_mm.py); the Triton
+kernels (kernels/fp8_quant.py, kernels/fp8_gemm.py) on other CUDA GPUs with FP8 tensor cores
+(compute capability 8.9+); elsewhere the same quantize / dequantize / blockwise matmul written in
+PyTorch, so FP8 numerics train and test on a CPU. The "rowwise" recipe (`FP8RowwiseLinearFunction`)
+runs torch's row-wise F.scaled_mm on every device.
 
 The MoE experts' grouped GEMMs run the same way (effllm/fp8_experts.py). `convert_to_fp8(model)`
 swaps a model's linears for FP8Linear and its routed experts for FP8RoutedExperts. It keeps in higher precision the parts
@@ -35,6 +38,7 @@ from effllm.kernels.fp8_quant import (
     quant_rows_and_cols,
     quant_rows_and_cols_ref,
 )
+from effllm.kernels.scaled_mm import blockwise_mm, quant_rowwise, rowwise_mm
 from effllm.moe import RoutedExperts
 
 _OPS = {
@@ -42,6 +46,8 @@ _OPS = {
     # block-scaled GEMM)
     "triton": (quant_rows_and_cols, quant_blocks, quant_blocks_t, fp8_gemm),
     "torch": (quant_rows_and_cols_ref, quant_blocks_ref, quant_blocks_t_ref, fp8_gemm_ref),
+    # torch's block-scaled F.scaled_mm (cuBLAS, sm_90) for the GEMMs, the Triton quantization kernels
+    "cublas": (quant_rows_and_cols, quant_blocks, quant_blocks_t, blockwise_mm),
 }
 
 
@@ -74,8 +80,44 @@ class FP8LinearFunction(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
+class FP8RowwiseLinearFunction(torch.autograd.Function):
+    """y = x · Wᵀ in FP8 with one scale per row over the whole K (the "rowwise" recipe, torchtitan's
+    and torchao's): each of the three GEMMs quantizes its two operands per row of its contraction,
+    x and W along features for the forward, dy along features and Wᵀ along outputs for dgrad, dyᵀ
+    and xᵀ along tokens for wgrad; torch's F.scaled_mm RowWise runs them (cuBLAS on CUDA, torch's
+    own kernel on a CPU). Coarser than the block scaling (one outlier sets a whole row's scale),
+    and what cuBLAS runs fastest."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype):
+        q_x, s_x = quant_rowwise(x)
+        q_w, s_w = quant_rowwise(weight)
+        qt_x, st_x = quant_rowwise(x.t())  # along the tokens, for wgrad: the input is kept in FP8 only
+        ctx.save_for_backward(qt_x, st_x, weight)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return rowwise_mm(q_x, s_x, q_w, s_w, out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        qt_x, st_x, weight = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        dx = dw = None
+        if ctx.needs_input_grad[0]:  # dX = dY · W: dY per token over N, Wᵀ per input feature over N
+            q_dy, s_dy = quant_rowwise(dy)
+            q_wt, s_wt = quant_rowwise(weight.t())
+            dx = rowwise_mm(q_dy, s_dy, q_wt, s_wt, x_dtype)
+        if ctx.needs_input_grad[1]:  # dW = dYᵀ · X: both per row over the tokens
+            q_dyt, s_dyt = quant_rowwise(dy.t())
+            dw = rowwise_mm(q_dyt, s_dyt, qt_x, st_x, w_dtype)
+        return dx, dw, None
+
+
+RECIPES = ("blockwise", "rowwise")
+
+
 class FP8Linear(nn.Module):
-    """A linear whose three GEMMs run in FP8 (E4M3, 1x128 / 128x128 scales).
+    """A linear whose three GEMMs run in FP8 (E4M3): with `recipe` "blockwise" (DeepSeek-V3's, the
+    default) 1x128 / 128x128 scales, with "rowwise" one scale per row over the whole K.
 
     The weight (and the bias, if any) are ordinary fp32 (or bf16) Parameters, so optimizers and
     checkpoints see what an nn.Linear would have. The bias is added to the GEMM's output in that
@@ -84,14 +126,15 @@ class FP8Linear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, backend: str = "auto", pow2_scales: bool = False,
-                 weight: nn.Parameter | None = None, bias: bool | nn.Parameter = False):
+                 weight: nn.Parameter | None = None, bias: bool | nn.Parameter = False, recipe: str = "blockwise"):
         super().__init__()
         if in_features % TILE or out_features % TILE:
             raise ConfigError(f"FP8Linear needs in and out features that are multiples of {TILE}, got "
                               f"{in_features} -> {out_features}: keep this layer an nn.Linear")
         check_fp8_backend(backend)
+        check_recipe(recipe)
         self.in_features, self.out_features = in_features, out_features
-        self.backend, self.pow2_scales = backend, pow2_scales
+        self.backend, self.pow2_scales, self.recipe = backend, pow2_scales, recipe
         self.weight = weight if weight is not None else nn.Parameter(torch.empty(out_features, in_features))
         if weight is None:
             nn.init.normal_(self.weight, std=0.02)
@@ -103,39 +146,53 @@ class FP8Linear(nn.Module):
             self.register_parameter("bias", None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: str = "auto", pow2_scales: bool = False) -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto", pow2_scales: bool = False,
+                    recipe: str = "blockwise") -> "FP8Linear":
         """An FP8Linear sharing `linear`'s weight and bias Parameters (optimizer state stays valid)."""
         return cls(linear.in_features, linear.out_features, backend, pow2_scales, weight=linear.weight,
-                   bias=linear.bias if linear.bias is not None else False)
+                   bias=linear.bias if linear.bias is not None else False, recipe=recipe)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        backend = fp8_backend(x.device, self.backend)
         with torch.autocast(device, enabled=False):
-            y = FP8LinearFunction.apply(x.reshape(-1, self.in_features), self.weight, out_dtype, backend,
-                                        self.pow2_scales)
+            if self.recipe == "rowwise":  # torch's F.scaled_mm on every device
+                y = FP8RowwiseLinearFunction.apply(x.reshape(-1, self.in_features), self.weight, out_dtype)
+            else:
+                y = FP8LinearFunction.apply(x.reshape(-1, self.in_features), self.weight, out_dtype,
+                                            fp8_backend(x.device, self.backend), self.pow2_scales)
             if self.bias is not None:
                 y = y + self.bias.to(out_dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"backend={self.backend}")
+                f"backend={self.backend}, recipe={self.recipe}")
+
+
+def check_recipe(recipe: str) -> None:
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown FP8 recipe {recipe!r}; choose blockwise (DeepSeek-V3's 1x128 / 128x128 scales) or "
+                          "rowwise (one scale per row, torchtitan's)")
 
 
 def convert_to_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = False,
-                   keep: tuple[str, ...] = ("head", "lm_head", "output")) -> dict:
+                   keep: tuple[str, ...] = ("head", "lm_head", "output"), recipe: str = "blockwise") -> dict:
     """Swap the nn.Linear layers of `model` for FP8Linear, in place.
 
     Routed experts whose widths are multiples of 128 become FP8RoutedExperts (the same Parameters),
     whose grouped GEMMs run in FP8 forward and backward. Kept in higher precision: linears named in
     `keep` (the output head) and linears with dims that are not multiples of 128. Biases are kept
     as they are and added in the output's precision.
-    Embeddings, norms and routers are not nn.Linear, so they are never converted. Returns
-    {"converted": [names], "skipped": {name: why}}.
+    Embeddings, norms and routers are not nn.Linear, so they are never converted. `recipe` sets the
+    linears' scaling ("blockwise" or "rowwise"); the experts stay block-scaled under either, since
+    torch has no row-wise grouped GEMM that takes DeepSeek's unpadded expert groups (its
+    _scaled_grouped_mm wants group sizes in multiples of 16) and the block-scaled grouped kernels
+    run them now. Returns {"converted": [names], "skipped": {name: why}, "recipe": {"linears": ...,
+    "experts": "blockwise"}}.
     """
     check_fp8_backend(backend)
+    check_recipe(recipe)
     converted, skipped = [], {}
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -157,6 +214,6 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = 
             elif child.in_features % TILE or child.out_features % TILE:
                 skipped[name] = f"{child.in_features} -> {child.out_features} is not a multiple of {TILE}"
             else:
-                setattr(parent, child_name, FP8Linear.from_linear(child, backend, pow2_scales))
+                setattr(parent, child_name, FP8Linear.from_linear(child, backend, pow2_scales, recipe))
                 converted.append(name)
-    return {"converted": converted, "skipped": skipped}
+    return {"converted": converted, "skipped": skipped, "recipe": {"linears": recipe, "experts": "blockwise"}}

@@ -136,7 +136,8 @@ def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...], 
     device = x.device.type
     out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     with torch.autocast(device, enabled=False):
-        ys = FP8GroupedMMFunction.apply(x, src, offsets, out_dtype, fp8_backend(x.device, backend), pow2, *ws)
+        resolved = fp8_backend(x.device, backend, grouped=True)  # "cublas" runs the experts on the Triton kernels
+        ys = FP8GroupedMMFunction.apply(x, src, offsets, out_dtype, resolved, pow2, *ws)
     return ys if isinstance(w, tuple) else ys[0]
 
 
@@ -160,7 +161,8 @@ def fp8_swiglu_experts(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: 
     device = x.device.type
     out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     with torch.autocast(device, enabled=False):
-        return FP8SwiGLUExpertsFunction.apply(x, src, offsets, out_dtype, fp8_backend(x.device, backend), pow2,
+        return FP8SwiGLUExpertsFunction.apply(x, src, offsets, out_dtype, fp8_backend(x.device, backend, grouped=True),
+                                              pow2,
                                               w1, w3, w2)
 
 
@@ -168,7 +170,7 @@ def check_fp8_backend(backend: str) -> None:
     """Refuse an FP8 backend name that kernels.backends.fp8_backend would not take, when a layer
     is built rather than at its first forward."""
     if backend not in ("auto", *FP8_BACKENDS):
-        raise ConfigError(f"unknown FP8 backend {backend!r}; choose auto, triton or torch")
+        raise ConfigError(f"unknown FP8 backend {backend!r}; choose auto, cublas, triton or torch")
 
 
 class FP8RoutedExperts(RoutedExperts):

@@ -75,11 +75,12 @@ def build_run(cfg: TrainConfig, env: DistEnv, device: torch.device, resume_from:
         raise ConfigError(NO_FP8.format(tile=TILE, dim=cfg.model.dim))
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model).to(device)
-    fp8_report = convert_to_fp8(model) if cfg.fp8 else None
+    fp8_report = convert_to_fp8(model, recipe=cfg.fp8_recipe) if cfg.fp8 else None
     if fp8_report is not None and not fp8_report["converted"]:
         raise ConfigError(NO_FP8.format(tile=TILE, dim=cfg.model.dim))
     if fp8_report is not None:  # what the converted layers' "auto" runs on this device
-        fp8_report["backend"] = fp8_backend(device)
+        fp8_report["backend"] = "torch.scaled_mm rowwise" if cfg.fp8_recipe == "rowwise" else fp8_backend(device)
+        fp8_report["experts_backend"] = fp8_backend(device, grouped=True)
     if resume_from is not None or init_from is not None:
         ckpt_io.load_weights(resume_from or init_from, model)
     if model_hook is not None:

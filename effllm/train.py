@@ -283,6 +283,7 @@ def _run(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.devic
         "device": dev_name, "world_size": env.world_size, "precision": str(run.amp or torch.float32),
         "fp8_backend": None if run.fp8_report is None else run.fp8_report["backend"],
         "checkpoint_format": run.checkpoint_format,
+        "fp8_recipe": None if run.fp8_report is None else run.fp8_report["recipe"],
         "peak_mem_bytes": peak_memory_bytes(device),
         "memory_estimate_bytes": None if memory is None else memory.total,
         "data_mix": mixture_rows(data.manifest, cfg.data_mix, end.tokens_seen),  # None: sources by their size

@@ -5,7 +5,7 @@ beside it in the kernel's file); the grouped GEMM also has torch._grouped_mm and
 ask here, at each forward, with the tensors' device and dtype:
 
 - `fp8_backend(device, requested)`: the FP8 quantizations and block-scaled GEMMs (fp8_quant,
-  fp8_gemm, fp8_grouped);
+  fp8_gemm or torch's F.scaled_mm through scaled_mm, fp8_grouped);
 - `grouped_gemm_backend(device, dtype, requested, features)`: the MoE experts' grouped GEMM
   (grouped_gemm);
 - `combine_backend(device)`: the MoE combine (moe_combine).
@@ -16,17 +16,54 @@ Under TRITON_INTERPRET=1 (the CPU tests) a Triton kernel may be asked for on the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from effllm.errors import ConfigError
 from effllm.kernels.grouped_gemm import BACKENDS, KERNEL_DTYPES, check_kernel_dtype, torch_fits
 from effllm.kernels.launch import interpreting
 
-FP8_BACKENDS = ("triton", "torch")
+FP8_BACKENDS = ("cublas", "triton", "torch")
 
 
-def fp8_backend(device: torch.device, requested: str = "auto") -> str:
-    """"triton" on CUDA GPUs with FP8 tensor cores (sm_89+), else "torch"; or what was asked for."""
+@functools.cache
+def cublas_blockwise_works(device_index: int) -> bool:
+    """Whether torch's block-scaled `F.scaled_mm` (cuBLAS 12.9+, sm_90) runs on this GPU: one tiny
+    call, once per device and process (a capability, cached as such), its answer checked against
+    the fp32 reference. False where torch lacks the API, the build or the GPU refuses it."""
+    from effllm.kernels.fp8_gemm import fp8_gemm_ref
+    from effllm.kernels.fp8_quant import quant_blocks_ref, quant_rows_ref
+    from effllm.kernels.scaled_mm import blockwise_mm
+
+    if not hasattr(torch.nn.functional, "scaled_mm"):
+        return False
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x, w = torch.randn(128, 640, generator=gen), torch.randn(256, 640, generator=gen)  # K/128 = 5: padded scales
+        (qx, sx), (qw, sw) = quant_rows_ref(x), quant_blocks_ref(w)
+        want = fp8_gemm_ref(qx, sx, qw, sw, torch.float32)
+        dev = torch.device("cuda", device_index)
+        got = blockwise_mm(qx.to(dev), sx.to(dev), qw.to(dev), sw.to(dev), torch.float32).cpu()
+        return bool(((got - want).norm() / want.norm()) < 1e-3)
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        return False
+
+
+def fp8_backend(device: torch.device, requested: str = "auto", grouped: bool = False) -> str:
+    """The FP8 backend of a tensor on `device`: "cublas" (torch's block-scaled F.scaled_mm for the
+    GEMMs, the Triton quantization kernels) on sm_90 GPUs where that call works; "triton" on other
+    CUDA GPUs with FP8 tensor cores (sm_89+); else "torch"; or what was asked for. `grouped`: for
+    the MoE experts' grouped GEMMs, which have no block-scaled grouped GEMM in torch (its
+    _scaled_grouped_mm is row-wise only): "cublas" runs them on the Triton kernels."""
+    resolved = _fp8_backend(device, requested)
+    return "triton" if grouped and resolved == "cublas" else resolved
+
+
+def _fp8_backend(device: torch.device, requested: str) -> str:
+    if requested == "cublas" and device.type != "cuda":
+        raise ConfigError(f"FP8 backend 'cublas' runs torch's F.scaled_mm on a CUDA GPU, and this tensor is on "
+                          f"{device.type}: use 'auto' or 'torch'")
     if requested == "triton" and device.type != "cuda" and not interpreting():
         raise ConfigError(f"FP8 backend 'triton' runs Triton GPU kernels, and this tensor is on {device.type}: use "
                           "backend='torch' (the PyTorch reference) or 'auto' off a CUDA GPU (TRITON_INTERPRET=1 runs "
@@ -34,9 +71,14 @@ def fp8_backend(device: torch.device, requested: str = "auto") -> str:
     if requested in FP8_BACKENDS:
         return requested
     if requested != "auto":
-        raise ConfigError(f"unknown FP8 backend {requested!r}; choose auto, triton or torch")
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9):
-        return "triton"
+        raise ConfigError(f"unknown FP8 backend {requested!r}; choose auto, cublas, triton or torch")
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability == (9, 0) and cublas_blockwise_works(device.index if device.index is not None else
+                                                           torch.cuda.current_device()):
+            return "cublas"
+        if capability >= (8, 9):
+            return "triton"
     return "torch"
 
 
