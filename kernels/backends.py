@@ -21,8 +21,11 @@ import functools
 import torch
 
 from effllm.errors import ConfigError
+from effllm.kernels.fp8_gemm import fp8_gemm_ref
+from effllm.kernels.fp8_quant import quant_blocks_ref, quant_rows_ref
 from effllm.kernels.grouped_gemm import BACKENDS, KERNEL_DTYPES, check_kernel_dtype, torch_fits
 from effllm.kernels.launch import interpreting
+from effllm.kernels.scaled_mm import blockwise_mm
 
 FP8_BACKENDS = ("cublas", "triton", "torch")
 
@@ -32,10 +35,6 @@ def cublas_blockwise_works(device_index: int) -> bool:
     """Whether torch's block-scaled `F.scaled_mm` (cuBLAS 12.9+, sm_90) runs on this GPU: one tiny
     call, once per device and process (a capability, cached as such), its answer checked against
     the fp32 reference. False where torch lacks the API, the build or the GPU refuses it."""
-    from effllm.kernels.fp8_gemm import fp8_gemm_ref
-    from effllm.kernels.fp8_quant import quant_blocks_ref, quant_rows_ref
-    from effllm.kernels.scaled_mm import blockwise_mm
-
     if not hasattr(torch.nn.functional, "scaled_mm"):
         return False
     try:
