@@ -5,7 +5,9 @@
 
 GEMM rows (TFLOP/s from the median time: triton.testing.do_bench on a GPU):
 - bf16: torch.matmul of bf16 operands (the baseline);
-- scaled_mm_rowwise: torch._scaled_mm with one scale per row of A and per column of B;
+- scaled_mm_rowwise: torch's F.scaled_mm with one scale per row of A and of B (RowWise);
+- cublas_block, cublas_block+quant, cublas_dgrad, cublas_wgrad: torch's block-scaled F.scaled_mm
+  (cuBLAS, sm_90) on the same operands, as FP8Linear's "cublas" backend calls it;
 - fp8_block: effllm's block-scaled GEMM on pre-quantized operands;
 - fp8_block+quant: the same plus quantizing the activation (1x128) inside the timed region;
 - fp8_dgrad: the input-gradient layout as FP8Linear runs it (Wᵀ K-major, written by the weight
@@ -13,7 +15,9 @@ GEMM rows (TFLOP/s from the median time: triton.testing.do_bench on a GPU):
   fp8_wgrad: both operands tiled along the tokens (K = M there). Each is checked against fp8_gemm_ref on a slice of rows.
 Shapes: 4096³, 8192³ and DeepSeek-V3's M=4096 with (N, K) = (7168, 16384), (4096, 7168) and
 (2112, 7168). The quantization kernels report GB/s as bytes read plus bytes written. FP8Linear
-forward+backward is compared with a bf16 nn.Linear at hidden 4096 and 8192 (M=8192 tokens).
+forward+backward is compared with a bf16 nn.Linear at hidden 4096 and 8192 (M=8192 tokens): the
+auto backend, then each of triton, cublas and the rowwise recipe, and the peer torchao's
+Float8BlockwiseLinear where torchao imports (else the reason is recorded).
 Results: benchmarks/results/fp8_gemm/<device>-<size>.json and report.md.
 """
 
@@ -37,6 +41,7 @@ from effllm.kernels.fp8_quant import (
     quant_rows_and_cols,
     quant_rows_ref,
 )
+from effllm.kernels.scaled_mm import blockwise_mm, quant_rowwise, rowwise_mm
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fp8_gemm"
 SHAPES = {"gpu": [(4096, 4096, 4096), (8192, 8192, 8192), (4096, 7168, 16384), (4096, 4096, 7168), (4096, 2112, 7168)],
@@ -79,18 +84,31 @@ def gemm_rows(m: int, n: int, k: int, device: torch.device, gpu: bool) -> dict:
     else:
         rows["fp8_dgrad"] = f"n/a: dgrad reduces over n={n}, not a multiple of 128"
     if gpu:
-        try:
-            ra = a.abs().amax(dim=1, keepdim=True).float() / 448
-            rb = b.abs().amax(dim=1, keepdim=True).float() / 448
-            fa, fb = (a / ra).to(torch.float8_e4m3fn), (b / rb).to(torch.float8_e4m3fn)
-            rows["scaled_mm_rowwise"] = median_s(
-                lambda: torch._scaled_mm(fa, fb.t(), scale_a=ra, scale_b=rb.t(), out_dtype=torch.bfloat16), device)
-        except (RuntimeError, AttributeError) as e:
-            rows["scaled_mm_rowwise"] = f"unavailable: {str(e).splitlines()[0][:120]}"
+        (fa, ra), (fb, rb) = quant_rowwise(a), quant_rowwise(b)
+        cublas = {  # torch's F.scaled_mm: row-wise, and block-scaled (cuBLAS, sm_90) for the three products
+            "scaled_mm_rowwise": lambda: rowwise_mm(fa, ra, fb, rb),
+            "cublas_block": lambda: blockwise_mm(qa, sa, qb, sb),
+            "cublas_block+quant": lambda: blockwise_mm(*quant(a), qb, sb),
+            "cublas_wgrad": lambda: blockwise_mm(qt_dy, st_dy, qt_a, st_a, torch.float32, b_row_scales=True),
+        }
+        if dgrad:
+            cublas["cublas_dgrad"] = lambda: blockwise_mm(qdy, sdy, qbt, sb.t())
+        for name, fn in cublas.items():
+            try:
+                rows[name] = median_s(fn, device)
+            except (RuntimeError, AttributeError, TypeError, ValueError) as e:
+                rows[name] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
     if gpu:  # the kernel must compute its reference's function at this shape (a slice of rows)
         rel = lambda x, y: ((x.float() - y.float()).norm() / y.float().norm()).item()  # noqa: E731
         same = lambda *args, **kw: rel(fp8_gemm(*args, **kw), fp8_gemm_ref(*args, **kw))  # noqa: E731
         checks["fwd"] = same(qa[:256], sa[:256], qb, sb)
+        if isinstance(rows.get("cublas_block"), float):  # torch's cuBLAS path against the same reference
+            checks["cublas_fwd"] = rel(blockwise_mm(qa[:256], sa[:256], qb, sb), fp8_gemm_ref(qa[:256], sa[:256], qb, sb))
+            checks["cublas_wgrad"] = rel(blockwise_mm(qt_dy[:256], st_dy[:256], qt_a, st_a, torch.float32, True),
+                                         fp8_gemm_ref(qt_dy[:256], st_dy[:256], qt_a, st_a, torch.float32, True))
+            if dgrad:
+                checks["cublas_dgrad"] = rel(blockwise_mm(qdy[:256], sdy[:256], qbt, sb.t()),
+                                             fp8_gemm_ref(qdy[:256], sdy[:256], qbt, sb.t()))
         checks["wgrad"] = same(qt_dy[:256], st_dy[:256], qt_a, st_a, torch.float32, b_row_scales=True)
         if dgrad:
             checks["dgrad"] = same(qdy[:256], sdy[:256], qbt, sb.t())
@@ -129,8 +147,35 @@ def linear_rows(m: int, h: int, device: torch.device) -> dict:
         return run
 
     t_bf16, t_fp8 = median_s(step(dense), device), median_s(step(fp8), device)
-    return {"bf16_linear_s": t_bf16, "fp8_linear_s": t_fp8, "fp8_speedup": t_bf16 / t_fp8,
-            "fp8_backend": fp8_backend(device)}
+    out = {"bf16_linear_s": t_bf16, "fp8_linear_s": t_fp8, "fp8_speedup": t_bf16 / t_fp8,
+           "fp8_backend": fp8_backend(device)}
+    if device.type != "cuda":
+        return out
+    variants = {"triton": lambda: FP8Linear.from_linear(dense, backend="triton"),
+                "cublas": lambda: FP8Linear.from_linear(dense, backend="cublas"),
+                "rowwise": lambda: FP8Linear.from_linear(dense, recipe="rowwise"),
+                "torchao_blockwise": lambda: torchao_blockwise(dense)}  # the peer a user would otherwise pick
+    for name, make in variants.items():
+        try:
+            t = median_s(step(make()), device)
+            out[f"{name}_s"], out[f"{name}_speedup"] = t, t_bf16 / t
+        except Exception as e:  # a peer that does not import or run here is recorded, not fatal
+            out[f"{name}_speedup"] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return out
+
+
+def torchao_blockwise(dense: torch.nn.Linear) -> torch.nn.Module:
+    """torchao's block-scaled FP8 training linear (torchao.prototype.blockwise_fp8_training) holding
+    `dense`'s weight; raises where torchao is not installed or lacks it."""
+    from torchao.prototype.blockwise_fp8_training.linear import Float8BlockwiseLinear
+
+    if hasattr(Float8BlockwiseLinear, "from_linear"):
+        return Float8BlockwiseLinear.from_linear(dense)
+    layer = Float8BlockwiseLinear(dense.in_features, dense.out_features, bias=False)  # its dtype= is a check only
+    layer = layer.to(device=dense.weight.device, dtype=dense.weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(dense.weight)
+    return layer
 
 
 def write_report(folder: Path) -> Path:
@@ -173,8 +218,15 @@ def main() -> None:
     ratios = {}
     big = "8192x8192x8192" if gpu else next(iter(gemm))
     ratios[f"fp8_block / bf16 at {big}"] = gemm[big]["fp8_block"]["tflops"] / gemm[big]["bf16"]["tflops"]
+    for shape, row in gemm.items():
+        for name in ("cublas_block", "scaled_mm_rowwise"):
+            if isinstance(row.get(name), dict):
+                ratios[f"{name} / bf16 at {shape}"] = row[name]["tflops"] / row["bf16"]["tflops"]
     for name, row in linear.items():
         ratios[f"FP8Linear / bf16 speed-up, {name}"] = row["fp8_speedup"]
+        for variant in ("triton", "cublas", "rowwise", "torchao_blockwise"):
+            if isinstance(row.get(f"{variant}_speedup"), float):
+                ratios[f"FP8Linear {variant} / bf16, {name}"] = row[f"{variant}_speedup"]
     result = {"bench": "fp8_gemm", "size": size, **environment(device, args.commit),
               "path": "triton kernels" if gpu else "PyTorch reference path (timings are not FP8 hardware figures)",
               "gemm": gemm, "quant": quant, "linear": linear, "ratios": ratios,

@@ -120,3 +120,32 @@ def test_fp8_linear_triton_path_on_cuda_matches_reference_and_compiles():
     for other in outs[1:]:  # the same quantized operands, summed by the MMA accumulator or in fp32
         for a, b in zip(outs[0], other):
             assert ((a - b).norm() / b.norm()).item() < REL_TOL["fp8_sum"]
+
+
+def test_fp8_linear_cublas_path_matches_the_reference_at_a_padded_k():
+    """Needs torch's block-scaled F.scaled_mm (cuBLAS 12.9+, sm_90). K = 1280 (K/128 = 10, padded to
+    12 in the 128x128 scales) and 300 tokens (wgrad's K padded to 384): forward and both gradients
+    equal the PyTorch reference to the FP8 sum tolerance; the rowwise recipe runs on CUDA too."""
+    from effllm import FP8Linear
+    from effllm.kernels.backends import cublas_blockwise_works, fp8_backend
+
+    if torch.cuda.get_device_capability() != (9, 0) or not cublas_blockwise_works(torch.cuda.current_device()):
+        pytest.skip("no block-scaled cuBLAS F.scaled_mm on this GPU / torch")
+    assert fp8_backend(torch.device("cuda")) == "cublas"
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(512, 1280, device="cuda") * 0.03)
+    x = torch.randn(300, 1280, device="cuda")
+    dy = torch.randn(300, 512, device="cuda")
+    outs = {}
+    for backend, recipe in (("torch", "blockwise"), ("cublas", "blockwise"), ("auto", "rowwise")):
+        layer = FP8Linear(1280, 512, backend=backend, weight=w, recipe=recipe)
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        outs[(backend, recipe)] = (y.detach(), xi.grad, w.grad.clone())
+        w.grad = None
+    for a, b in zip(outs[("cublas", "blockwise")], outs[("torch", "blockwise")]):
+        assert ((a - b).norm() / b.norm()).item() < REL_TOL["fp8_sum"]
+    dense = [x @ w.detach().t(), dy @ w.detach(), dy.t() @ x]
+    for a, b in zip(outs[("auto", "rowwise")], dense):  # row-wise FP8 against fp32: E4M3's error, as on the CPU
+        assert ((a - b).norm() / b.norm()).item() < 5e-2
