@@ -125,10 +125,11 @@ def variants(tuner: bool = False):
         q, s = torch.empty(m, k, dtype=FP8), torch.empty(m, k // 128)
         qt, st = torch.empty(k, m, dtype=FP8), torch.empty(k, triton.cdiv(m, 128))
         out.append((f"quant_rows/{str(dtype)[6:]}", fq._quant_rows_kernel,
-                    (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0)),
+                    (x, q, s, m, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1)),
                     dict(BLOCK_M=16, TILE_K=128, POW2=False, HW_CAST=True)))
         out.append((f"quant_rows_and_cols/{str(dtype)[6:]}", fq._quant_rows_and_cols_kernel,
-                    (x, q, s, qt, st, m, k, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0)),
+                    (x, q, s, qt, st, m, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1), qt.stride(0),
+                     st.stride(0), st.stride(1)),
                     dict(TILE_M=128, TILE_K=128, POW2=False, HW_CAST=True, num_warps=8)))
     # the dense block-scaled GEMM: forward and dgrad (B K-major, block scales), wgrad (row scales)
     m, n, k = 256, 384, 512

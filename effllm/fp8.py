@@ -22,6 +22,8 @@ converted and why it skipped the rest.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -47,7 +49,8 @@ _OPS = {
     "triton": (quant_rows_and_cols, quant_blocks, quant_blocks_t, fp8_gemm),
     "torch": (quant_rows_and_cols_ref, quant_blocks_ref, quant_blocks_t_ref, fp8_gemm_ref),
     # torch's block-scaled F.scaled_mm (cuBLAS, sm_90) for the GEMMs, the Triton quantization kernels
-    "cublas": (quant_rows_and_cols, quant_blocks, quant_blocks_t, blockwise_mm),
+    # (its activation scales written outer-dim-major by the kernel, the layout cuBLAS reads)
+    "cublas": (functools.partial(quant_rows_and_cols, outer_scales=True), quant_blocks, quant_blocks_t, blockwise_mm),
 }
 
 

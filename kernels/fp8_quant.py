@@ -84,8 +84,8 @@ def _quant_rows_kernel(
     x_ptr, q_ptr, s_ptr,
     # sizes
     M, K,
-    # strides
-    stride_xm, stride_qm, stride_sm,
+    # strides (stride_sk: between a row's tile scales, 1 row-major, M for cuBLAS's outer-dim-major layout)
+    stride_xm, stride_qm, stride_sm, stride_sk,
     # meta-parameters
     BLOCK_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr,
 ):
@@ -98,7 +98,7 @@ def _quant_rows_kernel(
     s = scale_of(tl.max(tl.abs(x), axis=1), POW2)  # (BLOCK_M,)
     q = quant_tile(x, s[:, None], HW_CAST)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + rows64 * stride_sm + tl.program_id(1), s, mask=rows < M)
+    tl.store(s_ptr + rows64 * stride_sm + tl.program_id(1) * stride_sk, s, mask=rows < M)
 
 
 @triton.jit
@@ -107,8 +107,8 @@ def _quant_rows_and_cols_kernel(
     x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr,
     # sizes
     M, K,
-    # strides
-    stride_xm, stride_qm, stride_sm, stride_qtk, stride_stk,
+    # strides (stride_sk, stride_stm: between a row's tile scales; see _quant_rows_kernel)
+    stride_xm, stride_qm, stride_sm, stride_sk, stride_qtk, stride_stk, stride_stm,
     # meta-parameters
     TILE_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr,
 ):
@@ -127,12 +127,12 @@ def _quant_rows_and_cols_kernel(
     q = quant_tile(x, s_row[:, None], HW_CAST)
     qt = quant_tile(x, s_col[None, :], HW_CAST)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols64[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + rows64 * stride_sm + pid_k, s_row, mask=row_ok)
+    tl.store(s_ptr + rows64 * stride_sm + pid_k * stride_sk, s_row, mask=row_ok)
     # stored through a register transpose, so each thread writes along the rows of qt (coalesced):
     # writing the (TILE_M, TILE_K) tile straight into the transposed layout ran at 166 GB/s on an H100
     tl.store(qt_ptr + cols64[:, None] * stride_qtk + rows64[None, :], tl.trans(qt).to(qt_ptr.dtype.element_ty),
              mask=col_ok[:, None] & row_ok[None, :])
-    tl.store(st_ptr + cols64 * stride_stk + pid_m, s_col, mask=col_ok)
+    tl.store(st_ptr + cols64 * stride_stk + pid_m * stride_stm, s_col, mask=col_ok)
 
 
 @triton.jit
@@ -203,33 +203,43 @@ def _check_2d(x: torch.Tensor, name: str, k_multiple: bool = True) -> None:
         raise ValueError(f"{name} must be contiguous along its last dim")
 
 
-def quant_rows(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K), K % 128 == 0 -> q (M, K) e4m3, s (M, K/128) fp32 with x ~= q * s per 1x128 tile."""
+def _scales(rows: int, tiles: int, device: torch.device, outer: bool) -> torch.Tensor:
+    """A (rows, tiles) fp32 scale tensor, row-major or outer-dim-major (strides (1, rows): the
+    layout torch's block-scaled F.scaled_mm reads, so no pass re-lays it out)."""
+    if outer:
+        return torch.empty((tiles, rows), dtype=torch.float32, device=device).t()
+    return torch.empty((rows, tiles), dtype=torch.float32, device=device)
+
+
+def quant_rows(x: torch.Tensor, pow2: bool = False, outer_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K), K % 128 == 0 -> q (M, K) e4m3, s (M, K/128) fp32 with x ~= q * s per 1x128 tile;
+    with `outer_scales` s is stored outer-dim-major (strides (1, M)), as cuBLAS reads it."""
     _check_2d(x, "x")
     M, K = x.shape
     q = torch.empty((M, K), dtype=FP8, device=x.device)
-    s = torch.empty((M, K // TILE), dtype=torch.float32, device=x.device)
+    s = _scales(M, K // TILE, x.device, outer_scales)
     if M:
         block_m = 16
         _quant_rows_kernel[(triton.cdiv(M, block_m), K // TILE)](
-            x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), BLOCK_M=block_m, TILE_K=TILE, POW2=pow2,
-            HW_CAST=hw_cast(x.device))
+            x, q, s, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), BLOCK_M=block_m, TILE_K=TILE,
+            POW2=pow2, HW_CAST=hw_cast(x.device))
     return q, s
 
 
-def quant_rows_and_cols(x: torch.Tensor, pow2: bool = False):
+def quant_rows_and_cols(x: torch.Tensor, pow2: bool = False, outer_scales: bool = False):
     """x (M, K) -> (q (M, K), s (M, K/128)) tiled along K, and (qt (K, M), st (K, ceil(M/128))) tiled
-    along M and stored transposed; one pass over x."""
+    along M and stored transposed; one pass over x. With `outer_scales` s and st are stored
+    outer-dim-major (see `quant_rows`)."""
     _check_2d(x, "x")
     M, K = x.shape
     q = torch.empty((M, K), dtype=FP8, device=x.device)
-    s = torch.empty((M, K // TILE), dtype=torch.float32, device=x.device)
+    s = _scales(M, K // TILE, x.device, outer_scales)
     qt = torch.empty((K, M), dtype=FP8, device=x.device)
-    st = torch.empty((K, triton.cdiv(M, TILE)), dtype=torch.float32, device=x.device)
+    st = _scales(K, triton.cdiv(M, TILE), x.device, outer_scales)
     if M:
         _quant_rows_and_cols_kernel[(triton.cdiv(M, TILE), K // TILE)](
-            x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), qt.stride(0), st.stride(0),
-            TILE_M=TILE, TILE_K=TILE, POW2=pow2, HW_CAST=hw_cast(x.device),
+            x, q, s, qt, st, M, K, x.stride(0), q.stride(0), s.stride(0), s.stride(1), qt.stride(0), st.stride(0),
+            st.stride(1), TILE_M=TILE, TILE_K=TILE, POW2=pow2, HW_CAST=hw_cast(x.device),
             num_warps=8)  # a 128x128 fp32 tile: 8 warps hold it
     return q, s, qt, st
 

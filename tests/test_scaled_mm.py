@@ -91,6 +91,27 @@ def test_the_emulated_cublas_products_equal_effllms_reference_gemm(m):
             assert rel(emulate_scaled_mm(*args, output_dtype=torch.float32), want) > 1e-3, name
 
 
+@pytest.mark.parametrize("m", [200, 128])
+def test_the_quantization_kernels_write_the_scales_cublas_reads_without_another_pass(m):
+    """quant_rows_and_cols(outer_scales=True) (the Triton kernel; the interpreter on a CPU) stores its
+    scales outer-dim-major: the same bits as the row-major ones, and blockwise_args hands them to
+    F.scaled_mm without a copy (the same memory)."""
+    from effllm.kernels.fp8_quant import quant_rows, quant_rows_and_cols
+
+    x = torch.randn(m, 384)
+    row = quant_rows_and_cols(x)
+    outer = quant_rows_and_cols(x, outer_scales=True)
+    assert outer[1].stride() == (1, m) and outer[3].stride() == (1, 384)
+    for a, b in zip(row, outer):
+        assert torch.equal(a.view(torch.uint8) if a.dtype == E4 else a, b.view(torch.uint8) if b.dtype == E4 else b)
+    q, s = quant_rows(x, outer_scales=True)
+    assert torch.equal(s, row[1]) and s.stride() == (1, m)
+    w = torch.randn(256, 384)
+    q_w, s_w, _ = quant_blocks_t_ref(w)
+    args = blockwise_args(outer[0], outer[1], q_w, s_w)
+    assert args[2].data_ptr() == outer[1].data_ptr()  # no re-layout of the activation's scales
+
+
 def test_rowwise_mm_runs_torchs_kernel_and_equals_the_dequantized_product():
     torch.manual_seed(1)
     a, b = torch.randn(77, 200), torch.randn(96, 200)  # K = 200: padded to a multiple of 16
