@@ -22,10 +22,12 @@ and `_manifest`. effllm/data.py reads the result.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import pickle
 import shutil
 import sys
 from collections import deque
@@ -187,16 +189,22 @@ def _read(cfg: PrepareConfig, sources: list[Source], filters: DocumentFilter, pr
 # per worker wait to be written, so it does not grow with the corpus.
 IN_FLIGHT_PER_WORKER = 2
 PARALLEL_MIN_BYTES = 64 << 20  # workers=0 (auto): a smaller corpus tokenizes in this process (workers take ~2 s to start)
-_worker: dict = {}  # a tokenizing process's own corpus and tokenizer, set once by `_start_worker`
+_worker: dict = {}  # a tokenizing process's own (state file, corpus, tokenizer, dtype), loaded once
 
 
-def _start_worker(corpus: _Corpus, tokenizer, dtype) -> None:
+def _start_worker() -> None:
     """Runs once in each tokenizing process (spawned: nothing of the parent's threads is inherited)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # this process's own: the processes are the parallelism
-    _worker.update(corpus=corpus, tokenizer=tokenizer, dtype=dtype)
 
 
-def _tokenize_in_worker(i: int):
+def _ready() -> None:
+    """A first task: makes the pool start its processes (they import effllm) while this one reads."""
+
+
+def _tokenize_in_worker(state: str, i: int):
+    if _worker.get("state") != state:
+        with open(state, "rb") as fh:
+            _worker.update(zip(("corpus", "tokenizer", "dtype"), pickle.load(fh)), state=state)
     return _tokenize_file(_worker["corpus"], _worker["tokenizer"], _worker["dtype"], i)
 
 
@@ -217,24 +225,34 @@ def _tokenize_file(corpus: _Corpus, tokenizer, dtype, i: int):
     return train, val, meta, np.unique(train, return_counts=True)
 
 
-def tokenizing_workers(cfg: PrepareConfig, corpus: _Corpus) -> int:
-    """The processes to tokenize with: cfg.workers, or for 0 one per usable core for a BPE or
-    tokenizer file and a corpus of PARALLEL_MIN_BYTES or more. The byte tokenizer stays in this
+def tokenizing_workers(cfg: PrepareConfig, n_bytes: int) -> int:
+    """The processes to tokenize `n_bytes` of sources with: cfg.workers, or for 0 one per usable
+    core for a BPE or tokenizer file and PARALLEL_MIN_BYTES or more. The byte tokenizer stays in this
     process: it runs at tens of MB/s (benchmarks/results/prepare_speed/), faster than workers start
     and send their tokens back; so does a small corpus, done before workers would have started."""
     if cfg.workers:
         return cfg.workers
-    if cfg.tokenizer == "byte" or sum(e["bytes"] for e in corpus.entries) < PARALLEL_MIN_BYTES:
+    if cfg.tokenizer == "byte" or n_bytes < PARALLEL_MIN_BYTES:
         return 1
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """`workers` spawned tokenizing processes, asked to start now, so that they import effllm while
+    this process reads and filters the corpus (and trains the BPE)."""
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker)
+    for _ in range(workers):
+        pool.submit(_ready)
+    return pool
+
+
 def _tokenize(corpus: _Corpus, tokenizer, dtype, tmp: Path, progress: bool,
-              workers: int = 1) -> tuple[np.ndarray, ContentStats]:
+              pool: ProcessPoolExecutor | None = None, workers: int = 1) -> tuple[np.ndarray, ContentStats]:
     """Pass 3: file by file, each kept document and an end-of-text token appended to its split's
-    file in `tmp` (in `workers` processes, written in file order); the entries get their token
-    counts, and each document's language and domain are counted (effllm/content.py). Returns the
-    train split's token counts (V,) and those content counts."""
+    file in `tmp` (by the `workers` processes of `pool`, written in file order; they read the corpus
+    and tokenizer from a state file in `tmp`, removed after); the entries get their token counts,
+    and each document's language and domain are counted (effllm/content.py). Returns the train
+    split's token counts (V,) and those content counts."""
     counts = np.zeros(tokenizer.vocab_size, dtype=np.int64)
     content = ContentStats(len(corpus.sources), corpus.cfg.date_field)
     n = len(corpus.files)
@@ -251,20 +269,21 @@ def _tokenize(corpus: _Corpus, tokenizer, dtype, tmp: Path, progress: bool,
             counts[ids.astype(np.int64)] += c  # ids are unique (np.unique): no two writes to one element
             bar.update()
 
-        if workers <= 1:
+        if pool is None:
             for i in range(n):
                 write(i, _tokenize_file(corpus, tokenizer, dtype, i))
             return counts, content
-        spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_start_worker,
-                                 initargs=(corpus, tokenizer, dtype)) as pool:
-            pending: deque = deque()
-            for i in range(n):
-                pending.append(pool.submit(_tokenize_in_worker, i))
-                if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
-                    write(i - len(pending) + 1, pending.popleft().result())
-            for j in range(n - len(pending), n):
-                write(j, pending.popleft().result())
+        state = tmp / ".tokenizing-state.pkl"
+        with open(state, "wb") as fh:
+            pickle.dump((corpus, tokenizer, dtype), fh)
+        pending: deque = deque()
+        for i in range(n):
+            pending.append(pool.submit(_tokenize_in_worker, str(state), i))
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                write(i - len(pending) + 1, pending.popleft().result())
+        for j in range(n - len(pending), n):
+            write(j, pending.popleft().result())
+        state.unlink()
     return counts, content
 
 
@@ -344,6 +363,13 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
     sources = user_sources(cfg.sources, cfg.license, extensions) if cfg.sources else [stdlib_source()]
     if not any(s.files for s in sources):
         raise DataError("no source files found")
+    workers = tokenizing_workers(cfg, sum(f.path.stat().st_size for s in sources for f in s.files))
+    with _pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        return _prepare(cfg, out, sources, progress, pool, workers)
+
+
+def _prepare(cfg: PrepareConfig, out: Path, sources: list[Source], progress: bool, pool, workers: int) -> Path:
+    """The passes of `prepare`, once its checks are done (the tokenizing processes, if any, starting)."""
     filters = DocumentFilter(cfg.allow_licenses, cfg.opt_out, cfg.near_dup_threshold)
     corpus = _read(cfg, sources, filters, progress)
 
@@ -360,7 +386,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True) -> Path:
 
     tmp = new_temp_dir(out)  # replaces `out` only once complete, removed on failure
     try:
-        counts, content = _tokenize(corpus, tokenizer, dtype, tmp, progress, tokenizing_workers(cfg, corpus))
+        counts, content = _tokenize(corpus, tokenizer, dtype, tmp, progress, pool, workers)
         tokenizer.save(tmp, source) if source is not None else tokenizer.save(tmp)
         manifest = _manifest(cfg, corpus, filters, tokenizer, dtype, tmp, counts, content, source)
         mixture_weights(manifest)  # a weighted source that kept no training tokens fails here
