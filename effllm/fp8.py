@@ -58,10 +58,13 @@ class FP8LinearFunction(torch.autograd.Function):
     """y = x · Wᵀ with x, W and the output gradient quantized to E4M3 with fine-grained scales."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, backend: str, pow2: bool):
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, backend: str, pow2: bool,
+                weight_fp8: tuple | None = None):
         quant_both, quant_w, quant_w_t, gemm = _OPS[backend]
         q_x, s_x, qt_x, st_x = quant_both(x, pow2)  # tiles along features (forward) and tokens (wgrad)
-        if ctx.needs_input_grad[0]:  # dgrad reads Wᵀ: quantized K-major by the same launch as W
+        if weight_fp8 is not None:  # quantized already this optimizer step (FP8Linear.cache_weight)
+            q_w, s_w, qt_w = weight_fp8
+        elif ctx.needs_input_grad[0]:  # dgrad reads Wᵀ: quantized K-major by the same launch as W
             q_w, s_w, qt_w = quant_w_t(weight, pow2)
         else:
             (q_w, s_w), qt_w = quant_w(weight, pow2), None
@@ -80,7 +83,7 @@ class FP8LinearFunction(torch.autograd.Function):
             dx = gemm(q_dy, s_dy, qt_w, s_w.t(), x_dtype)
         if ctx.needs_input_grad[1]:  # dW = dYᵀ · X, both tiled along the tokens (fp32 sums, rounded once)
             dw = gemm(qt_dy, st_dy, qt_x, st_x, w_dtype, b_row_scales=True)
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
 
 
 class FP8RowwiseLinearFunction(torch.autograd.Function):
@@ -129,7 +132,8 @@ class FP8Linear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, backend: str = "auto", pow2_scales: bool = False,
-                 weight: nn.Parameter | None = None, bias: bool | nn.Parameter = False, recipe: str = "blockwise"):
+                 weight: nn.Parameter | None = None, bias: bool | nn.Parameter = False, recipe: str = "blockwise",
+                 cache_weight: bool = False):
         super().__init__()
         if in_features % TILE or out_features % TILE:
             raise ConfigError(f"FP8Linear needs in and out features that are multiples of {TILE}, got "
@@ -138,6 +142,13 @@ class FP8Linear(nn.Module):
         check_recipe(recipe)
         self.in_features, self.out_features = in_features, out_features
         self.backend, self.pow2_scales, self.recipe = backend, pow2_scales, recipe
+        # Gradient accumulation: quantize the weight once per optimizer step, not per micro-batch. The
+        # FP8 copy (q, its scales, the K-major qᵀ) is kept with the key it was made for (the weight's
+        # storage and version counter, which every in-place update such as optimizer.step() bumps)
+        # and remade when the key changes. Only for weights that persist between forwards: FSDP2
+        # rewrites its unsharded parameters in place each forward, so the trainer leaves it off there.
+        self.cache_weight = cache_weight
+        self._weight_fp8: tuple | None = None  # (key, q, s, qt)
         self.weight = weight if weight is not None else nn.Parameter(torch.empty(out_features, in_features))
         if weight is None:
             nn.init.normal_(self.weight, std=0.02)
@@ -162,15 +173,37 @@ class FP8Linear(nn.Module):
             if self.recipe == "rowwise":  # torch's F.scaled_mm on every device
                 y = FP8RowwiseLinearFunction.apply(x.reshape(-1, self.in_features), self.weight, out_dtype)
             else:
-                y = FP8LinearFunction.apply(x.reshape(-1, self.in_features), self.weight, out_dtype,
-                                            fp8_backend(x.device, self.backend), self.pow2_scales)
+                backend = fp8_backend(x.device, self.backend)
+                y = FP8LinearFunction.apply(x.reshape(-1, self.in_features), self.weight, out_dtype, backend,
+                                            self.pow2_scales, self._cached_weight(backend))
             if self.bias is not None:
                 y = y + self.bias.to(out_dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def _cached_weight(self, backend: str) -> tuple | None:
+        """The weight's FP8 copy for this optimizer step, made on its first use (None: not cached)."""
+        if not (self.cache_weight and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return None
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.device, backend, self.pow2_scales)
+        if self._weight_fp8 is None or self._weight_fp8[0] != key:
+            with torch.no_grad():
+                self._weight_fp8 = (key, *_OPS[backend][2](w, self.pow2_scales))
+        return self._weight_fp8[1:]
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"backend={self.backend}, recipe={self.recipe}")
+
+
+def cache_fp8_weights(model: nn.Module, enabled: bool = True) -> int:
+    """Turn FP8Linear's once-per-optimizer-step weight quantization on (or off) in `model`; returns
+    how many layers it set. For gradient accumulation with weights that persist between forwards
+    (one process, DDP), not FSDP2 (see FP8Linear)."""
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    for m in layers:
+        m.cache_weight, m._weight_fp8 = enabled, None
+    return len(layers)
 
 
 def check_recipe(recipe: str) -> None:

@@ -22,7 +22,7 @@ from effllm.config import OptimConfig, TrainConfig, checkpoint_format, lr_at
 from effllm.data import TokenDataset
 from effllm.devices import autocast_dtype, resolve_device
 from effllm.errors import ConfigError, DataError
-from effllm.fp8 import convert_to_fp8
+from effllm.fp8 import cache_fp8_weights, convert_to_fp8
 from effllm.goldfish import apply_goldfish
 from effllm.kernels.backends import fp8_backend
 from effllm.kernels.fp8_quant import TILE
@@ -78,6 +78,8 @@ def build_run(cfg: TrainConfig, env: DistEnv, device: torch.device, resume_from:
     fp8_report = convert_to_fp8(model, recipe=cfg.fp8_recipe) if cfg.fp8 else None
     if fp8_report is not None and not fp8_report["converted"]:
         raise ConfigError(NO_FP8.format(tile=TILE, dim=cfg.model.dim))
+    if fp8_report is not None and cfg.grad_accum > 1 and not (env.enabled and cfg.data_parallel == "fsdp"):
+        cache_fp8_weights(model)  # each weight quantized once per optimizer step, not per micro-batch
     if fp8_report is not None:  # what the converted layers' "auto" runs on this device
         fp8_report["backend"] = "torch.scaled_mm rowwise" if cfg.fp8_recipe == "rowwise" else fp8_backend(device)
         fp8_report["experts_backend"] = fp8_backend(device, grouped=True)

@@ -132,3 +132,56 @@ def test_the_triton_backend_off_a_gpu_is_refused_with_the_fix(monkeypatch):
     with pytest.raises(ConfigError, match="backend='torch'"):
         layer(torch.randn(3, 256))
     assert FP8Linear(256, 128, backend="torch")(torch.randn(3, 256)).shape == (3, 128)
+
+
+def test_each_weight_is_quantized_once_per_optimizer_step_under_gradient_accumulation(monkeypatch):
+    """cache_fp8_weights: 4 micro-batches quantize the weight once, the optimizer's in-place update
+    (a new version of the weight) makes the next step quantize it again, and every output and
+    gradient is bit for bit the uncached layer's."""
+    import effllm.fp8 as fp8_module
+    from effllm.fp8 import cache_fp8_weights
+
+    calls = []
+    ops = dict(fp8_module._OPS)
+    quant_both, quant_w, quant_w_t, gemm = ops["torch"]
+
+    def counting_quant_w_t(w, pow2):
+        calls.append(1)
+        return quant_w_t(w, pow2)
+
+    monkeypatch.setitem(fp8_module._OPS, "torch", (quant_both, quant_w, counting_quant_w_t, gemm))
+    torch.manual_seed(3)
+    dense = torch.nn.Linear(256, 128, bias=False)
+    cached = torch.nn.Sequential(FP8Linear.from_linear(torch.nn.Linear(256, 128, bias=False), backend="torch"))
+    plain = FP8Linear.from_linear(torch.nn.Linear(256, 128, bias=False), backend="torch")
+    with torch.no_grad():
+        cached[0].weight.copy_(dense.weight)
+        plain.weight.copy_(dense.weight)
+    assert cache_fp8_weights(cached) == 1
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (cached, plain)]
+    xs = [torch.randn(37, 256, requires_grad=True) for _ in range(8)]  # activations: dgrad runs
+    for step in range(2):
+        for micro in range(4):
+            x = xs[4 * step + micro]
+            y_cached, y_plain = cached(x), plain(x)
+            assert torch.equal(y_cached, y_plain)
+            (y_cached.square().mean()).backward()
+            (y_plain.square().mean()).backward()
+        assert torch.equal(cached[0].weight.grad, plain.weight.grad)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    assert len(calls) == 2 + 8  # the cached layer twice (once per step), the plain one per micro-batch
+
+
+def test_the_trainer_caches_fp8_weights_only_under_gradient_accumulation(byte_data, tmp_path):
+    from effllm.fp8 import FP8Linear
+    from effllm.parallelize import dist_env
+    from effllm.run import build_run
+
+    model = ModelConfig(vocab_size=256, dim=128, n_layers=1, n_heads=2, max_seq_len=64, ffn_hidden_dim=256)
+    for accum, want in ((2, True), (1, False)):
+        cfg = tiny_train_config(byte_data, tmp_path, model=model, fp8=True, grad_accum=accum)
+        run = build_run(cfg, dist_env(), torch.device("cpu"))
+        layers = [m for m in run.model.modules() if isinstance(m, FP8Linear)]
+        assert layers and all(m.cache_weight == want for m in layers)
