@@ -80,7 +80,7 @@ class TrainConfig:
     dist_timeout_s: float = 300.0  # under torchrun: a collective waiting this long (a rank died) fails the job
     expert_parallel: int = 1  # under torchrun: ranks that split each MoE layer's routed experts (1 = off)
     fp8: bool = False  # run attention / FFN linears in FP8 with block scaling (effllm.fp8.convert_to_fp8)
-    fp8_recipe: Literal["blockwise", "rowwise"] = "blockwise"  # with --fp8: DeepSeek-V3's 1x128/128x128 scales, or per row
+    fp8_recipe: Literal["blockwise", "rowwise", "tensorwise"] = "blockwise"  # --fp8 scaling: DeepSeek-V3 blocks, rows, tensors
     seed: int = 1337  # seeds the init and the data order
     log_interval: int = 10  # steps between metrics lines
     eval_interval: int = 200  # steps between validation losses (and at the end)

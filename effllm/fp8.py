@@ -10,8 +10,8 @@ Paths (kernels/backends.py): on sm_90 GPUs whose torch runs it, torch's block-sc
 (cuBLAS) for the GEMMs with the Triton quantization kernels (kernels/scaled_mm.py); the Triton
 kernels (kernels/fp8_quant.py, kernels/fp8_gemm.py) on other CUDA GPUs with FP8 tensor cores
 (compute capability 8.9+); elsewhere the same quantize / dequantize / blockwise matmul written in
-PyTorch, so FP8 numerics train and test on a CPU. The "rowwise" recipe (`FP8RowwiseLinearFunction`)
-runs torch's row-wise F.scaled_mm on every device.
+PyTorch, so FP8 numerics train and test on a CPU. The "rowwise" and "tensorwise" recipes
+(`FP8ScaledLinearFunction`) run torch's F.scaled_mm on every device.
 
 The MoE experts' grouped GEMMs run the same way (effllm/fp8_experts.py). `convert_to_fp8(model)`
 swaps a model's linears for FP8Linear and its routed experts for FP8RoutedExperts. It keeps in higher precision the parts
@@ -40,7 +40,7 @@ from effllm.kernels.fp8_quant import (
     quant_rows_and_cols,
     quant_rows_and_cols_ref,
 )
-from effllm.kernels.scaled_mm import blockwise_mm, quant_rowwise, rowwise_mm
+from effllm.kernels.scaled_mm import blockwise_mm, quant_rowwise, quant_tensorwise, rowwise_mm, tensorwise_mm
 from effllm.moe import RoutedExperts
 
 _OPS = {
@@ -86,39 +86,44 @@ class FP8LinearFunction(torch.autograd.Function):
         return dx, dw, None, None, None, None
 
 
-class FP8RowwiseLinearFunction(torch.autograd.Function):
-    """y = x · Wᵀ in FP8 with one scale per row over the whole K (the "rowwise" recipe, torchtitan's
-    and torchao's): each of the three GEMMs quantizes its two operands per row of its contraction,
-    x and W along features for the forward, dy along features and Wᵀ along outputs for dgrad, dyᵀ
-    and xᵀ along tokens for wgrad; torch's F.scaled_mm RowWise runs them (cuBLAS on CUDA, torch's
-    own kernel on a CPU). Coarser than the block scaling (one outlier sets a whole row's scale),
-    and what cuBLAS runs fastest."""
+_COARSE = {"rowwise": (quant_rowwise, rowwise_mm), "tensorwise": (quant_tensorwise, tensorwise_mm)}
+
+
+class FP8ScaledLinearFunction(torch.autograd.Function):
+    """y = x · Wᵀ in FP8 with coarse scales, torch's F.scaled_mm running the three GEMMs (cuBLAS on
+    CUDA, torch's own kernel on a CPU): "rowwise" (torchtitan's and torchao's recipe) one scale per
+    row over the whole K, each GEMM quantizing its two operands per row of its contraction (x and W
+    along features for the forward, dy along features and Wᵀ along outputs for dgrad, dyᵀ and xᵀ
+    along tokens for wgrad); "tensorwise" one scale per operand. Coarser than the block scaling
+    (one outlier sets a whole row's, or tensor's, scale), and what cuBLAS runs fastest."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype):
-        q_x, s_x = quant_rowwise(x)
-        q_w, s_w = quant_rowwise(weight)
-        qt_x, st_x = quant_rowwise(x.t())  # along the tokens, for wgrad: the input is kept in FP8 only
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype, recipe: str):
+        quant, mm = _COARSE[recipe]
+        q_x, s_x = quant(x)
+        q_w, s_w = quant(weight)
+        qt_x, st_x = quant(x.t())  # along the tokens, for wgrad: the input is kept in FP8 only
         ctx.save_for_backward(qt_x, st_x, weight)
-        ctx.dtypes = (x.dtype, weight.dtype)
-        return rowwise_mm(q_x, s_x, q_w, s_w, out_dtype)
+        ctx.meta = (x.dtype, weight.dtype, recipe)
+        return mm(q_x, s_x, q_w, s_w, out_dtype)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         qt_x, st_x, weight = ctx.saved_tensors
-        x_dtype, w_dtype = ctx.dtypes
+        x_dtype, w_dtype, recipe = ctx.meta
+        quant, mm = _COARSE[recipe]
         dx = dw = None
         if ctx.needs_input_grad[0]:  # dX = dY · W: dY per token over N, Wᵀ per input feature over N
-            q_dy, s_dy = quant_rowwise(dy)
-            q_wt, s_wt = quant_rowwise(weight.t())
-            dx = rowwise_mm(q_dy, s_dy, q_wt, s_wt, x_dtype)
+            q_dy, s_dy = quant(dy)
+            q_wt, s_wt = quant(weight.t())
+            dx = mm(q_dy, s_dy, q_wt, s_wt, x_dtype)
         if ctx.needs_input_grad[1]:  # dW = dYᵀ · X: both per row over the tokens
-            q_dyt, s_dyt = quant_rowwise(dy.t())
-            dw = rowwise_mm(q_dyt, s_dyt, qt_x, st_x, w_dtype)
-        return dx, dw, None
+            q_dyt, s_dyt = quant(dy.t())
+            dw = mm(q_dyt, s_dyt, qt_x, st_x, w_dtype)
+        return dx, dw, None, None
 
 
-RECIPES = ("blockwise", "rowwise")
+RECIPES = ("blockwise", "rowwise", "tensorwise")
 
 
 class FP8Linear(nn.Module):
@@ -170,8 +175,8 @@ class FP8Linear(nn.Module):
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         with torch.autocast(device, enabled=False):
-            if self.recipe == "rowwise":  # torch's F.scaled_mm on every device
-                y = FP8RowwiseLinearFunction.apply(x.reshape(-1, self.in_features), self.weight, out_dtype)
+            if self.recipe != "blockwise":  # torch's F.scaled_mm on every device
+                y = FP8ScaledLinearFunction.apply(x.reshape(-1, self.in_features), self.weight, out_dtype, self.recipe)
             else:
                 backend = fp8_backend(x.device, self.backend)
                 y = FP8LinearFunction.apply(x.reshape(-1, self.in_features), self.weight, out_dtype, backend,
@@ -208,8 +213,8 @@ def cache_fp8_weights(model: nn.Module, enabled: bool = True) -> int:
 
 def check_recipe(recipe: str) -> None:
     if recipe not in RECIPES:
-        raise ConfigError(f"unknown FP8 recipe {recipe!r}; choose blockwise (DeepSeek-V3's 1x128 / 128x128 scales) or "
-                          "rowwise (one scale per row, torchtitan's)")
+        raise ConfigError(f"unknown FP8 recipe {recipe!r}; choose blockwise (DeepSeek-V3's 1x128 / 128x128 scales), "
+                          "rowwise (one scale per row, torchtitan's) or tensorwise (one per tensor)")
 
 
 def convert_to_fp8(model: nn.Module, backend: str = "auto", pow2_scales: bool = False,

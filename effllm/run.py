@@ -81,7 +81,8 @@ def build_run(cfg: TrainConfig, env: DistEnv, device: torch.device, resume_from:
     if fp8_report is not None and cfg.grad_accum > 1 and not (env.enabled and cfg.data_parallel == "fsdp"):
         cache_fp8_weights(model)  # each weight quantized once per optimizer step, not per micro-batch
     if fp8_report is not None:  # what the converted layers' "auto" runs on this device
-        fp8_report["backend"] = "torch.scaled_mm rowwise" if cfg.fp8_recipe == "rowwise" else fp8_backend(device)
+        fp8_report["backend"] = (f"torch.scaled_mm {cfg.fp8_recipe}" if cfg.fp8_recipe != "blockwise"
+                                 else fp8_backend(device))
         fp8_report["experts_backend"] = fp8_backend(device, grouped=True)
     if resume_from is not None or init_from is not None:
         ckpt_io.load_weights(resume_from or init_from, model)

@@ -14,7 +14,8 @@ with the tokens as K, padded with zeros to a multiple of 128 (zeros add nothing)
 
 Row-wise (torchtitan's and torchao's recipe): one scale per row of each operand over the whole K,
 `F.scaled_mm(..., RowWise, ..., RowWise)`; torch runs it on the CPU too, so this recipe's numerics
-are tested for real there (`rowwise_mm`, `quant_rowwise`).
+are tested for real there (`rowwise_mm`, `quant_rowwise`). Tensor-wise, one scale per operand
+(`tensorwise_mm`, `quant_tensorwise`), likewise.
 
 The re-layout of the scales is an extra pass over them (1/128 of an operand's elements), not over
 the operands. torch's meta kernels apply the CUDA layout checks, so the tests call the exact
@@ -102,6 +103,25 @@ def rowwise_mm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.T
         b = F.pad(b.view(torch.uint8), (0, pad)).view(FP8)
     ST = F.ScalingType
     return F.scaled_mm(a, b.t(), a_s, ST.RowWise, b_s.t(), ST.RowWise, output_dtype=out_dtype)
+
+
+def quant_tensorwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (R, K) -> q (R, K) e4m3 and one scale for the whole tensor, a 0-dim fp32 (amax / 448)."""
+    xf = x.float().contiguous()
+    s = xf.abs().amax().clamp(min=AMAX_FLOOR) / FP8_MAX
+    return (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8), s
+
+
+def tensorwise_mm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                  out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """C (M, N) = A · Bᵀ with one scale per operand, through `F.scaled_mm` TensorWise x TensorWise;
+    K padded with zeros to a multiple of 16, as in `rowwise_mm`."""
+    pad = (-a.shape[1]) % 16
+    if pad:
+        a = F.pad(a.view(torch.uint8), (0, pad)).view(FP8)
+        b = F.pad(b.view(torch.uint8), (0, pad)).view(FP8)
+    ST = F.ScalingType
+    return F.scaled_mm(a, b.t(), a_s, ST.TensorWise, b_s, ST.TensorWise, output_dtype=out_dtype)
 
 
 def emulate_scaled_mm(mat_a: torch.Tensor, mat_b: torch.Tensor, scale_a: torch.Tensor, recipe_a, scale_b: torch.Tensor,
