@@ -16,7 +16,7 @@ GEMM rows (TFLOP/s from the median time: triton.testing.do_bench on a GPU):
 Shapes: 4096³, 8192³ and DeepSeek-V3's M=4096 with (N, K) = (7168, 16384), (4096, 7168) and
 (2112, 7168). The quantization kernels report GB/s as bytes read plus bytes written. FP8Linear
 forward+backward is compared with a bf16 nn.Linear at hidden 4096 and 8192 (M=8192 tokens): the
-auto backend, then each of triton, cublas and the rowwise recipe, and the peer torchao's
+auto backend, then each of triton, cublas and the rowwise and tensorwise recipes, and the peer torchao's
 Float8BlockwiseLinear where torchao imports (else the reason is recorded).
 Results: benchmarks/results/fp8_gemm/<device>-<size>.json and report.md.
 """
@@ -154,6 +154,7 @@ def linear_rows(m: int, h: int, device: torch.device) -> dict:
     variants = {"triton": lambda: FP8Linear.from_linear(dense, backend="triton"),
                 "cublas": lambda: FP8Linear.from_linear(dense, backend="cublas"),
                 "rowwise": lambda: FP8Linear.from_linear(dense, recipe="rowwise"),
+                "tensorwise": lambda: FP8Linear.from_linear(dense, recipe="tensorwise"),
                 "torchao_blockwise": lambda: torchao_blockwise(dense)}  # the peer a user would otherwise pick
     for name, make in variants.items():
         try:
@@ -224,7 +225,7 @@ def main() -> None:
                 ratios[f"{name} / bf16 at {shape}"] = row[name]["tflops"] / row["bf16"]["tflops"]
     for name, row in linear.items():
         ratios[f"FP8Linear / bf16 speed-up, {name}"] = row["fp8_speedup"]
-        for variant in ("triton", "cublas", "rowwise", "torchao_blockwise"):
+        for variant in ("triton", "cublas", "rowwise", "tensorwise", "torchao_blockwise"):
             if isinstance(row.get(f"{variant}_speedup"), float):
                 ratios[f"FP8Linear {variant} / bf16, {name}"] = row[f"{variant}_speedup"]
     result = {"bench": "fp8_gemm", "size": size, **environment(device, args.commit),
