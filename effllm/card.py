@@ -111,14 +111,16 @@ def card_text(state: dict, counts: dict, manifest: dict, title: str = "# Model c
     for r in licence_shares(manifest):
         lines.append(f"| {r['license']} | {r['sources']} | {r['files']:,} | {r['bytes']:,} | {100 * r['byte_share']:.1f}% "
                      f"| {r['train_tokens']:,} | {100 * r['token_share']:.1f}% |")
-    mix = mixture_rows(manifest, cfg.get("data_mix") or (), state.get("tokens_seen", 0))
+    mix = mixture_rows(manifest, cfg.get("data_mix") or (), state.get("tokens_seen", 0), cfg.get("data_mix_per", "tokens"))
     if mix:
         lines += ["", "### Sampling mixture", "", "Training windows drawn per source by these shares of the training "
                   "tokens (" + ("the run's --data-mix" if cfg.get("data_mix") else "the data's prepare --mix")
-                  + "); tokens drawn are the expected counts, share x tokens seen.", "",
-                  "| source | share | training tokens | tokens drawn | epochs |", "|---|---|---|---|---|"]
+                  + "); tokens and documents drawn are the expected counts: share x tokens seen, and that over the "
+                  "source's mean document length.", "",
+                  "| source | share of tokens | training tokens | tokens drawn | documents drawn | epochs |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {r['source']} | {100 * r['weight']:.1f}% | {r['train_tokens']:,} | {r['tokens_seen']:,} | "
-                  f"{r['epochs']:.2f} |" for r in mix]
+                  f"{r['documents_seen']:,} | {r['epochs']:.2f} |" for r in mix]
     content = manifest.get("content")
     if content:  # recorded by prepare since languages and domains were (effllm/content.py)
         train = t["train_tokens"] or 1

@@ -63,7 +63,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # the model to train
     optim: OptimConfig = field(default_factory=OptimConfig)  # optimizer and schedule
     data_dir: str = "data/stdlib"  # a directory written by `effllm prepare`
-    data_mix: tuple[float, ...] = ()  # per-source shares of training tokens (the manifest's source order); () = the data's own
+    data_mix: tuple[float, ...] = ()  # per-source sampling weights (the manifest's source order); () = the data's own
+    data_mix_per: Literal["tokens", "documents"] = "tokens"  # data_mix weights are shares of tokens, or of documents
     out_dir: str = "runs/default"  # metrics.jsonl, summary.json and checkpoints/ go here
     batch_size: int = 16  # sequences per micro-batch
     seq_len: int = 256  # tokens per sequence (at most model.max_seq_len)

@@ -51,13 +51,30 @@ def source_names(manifest: dict) -> list[str]:
             for s, fs in zip(manifest["sources"], files)]
 
 
-def mixture_weights(manifest: dict, given: tuple[float, ...] | list[float] = ()) -> np.ndarray | None:
-    """The per-source sampling weights, normalized: `given` (a run's --data-mix), else the manifest's
-    own mixture (prepare --mix); None for none (each source in proportion to its tokens). Weights
-    that cannot work are refused, naming the sources."""
-    weights = list(given) or (manifest.get("mixture") or {}).get("weights") or []
+def _mean_document_tokens(manifest: dict) -> np.ndarray:
+    """Each source's tokens per kept document (both splits)."""
+    tokens = np.zeros(len(manifest["sources"]))
+    docs = np.zeros(len(manifest["sources"]))
+    for f in manifest["files"]:
+        tokens[f["source"]] += f["tokens"]["train"] + f["tokens"]["val"]
+        docs[f["source"]] += f.get("documents", 0)
+    return np.divide(tokens, docs, out=np.zeros_like(tokens), where=docs > 0)
+
+
+def mixture_weights(manifest: dict, given: tuple[float, ...] | list[float] = (), per: str = "tokens") -> np.ndarray | None:
+    """The per-source shares of the training tokens to sample, normalized: from `given` (a run's
+    --data-mix, weights `per` "tokens" or "documents"), else the manifest's own mixture (prepare
+    --mix); None for none (each source in proportion to its tokens). Weights per document become
+    token shares through each source's mean document length. Weights that cannot work are refused,
+    naming the sources."""
+    if not given:
+        mixture = manifest.get("mixture") or {}
+        given, per = mixture.get("given") or mixture.get("weights") or [], mixture.get("per", "tokens")
+    weights = list(given)
     if not weights:
         return None
+    if per not in ("tokens", "documents"):
+        raise DataError(f"mixture weights per {per!r}: give them per 'tokens' or per 'documents'")
     names = source_names(manifest)
     if len(weights) != len(names):
         raise DataError(f"{len(weights)} mixture weights for the {len(names)} sources of the data ({', '.join(names)}): "
@@ -69,29 +86,34 @@ def mixture_weights(manifest: dict, given: tuple[float, ...] | list[float] = ())
     if empty:
         raise DataError(f"source(s) {', '.join(empty)} have a positive mixture weight but no training tokens: give "
                         "them weight 0")
+    if per == "documents":
+        w = w * _mean_document_tokens(manifest)
     return w / w.sum()
 
 
-def mixture_rows(manifest: dict, given: tuple[float, ...] | list[float], tokens_seen: int) -> list[dict] | None:
-    """Per source, for a run that has seen `tokens_seen` tokens: its name, sampling share, training
-    tokens, the tokens drawn from it (expected: share x tokens seen) and the epochs those make; None
-    without a mixture."""
-    w = mixture_weights(manifest, given)
+def mixture_rows(manifest: dict, given: tuple[float, ...] | list[float], tokens_seen: int,
+                 per: str = "tokens") -> list[dict] | None:
+    """Per source, for a run that has seen `tokens_seen` tokens: its name, share of the tokens drawn,
+    training tokens, the tokens and documents drawn from it (expected: share x tokens seen, and
+    that over its mean document length) and the epochs those make; None without a mixture."""
+    w = mixture_weights(manifest, given, per)
     if w is None:
         return None
     rows = []
-    for name, wi, (a, b) in zip(source_names(manifest), w, source_ranges(manifest)):
+    for name, wi, (a, b), doc in zip(source_names(manifest), w, source_ranges(manifest),
+                                     _mean_document_tokens(manifest)):
         seen = float(wi) * tokens_seen
-        rows.append({"source": name, "weight": float(wi), "train_tokens": b - a,
-                     "tokens_seen": round(seen), "epochs": seen / (b - a) if b > a else 0.0})
+        rows.append({"source": name, "weight": float(wi), "train_tokens": b - a, "tokens_seen": round(seen),
+                     "documents_seen": round(seen / doc) if doc else 0, "epochs": seen / (b - a) if b > a else 0.0})
     return rows
 
 
 class TokenDataset:
     """A prepared directory: manifest, tokenizer, and memory-mapped train / val tokens; `mix`, if
-    given, the per-source shares of training tokens to sample (else the manifest's mixture)."""
+    given, the per-source sampling weights (per `mix_per`: "tokens" or "documents"; else the
+    manifest's mixture)."""
 
-    def __init__(self, directory: str | Path, mix: tuple[float, ...] = ()):
+    def __init__(self, directory: str | Path, mix: tuple[float, ...] = (), mix_per: str = "tokens"):
         self.dir = Path(directory)
         manifest = self.dir / "manifest.json"
         if not self.dir.is_dir():
@@ -115,7 +137,7 @@ class TokenDataset:
             if expected == 0:
                 raise DataError(f"the {split} split of {self.dir} is empty: prepare more data")
             self.splits[split] = np.memmap(path, dtype=dtype, mode="r")
-        self.mix = mixture_weights(self.manifest, mix)
+        self.mix = mixture_weights(self.manifest, mix, mix_per)
         ranges = np.asarray(source_ranges(self.manifest), dtype=np.int64)
         self.source_starts, self.source_tokens = ranges[:, 0], ranges[:, 1] - ranges[:, 0]
 

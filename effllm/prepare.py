@@ -34,6 +34,7 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -73,7 +74,8 @@ class PrepareConfig:
     opt_out: str | None = None  # a file of origin patterns (URL prefix, domain or path glob) whose documents are dropped
     origin_field: str | None = None  # jsonl: the record field holding the document's origin URL (for opt-outs)
     date_field: str | None = None  # jsonl: the record field holding its collection date (ISO 8601), for the period
-    mix: tuple[float, ...] = ()  # sampling weights per source (shares of training tokens, --sources order); () = by size
+    mix: tuple[float, ...] = ()  # sampling weights per source (--sources order); () = in proportion to size
+    mix_per: Literal["tokens", "documents"] = "tokens"  # --mix weights are shares of training tokens, or of documents
     near_dup_threshold: float = 0.0  # drop documents this similar (MinHash Jaccard) to an earlier one; 0 = off
     tokenizer: str = "byte"  # "byte" (vocab 256), "bpe" (trained on the train split), or a tokenizers file (tokenizer.json)
     eot_token: str | None = None  # tokenizer file: its special token ending each document; None = its tokenizer_config.json's eos
@@ -308,8 +310,10 @@ def _manifest(cfg: PrepareConfig, corpus: _Corpus, filters: DocumentFilter, toke
                if s.kind == "stdlib" else {})
             for i, s in enumerate(corpus.sources)
         ],
-        **({"mixture": {"unit": "share of training tokens", "given": list(cfg.mix),
-                        "weights": [w / sum(cfg.mix) for w in cfg.mix],
+        **({"mixture": {"per": cfg.mix_per, "given": list(cfg.mix),
+                        "unit": "weights given as shares of " + ("training tokens" if cfg.mix_per == "tokens" else
+                                                                "documents (sampled as tokens, through each source's "
+                                                                "mean document length)"),
                         "rule": "each training window draws its source by weight, then its start within that "
                                 "source's tokens (effllm.data.TokenDataset.train_batch)"}} if cfg.mix else {}),
         "tokenizer": tok_spec,
@@ -389,7 +393,9 @@ def _prepare(cfg: PrepareConfig, out: Path, sources: list[Source], progress: boo
         counts, content = _tokenize(corpus, tokenizer, dtype, tmp, progress, pool, workers)
         tokenizer.save(tmp, source) if source is not None else tokenizer.save(tmp)
         manifest = _manifest(cfg, corpus, filters, tokenizer, dtype, tmp, counts, content, source)
-        mixture_weights(manifest)  # a weighted source that kept no training tokens fails here
+        shares = mixture_weights(manifest)  # a weighted source that kept no training tokens fails here
+        if shares is not None:
+            manifest["mixture"]["token_shares"] = [float(w) for w in shares]
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -80,7 +80,7 @@ def train(cfg: TrainConfig, model_hook: Callable[[Transformer], None] | None = N
     code swaps or wraps modules there (a variant of a layer, gradient hooks) and trains the result
     with this trainer. It must keep the parameter names, so that checkpoints load."""
     # Every check that can fail runs before the model is allocated.
-    data = TokenDataset(cfg.data_dir, cfg.data_mix)
+    data = TokenDataset(cfg.data_dir, cfg.data_mix, cfg.data_mix_per)
     if cfg.model.vocab_size < data.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({data.vocab_size}) of {cfg.data_dir}: pass --model.vocab-size {data.vocab_size}")
@@ -286,7 +286,7 @@ def _run(cfg: TrainConfig, data: TokenDataset, env: DistEnv, device: torch.devic
         "fp8_recipe": None if run.fp8_report is None else run.fp8_report["recipe"],
         "peak_mem_bytes": peak_memory_bytes(device),
         "memory_estimate_bytes": None if memory is None else memory.total,
-        "data_mix": mixture_rows(data.manifest, cfg.data_mix, end.tokens_seen),  # None: sources by their size
+        "data_mix": mixture_rows(data.manifest, cfg.data_mix, end.tokens_seen, cfg.data_mix_per),  # None: by size
     }
     if env.is_main:
         out = Path(cfg.out_dir)

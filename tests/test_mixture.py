@@ -52,7 +52,7 @@ def share_of_small(ds: TokenDataset, steps: int = 400, seq_len: int = 16) -> flo
 def test_windows_are_drawn_by_the_weights_and_within_one_source(tmp_path):
     data = prepared(tmp_path, mix=(1, 1))
     manifest = json.loads((data / "manifest.json").read_text())
-    assert manifest["mixture"]["weights"] == [0.5, 0.5] and manifest["mixture"]["given"] == [1, 1]
+    assert manifest["mixture"]["token_shares"] == [0.5, 0.5] and manifest["mixture"]["given"] == [1, 1]
     big_tokens, small_tokens = (s["train_tokens"] for s in manifest["sources"])
     assert 3 < big_tokens / small_tokens < 5
     assert abs(share_of_small(TokenDataset(data)) - 0.5) < 0.04  # 3,200 windows: sd 0.009
@@ -62,6 +62,30 @@ def test_windows_are_drawn_by_the_weights_and_within_one_source(tmp_path):
     x = np.concatenate([natural.train_batch(8, 16, 3, s)[0].numpy() for s in range(400)])
     small_share = np.mean([(row == ord("b")).any() and not (row == ord("a")).any() for row in x])
     assert abs(small_share - small_tokens / (big_tokens + small_tokens)) < 0.04
+
+
+def test_weights_per_document_sample_each_source_by_its_documents(tmp_path):
+    """--mix-per documents: equal weights draw equal numbers of documents, so token shares follow
+    the sources' mean document lengths (here "long" documents are 4x "short" ones)."""
+    long, short = tmp_path / "long", tmp_path / "short"
+    long.mkdir()
+    short.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(20):
+        (long / f"{i}.txt").write_text(" ".join("a" * n for n in rng.integers(1, 6, 400)))
+        (short / f"{i}.txt").write_text(" ".join("b" * n for n in rng.integers(1, 6, 100)))
+    data = prepare(PrepareConfig(sources=(f"{long}=MIT", f"{short}=MIT"), out=str(tmp_path / "d"), mix=(1, 1),
+                                 mix_per="documents", val_fraction=0.1), progress=False)
+    manifest = json.loads((data / "manifest.json").read_text())
+    tokens = [sum(f["tokens"]["train"] + f["tokens"]["val"] for f in manifest["files"] if f["source"] == s) for s in (0, 1)]
+    want = tokens[1] / sum(tokens)  # equal documents: each source's share of tokens is its share of all text
+    assert manifest["mixture"]["per"] == "documents"
+    assert manifest["mixture"]["token_shares"][1] == pytest.approx(want)
+    assert abs(share_of_small(TokenDataset(data)) - want) < 0.04
+    rows = mixture_rows(manifest, (), 10_000)
+    assert rows[0]["documents_seen"] == pytest.approx(rows[1]["documents_seen"], rel=0.02)
+    # the same weights per token: half the tokens each
+    assert TokenDataset(data, (1, 1), "tokens").mix.tolist() == [0.5, 0.5]
 
 
 def test_mixed_batches_are_a_pure_function_of_their_numbers(tmp_path):
