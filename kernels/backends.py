@@ -45,7 +45,7 @@ def cublas_blockwise_works(device_index: int) -> bool:
         dev = torch.device("cuda", device_index)
         got = blockwise_mm(qx.to(dev), sx.to(dev), qw.to(dev), sw.to(dev), torch.float32).cpu()
         return bool(((got - want).norm() / want.norm()) < 1e-3)
-    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+    except (RuntimeError, ValueError, TypeError):  # unsupported builds raise RuntimeError subclasses
         return False
 
 

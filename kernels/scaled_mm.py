@@ -85,6 +85,13 @@ def blockwise_mm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch
     return F.scaled_mm(*blockwise_args(a, a_s, b, b_s, b_row_scales), output_dtype=out_dtype)
 
 
+def _pad_k16(q: torch.Tensor) -> torch.Tensor:
+    """q (R, K) e4m3 with K padded with zeros to a multiple of 16, which cuBLAS needs (wgrad's K is
+    the tokens); the padded products are exact zeros."""
+    pad = (-q.shape[1]) % 16
+    return F.pad(q.view(torch.uint8), (0, pad)).view(FP8) if pad else q
+
+
 def quant_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x (R, K) -> q (R, K) e4m3 and one scale per row over the whole K, (R, 1) fp32 (amax / 448)."""
     xf = x.float().contiguous()  # F.scaled_mm reads its first operand row-major
@@ -97,10 +104,7 @@ def rowwise_mm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.T
     """C (M, N) = A · Bᵀ with per-row scales of A (M, 1) and of B (N, 1), through `F.scaled_mm`
     RowWise x RowWise (cuBLAS on CUDA, torch's own kernel on a CPU). K is padded with zeros to a
     multiple of 16, which cuBLAS needs (wgrad's K is the tokens)."""
-    pad = (-a.shape[1]) % 16
-    if pad:
-        a = F.pad(a.view(torch.uint8), (0, pad)).view(FP8)
-        b = F.pad(b.view(torch.uint8), (0, pad)).view(FP8)
+    a, b = _pad_k16(a), _pad_k16(b)
     ST = F.ScalingType
     return F.scaled_mm(a, b.t(), a_s, ST.RowWise, b_s.t(), ST.RowWise, output_dtype=out_dtype)
 
@@ -116,10 +120,7 @@ def tensorwise_mm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torc
                   out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """C (M, N) = A · Bᵀ with one scale per operand, through `F.scaled_mm` TensorWise x TensorWise;
     K padded with zeros to a multiple of 16, as in `rowwise_mm`."""
-    pad = (-a.shape[1]) % 16
-    if pad:
-        a = F.pad(a.view(torch.uint8), (0, pad)).view(FP8)
-        b = F.pad(b.view(torch.uint8), (0, pad)).view(FP8)
+    a, b = _pad_k16(a), _pad_k16(b)
     ST = F.ScalingType
     return F.scaled_mm(a, b.t(), a_s, ST.TensorWise, b_s, ST.TensorWise, output_dtype=out_dtype)
 
